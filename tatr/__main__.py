@@ -1,0 +1,5 @@
+import sys
+
+from tatr.cli import main
+
+sys.exit(main())

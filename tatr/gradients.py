@@ -1,0 +1,92 @@
+"""Exemplar gradient statistics at θ_0: mean |per-sample gradient| (TATR's s_i) and the signed mean.
+
+The mean of |∇ℓ(x_n)| is not |mean ∇ℓ|, so one backward over a batch cannot give it; per-sample
+gradients are computed with `torch.func.vmap(grad(...))` over chunks of exemplars instead of one
+backward pass per sample. Only parameters that require grad are differentiated; the caller picks
+them (e.g. the visual tower) by passing `names`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+
+def cosine_logits(features: Tensor, head: Tensor, scale: float) -> Tensor:
+    """The classification rule shared by all suites (see `tatr.suites.base`)."""
+    return scale * F.normalize(features, dim=-1) @ head.T
+
+
+def gradient_stats(
+    model: nn.Module,
+    head: Tensor,
+    scale: float,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    names: Iterable[str] | None = None,
+    chunk: int = 16,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Return (mean |∇ℓ_n|, mean ∇ℓ_n) over all samples in `batches`, as fp32 state dicts."""
+    model = model.eval()
+    all_params = dict(model.named_parameters())
+    keys = list(names) if names is not None else list(all_params)
+    params = {k: all_params[k].detach() for k in keys}
+    frozen = {k: v.detach() for k, v in all_params.items() if k not in params}
+    buffers = dict(model.named_buffers())
+    head = head.detach()
+
+    def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(model, (p, frozen, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(cosine_logits(out, head, scale), y.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    abs_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
+    signed_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
+    count = 0
+    bar = tqdm(desc="exemplar gradients", unit="ex", disable=not progress, leave=False)
+    for x, y in batches:
+        for start in range(0, len(x), chunk):
+            xs, ys = x[start : start + chunk], y[start : start + chunk]
+            grads = per_sample(params, xs, ys)
+            for k, g in grads.items():
+                g = g.float()
+                abs_sum[k].add_(g.abs().sum(0))
+                signed_sum[k].add_(g.sum(0))
+            count += len(xs)
+            bar.update(len(xs))
+    bar.close()
+    if count == 0:
+        raise ValueError("no exemplars: the exemplar loader is empty")
+    return ({k: v / count for k, v in abs_sum.items()}, {k: v / count for k, v in signed_sum.items()})
+
+
+def gradient_stats_loop(
+    model: nn.Module,
+    head: Tensor,
+    scale: float,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    names: Iterable[str] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Reference: one backward pass per sample. Used by tests and the benchmark as the baseline."""
+    model = model.eval()
+    all_params = dict(model.named_parameters())
+    keys = list(names) if names is not None else list(all_params)
+    abs_sum = {k: torch.zeros_like(all_params[k], dtype=torch.float32) for k in keys}
+    signed_sum = {k: torch.zeros_like(all_params[k], dtype=torch.float32) for k in keys}
+    count = 0
+    for x, y in batches:
+        for i in range(len(x)):
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(cosine_logits(model(x[i : i + 1]), head, scale), y[i : i + 1])
+            gs = torch.autograd.grad(loss, [all_params[k] for k in keys], allow_unused=True)
+            for k, g in zip(keys, gs, strict=True):
+                if g is not None:
+                    abs_sum[k].add_(g.float().abs())
+                    signed_sum[k].add_(g.float())
+            count += 1
+    return ({k: v / count for k, v in abs_sum.items()}, {k: v / count for k, v in signed_sum.items()})
