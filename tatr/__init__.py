@@ -1,0 +1,39 @@
+"""tatr: Task Arithmetic in Trust Region (arXiv 2501.15065), exact and streaming.
+
+The public API is the numerical core; it needs only torch and safetensors and works on any
+state dict (CLIP, an LLM, a toy MLP):
+
+    from tatr import merge
+    merged = merge("pre.safetensors", ["a.safetensors", "b.safetensors"], trust_region="zero-shot", q=0.99, lam=0.3)
+"""
+
+from tatr.checkpoints import load_state_dict, save_state_dict
+from tatr.components import COMPONENTS, select_components
+from tatr.errors import TatrError
+from tatr.merging import MergePlan, merge, plan_merge
+from tatr.methods import METHODS, MergeMethod, get_method
+from tatr.trust_region import MODES, drop_count, drop_order, kth_largest, pairwise_conflict
+from tatr.vectors import ParamSpace, TaskSet, open_task_set
+
+__all__ = [
+    "COMPONENTS",
+    "METHODS",
+    "MODES",
+    "MergeMethod",
+    "MergePlan",
+    "ParamSpace",
+    "TaskSet",
+    "TatrError",
+    "drop_count",
+    "drop_order",
+    "get_method",
+    "kth_largest",
+    "load_state_dict",
+    "merge",
+    "open_task_set",
+    "pairwise_conflict",
+    "plan_merge",
+    "save_state_dict",
+    "select_components",
+]
+__version__ = "0.1.0"

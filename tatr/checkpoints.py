@@ -97,7 +97,7 @@ def _check_path(path: Path) -> Path:
     return path
 
 
-def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
+def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:

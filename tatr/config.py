@@ -32,12 +32,13 @@ class MergeConfig(_Frozen):
     q: float = Field(0.99, gt=0.0, le=1.0)
     lam: float | None = None  # None: the method's default scaling factor
     ties_k: float = Field(20.0, gt=0.0, le=100.0)
-    components: tuple[Component, ...] = ("orthogonal", "positive", "negative")
+    # None: the plain trust-region mask (TATR). A subset: the component ablation (needs signed gradients).
+    components: tuple[Component, ...] | None = None
 
     @field_validator("components")
     @classmethod
-    def _components_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value or len(set(value)) != len(value):
+    def _components_unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
             raise ValueError("components must be a non-empty list without repeats")
         return value
 
