@@ -14,6 +14,7 @@ Every result is computed from θ_0 afresh: trying λ₁ then λ₂ gives θ_0 + 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -156,6 +157,48 @@ class MergePlan:
             reduced = self._stream_reduce(q)
         self._reduced = (q, reduced)
         return reduced
+
+    # --- persistence (sweep workers share one plan through a content-addressed cache) -----------
+    def save(self, folder: str | Path) -> None:
+        """Write the arenas (Σ τ, Ω, the ranked drop order) and the coordinate layout to `folder`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        arrays = {"tau_sum": self.tau_sum, "order": self._order}
+        if self.omega is not None:
+            arrays["omega"] = self.omega
+        save_file(arrays, str(folder / "plan.safetensors"))
+        layout = {"keys": list(self.space.keys), "mode": self.mode, "method": self.method.name}
+        (folder / "plan.json").write_text(json.dumps(layout))
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        task_set: TaskSet,
+        method: MergeMethod,
+        trust_region: str,
+        ties_k: float = 20.0,
+        components: frozenset[str] | None = None,
+        cache_pretrained: bool = False,
+        progress: bool = False,
+    ) -> MergePlan:
+        """Rebuild a plan saved by `save` for the same inputs, skipping the streaming pass."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        layout = json.loads((folder / "plan.json").read_text())
+        if layout["mode"] != trust_region:
+            raise ValueError(f"saved plan is for mode {layout['mode']}, not {trust_region}")
+        arrays = load_file(str(folder / "plan.safetensors"))
+        plan = cls.__new__(cls)
+        plan.task_set, plan.method, plan.mode = task_set, method, trust_region
+        plan.ties_k, plan.components, plan.progress = ties_k, components, progress
+        plan._theta0 = {} if cache_pretrained else None
+        plan.space = ParamSpace.build(layout["keys"], task_set.shapes)
+        plan.tau_sum, plan.omega, plan._order = arrays["tau_sum"], arrays.get("omega"), arrays["order"]
+        plan._sorted_drop = plan._reduced = None
+        return plan
 
     # --- internals -----------------------------------------------------------------------------
     def _pretrained(self, key: str) -> Tensor:
