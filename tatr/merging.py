@@ -228,7 +228,7 @@ class MergePlan:
         keep = None if self.mode == "off" else self.keep_mask(q)
         thresholds = self._trim_thresholds(keep) if self.method.trim else None
         reduced = torch.empty(space.numel)
-        for i, key in enumerate(tqdm(space.keys, desc="merge", disable=not self.progress, leave=False)):
+        for i, key in enumerate(tqdm(space.keys, desc="merge", disable=None if self.progress else True, leave=False)):
             theta0 = self._pretrained(key).float()
             admissible = self._task_filter(i, keep)
             sums = SignedSums(theta0.shape)
@@ -271,7 +271,7 @@ def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpac
     changed = [False] * ts.num_tasks
     sums: dict[str, Tensor] = {}
     scores: dict[str, Tensor] = {}
-    for key in tqdm(ts.candidate_keys, desc="task vectors", disable=not progress, leave=False):
+    for key in tqdm(ts.candidate_keys, desc="task vectors", disable=None if progress else True, leave=False):
         theta0 = pretrained_tensor(ts, key).float()
         tau_sum = torch.zeros_like(theta0)
         acc = None if mode == "off" else ConflictAccumulator(theta0.shape)

@@ -1,0 +1,148 @@
+"""Ω against the literal O(T²) sum, and the exact selection against a full sort."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import torch
+from core_helpers import flat, make_models, merged_keys, reference_mask
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tatr import pairwise_conflict, plan_merge
+from tatr.trust_region import ConflictAccumulator, arena_chunks, drop_count, drop_order, kth_largest
+
+EPS64 = 2.0**-53
+EPS32 = 2.0**-24
+
+
+def _check_against_pairwise(s: list[torch.Tensor], a: list[torch.Tensor], fast: torch.Tensor) -> None:
+    """Tolerance from the module docstring: (2T+1)·2⁻⁵³·ΣsΣa before, 2⁻²⁴·Ω after float32 rounding."""
+    ref = pairwise_conflict(s, a)
+    t = len(s)
+    bound = (2 * t + 1) * EPS64 * sum(x.double() for x in s) * sum(x.double() for x in a) + EPS32 * ref
+    err = (fast.double() - ref).abs()
+    assert bool((err <= bound + 1e-300).all()), float((err - bound).max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    t=st.integers(2, 7),
+    n=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    dominant=st.floats(1.0, 1e6),
+)
+def test_running_sums_match_pairwise(t: int, n: int, seed: int, dominant: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    s = [torch.rand(n, generator=g) for _ in range(t)]
+    a = [torch.rand(n, generator=g) for _ in range(t)]
+    s[0] = s[0] * dominant  # one dominant task: the case where the subtraction cancels digits
+    a[0] = a[0] * dominant
+    acc = ConflictAccumulator((n,))
+    for si, ai in zip(s, a, strict=True):
+        acc.add(si, ai)
+    omega = acc.omega()
+    assert omega.dtype == torch.float32 and bool((omega >= 0).all())
+    _check_against_pairwise(s, a, omega)
+
+
+def test_float32_formula_would_not_meet_the_tolerance() -> None:
+    """Why the running sums are float64: the same formula in float32 cancels to garbage."""
+    s = [torch.tensor([1e4]), torch.tensor([1e-3])]
+    a = [torch.tensor([1e4]), torch.tensor([1e-3])]
+    naive = (sum(s) * sum(a) - sum(x * y for x, y in zip(s, a, strict=True))).double()
+    ref = pairwise_conflict(s, a)
+    assert abs(float(naive - ref)) > 0.1 * float(ref)  # 20% off here
+    acc = ConflictAccumulator((1,))
+    for si, ai in zip(s, a, strict=True):
+        acc.add(si, ai)
+    assert math.isclose(float(acc.omega()), float(ref), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["zero-shot", "exemplar", "gradient-only", "magnitude-only"])
+def test_plan_omega_matches_pairwise_for_every_mode(mode: str) -> None:
+    pre, tasks = make_models(4, seed=3)
+    keys = merged_keys(pre)
+    g = torch.Generator().manual_seed(9)
+    grads = [{k: torch.rand(pre[k].shape, generator=g) for k in keys} for _ in tasks]
+    plan = plan_merge(
+        pre, tasks, trust_region=mode, gradients=grads if "gradient" in mode or mode == "exemplar" else None
+    )
+    assert plan.space.keys == tuple(keys)  # text.frozen (unchanged) never enters Ω
+    taus = [flat(t, keys) - flat(pre, keys) for t in tasks]
+    gs = [flat(gr, keys) for gr in grads]
+    ones = [torch.ones_like(taus[0]) for _ in taus]
+    s, a = {
+        "zero-shot": ([x.abs() for x in taus], [x.abs() for x in taus]),
+        "exemplar": (gs, [x.abs() for x in taus]),
+        "gradient-only": (gs, ones),
+        "magnitude-only": (ones, [x.abs() for x in taus]),
+    }[mode]
+    _check_against_pairwise(s, a, plan.omega)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    values=hnp.arrays(
+        np.float32, st.integers(1, 300), elements=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.25, 1e-30, 7e5])
+    ),
+    q=st.sampled_from([1.0, 0.999, 0.99, 0.9, 0.75, 0.5, 0.123, 0.01, 1e-9]),
+)
+def test_drop_order_is_the_stable_sort_prefix(values: np.ndarray, q: float) -> None:
+    omega = torch.from_numpy(values.copy())
+    n = omega.numel()
+    k = drop_count(q, n)
+    order = drop_order(omega, k)
+    ref = torch.sort(omega, descending=True, stable=True).indices[:k]
+    assert torch.equal(order, ref)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[order] = False
+    assert torch.equal(keep, reference_mask(omega, q))
+    assert int((~keep).sum()) == k
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=hnp.arrays(
+        np.float32,
+        st.integers(1, 500),
+        elements=st.floats(0, allow_infinity=False, allow_nan=False, width=32, allow_subnormal=True),
+    ),
+    data=st.data(),
+)
+def test_kth_largest_is_exact(values: np.ndarray, data: st.DataObject) -> None:
+    x = torch.from_numpy(values.copy())
+    k = data.draw(st.integers(1, x.numel()))
+    assert kth_largest(arena_chunks(x, size=7), k) == float(torch.sort(x, descending=True).values[k - 1])
+
+
+def test_drop_count_uses_decimal_q() -> None:
+    assert (1 - 0.99) * 100 > 1  # binary rounding would give ⌈1.0000000000000009⌉ = 2
+    assert drop_count(0.99, 100) == 1
+    assert drop_count(1.0, 10**9) == 0
+    assert drop_count(0.9, 7) == 1
+    assert drop_count(1e-12, 10) == 10
+
+
+def test_selection_above_2_pow_24() -> None:
+    """The selection has no 2²⁴ limit (older torch.quantile refused such inputs)."""
+    n = (1 << 24) + 3
+    omega = torch.zeros(n)
+    omega[-3:] = torch.tensor([5.0, 7.0, 6.0])
+    omega[123] = 6.0
+    assert drop_order(omega, 3).tolist() == [n - 2, 123, n - 1]
+
+
+@pytest.mark.parametrize("q", [0.99, 0.9, 0.5, 0.3])
+def test_plan_mask_matches_reference_over_all_keys(q: float) -> None:
+    pre, tasks = make_models(5, seed=1)
+    plan = plan_merge(pre, tasks, trust_region="zero-shot")
+    keep = plan.keep_mask(q)
+    assert torch.equal(keep, reference_mask(plan.omega, q))
+    assert int((~keep).sum()) == math.ceil((1 - q) * plan.num_coordinates - 1e-9)
+    stats = plan.mask_stats(q)
+    assert sum(d for d, _ in stats.values()) == int((~keep).sum())
+    assert sum(n for _, n in stats.values()) == plan.num_coordinates
