@@ -98,7 +98,7 @@ def test_wrongly_keyed_gradients_are_refused() -> None:
     pre, tasks = make_models(3)
     keys = merged_keys(pre)
     prefixed = [{f"model.{k}": torch.rand(pre[k].shape) for k in keys} for _ in tasks]
-    with pytest.raises(TatrError, match="model.blocks"):
+    with pytest.raises(TatrError, match=r"model\.blocks"):
         merge(pre, tasks, trust_region="exemplar", gradients=prefixed)
     partial = [{k: torch.rand(pre[k].shape) for k in keys[:1]} for _ in tasks]
     with pytest.raises(TatrError, match="missing from the gradient file"):
