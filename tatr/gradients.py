@@ -4,22 +4,52 @@ The mean of |∇ℓ(x_n)| is not |mean ∇ℓ|, so one backward over a batch can
 gradients are computed with `torch.func.vmap(grad(...))` over chunks of exemplars instead of one
 backward pass per sample. Only parameters that require grad are differentiated; the caller picks
 them (e.g. the visual tower) by passing `names`.
+
+Attention runs on PyTorch's MATH scaled-dot-product kernel inside the vmap: the fused CPU
+(flash) kernel has no vmap batching rule, so functorch falls back to a per-sample loop over it
+and the vectorised gradient becomes several times *slower* than the plain loop
+(`benchmarks/bench_gradients.py` measures both). The MATH kernel is ordinary batched matmuls.
+For the same reason `nn.MultiheadAttention`'s fused inference fast path is switched off meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 
 def cosine_logits(features: Tensor, head: Tensor, scale: float) -> Tensor:
     """The classification rule shared by all suites (see `tatr.suites.base`)."""
-    return scale * F.normalize(features, dim=-1) @ head.T
+    return scale * F.normalize(features, dim=-1) @ F.normalize(head, dim=-1).T
+
+
+@contextlib.contextmanager
+def _vmap_friendly_attention(math_attention: bool) -> Iterator[None]:
+    """MATH attention kernel, and no `nn.MultiheadAttention` fused fast path (no batching rule
+    either; it is taken when the attention weights are not among the differentiated ones)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _selected(model: nn.Module, names: Iterable[str] | None) -> tuple[list[str], dict[str, Tensor]]:
+    all_params = dict(model.named_parameters())
+    keys = list(names) if names is not None else list(all_params)
+    unknown = [k for k in keys if k not in all_params]
+    if unknown:
+        raise KeyError(f"not parameters of the model: {', '.join(unknown[:3])}")
+    return keys, all_params
 
 
 def gradient_stats(
@@ -30,11 +60,17 @@ def gradient_stats(
     names: Iterable[str] | None = None,
     chunk: int = 16,
     progress: bool = False,
+    math_attention: bool = True,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Return (mean |∇ℓ_n|, mean ∇ℓ_n) over all samples in `batches`, as fp32 state dicts."""
+    """Return (mean |∇ℓ_n|, mean ∇ℓ_n) over all samples in `batches`, as fp32 state dicts.
+
+    `chunk` samples are differentiated at once; memory grows as chunk × parameters, so lower it
+    for large models. Results do not depend on `chunk` beyond float summation order.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
     model = model.eval()
-    all_params = dict(model.named_parameters())
-    keys = list(names) if names is not None else list(all_params)
+    keys, all_params = _selected(model, names)
     params = {k: all_params[k].detach() for k in keys}
     frozen = {k: v.detach() for k, v in all_params.items() if k not in params}
     buffers = dict(model.named_buffers())
@@ -49,16 +85,18 @@ def gradient_stats(
     signed_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
     count = 0
     bar = tqdm(desc="exemplar gradients", unit="ex", disable=not progress, leave=False)
-    for x, y in batches:
-        for start in range(0, len(x), chunk):
-            xs, ys = x[start : start + chunk], y[start : start + chunk]
-            grads = per_sample(params, xs, ys)
-            for k, g in grads.items():
-                g = g.float()
-                abs_sum[k].add_(g.abs().sum(0))
-                signed_sum[k].add_(g.sum(0))
-            count += len(xs)
-            bar.update(len(xs))
+    with _vmap_friendly_attention(math_attention):
+        for x, y in batches:
+            for start in range(0, len(x), chunk):
+                xs, ys = x[start : start + chunk], y[start : start + chunk]
+                grads = per_sample(params, xs, ys)
+                for k, g in grads.items():
+                    g = g.float()
+                    abs_sum[k].add_(g.abs().sum(0))
+                    signed_sum[k].add_(g.sum(0))
+                del grads
+                count += len(xs)
+                bar.update(len(xs))
     bar.close()
     if count == 0:
         raise ValueError("no exemplars: the exemplar loader is empty")
@@ -74,14 +112,12 @@ def gradient_stats_loop(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Reference: one backward pass per sample. Used by tests and the benchmark as the baseline."""
     model = model.eval()
-    all_params = dict(model.named_parameters())
-    keys = list(names) if names is not None else list(all_params)
+    keys, all_params = _selected(model, names)
     abs_sum = {k: torch.zeros_like(all_params[k], dtype=torch.float32) for k in keys}
     signed_sum = {k: torch.zeros_like(all_params[k], dtype=torch.float32) for k in keys}
     count = 0
     for x, y in batches:
         for i in range(len(x)):
-            model.zero_grad(set_to_none=True)
             loss = F.cross_entropy(cosine_logits(model(x[i : i + 1]), head, scale), y[i : i + 1])
             gs = torch.autograd.grad(loss, [all_params[k] for k in keys], allow_unused=True)
             for k, g in zip(keys, gs, strict=True):
@@ -89,4 +125,6 @@ def gradient_stats_loop(
                     abs_sum[k].add_(g.float().abs())
                     signed_sum[k].add_(g.float())
             count += 1
+    if count == 0:
+        raise ValueError("no exemplars: the exemplar loader is empty")
     return ({k: v / count for k, v in abs_sum.items()}, {k: v / count for k, v in signed_sum.items()})
