@@ -1,0 +1,343 @@
+"""`tatr report` on synthetic stores: every output exists, the numbers are pandas', bad stores fail clearly."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tatr import report
+from tatr.cli import main
+from tatr.errors import TatrError
+from tatr.store import append_rows, read_store
+from tests.report_fixtures import BENCHMARK, TASKS, make_store
+
+TABLES = (
+    "main",
+    "ablation_components",
+    "ablation_trust_region",
+    "ablation_sensitivity",
+    "ablation_mask_ratio",
+    "ablation_exemplar_count",
+    "ablation_plugin",
+    "ablation_gradient_correlation",
+)
+FIGURES = (
+    "methods_per_task",
+    "sweep_heatmap",
+    "components",
+    "trust_region",
+    "sensitivity",
+    "mask_ratio",
+    "exemplar_count",
+    "plugin",
+    "gradient_correlation",
+)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic store with every kind of row, and its report (built once for the module)."""
+    root = make_store(tmp_path_factory.mktemp("store"))
+    report.generate(root, published=None)
+    return root
+
+
+def read_table(root: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(root / BENCHMARK / "tables" / f"{name}.csv", index_col=0)
+
+
+def latest_per_seed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Independent of tatr.tables: the last-written run for each seed."""
+    rows = rows.assign(seed=rows["seed"].fillna(-1))
+    last = rows.sort_values("timestamp").groupby("seed")["run_id"].last()
+    return rows[rows["run_id"].isin(last)]
+
+
+def expected_row(rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Mean and std over seeds of per-task accuracy, task average and normalized average."""
+    rows = latest_per_seed(rows)
+    wide = rows.pivot_table(index="seed", columns="task", values="accuracy")[list(TASKS)]
+    wide["Average"] = wide.mean(axis=1)
+    wide["Normalized"] = rows.groupby("seed")["normalized_accuracy"].mean()
+    return wide.mean(), wide.std()
+
+
+def test_every_table_and_figure_is_written(full: Path) -> None:
+    folder = full / BENCHMARK
+    for name in TABLES:
+        for ext in ("md", "tex", "csv"):
+            assert (folder / "tables" / f"{name}.{ext}").stat().st_size > 0, (name, ext)
+        assert "\\toprule" in (folder / "tables" / f"{name}.tex").read_text()
+    for name in FIGURES:
+        png, pdf = folder / "figures" / f"{name}.png", folder / "figures" / f"{name}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000, name
+        assert pdf.read_bytes()[:5] == b"%PDF-", name
+    page = (folder / "index.html").read_text()
+    for name in FIGURES:
+        assert f"figures/{name}.png" in page
+    assert page.count("<table") == len(TABLES)
+    assert not list(folder.glob(".report-*")) and not list(folder.glob(".old-*"))
+
+
+def test_main_table_equals_pandas(full: Path) -> None:
+    store = read_store(full)
+    test = store[store["split"] == "test"]
+    got = read_table(full, "main")
+    assert list(got.index) == ["Pretrained", "Individual", "TA", "TA+TR", "TIES", "TIES+TR"]
+    finals = test[test["job_type"] == "final"]
+    cases = {
+        "TA": finals[finals["trust_region"] == "off"],
+        "TA+TR": finals[finals["trust_region"] == "zero-shot"],
+        "Pretrained": test[test["method"] == "pretrained"],
+    }
+    for label, rows in cases.items():
+        mean, std = expected_row(rows)
+        for col in [*TASKS, "Average", "Normalized"]:
+            assert got.at[label, col] == pytest.approx(mean[col], abs=1e-5), (label, col)
+            if label != "Pretrained":
+                assert got.at[label, f"{col}_std"] == pytest.approx(std[col], abs=1e-5), (label, col)
+    assert got.at["TA", "seeds"] == 3 and got.at["Pretrained", "seeds"] == 1
+    # TIES comes from the plug-in ablation (no sweep final for it)
+    plugin = test[(test["experiment"] == "plugin") & (test["method"] == "ties") & (test["trust_region"] == "off")]
+    assert got.at["TIES", "Average"] == pytest.approx(plugin["accuracy"].mean(), abs=1e-5)
+
+
+def test_rerun_replaces_the_earlier_run(full: Path) -> None:
+    store = read_store(full)
+    ta0 = store[(store["job_type"] == "final") & (store["trust_region"] == "off") & (store["seed"] == 0)]
+    first, rerun = sorted(ta0["run_id"].unique())
+    digits = {
+        r: float(ta0[(ta0["run_id"] == r) & (ta0["task"] == "digits")]["accuracy"].iloc[0]) for r in (first, rerun)
+    }
+    assert digits[first] != digits[rerun]
+    ta = store[(store["job_type"] == "final") & (store["trust_region"] == "off") & (store["task"] == "digits")]
+    others = ta[ta["seed"] != 0]["accuracy"].tolist()
+    got = read_table(full, "main").at["TA", "digits"]
+    assert got == pytest.approx(np.mean([digits[rerun], *others]), abs=1e-5)
+
+
+def test_ablation_tables_equal_pandas(full: Path) -> None:
+    store = read_store(full)
+    abl = store[(store["job_type"] == "ablation") & (store["split"] == "test")]
+    comp = read_table(full, "ablation_components")
+    assert list(comp.index) == ["positive", "negative", "orthogonal", "all"]
+    positive = abl[(abl["experiment"] == "components") & abl["components"].map(lambda c: c == ["positive"])]
+    mean, std = expected_row(positive)
+    assert comp.at["positive", "Average"] == pytest.approx(mean["Average"], abs=1e-5)
+    assert comp.at["positive", "Average_std"] == pytest.approx(std["Average"], abs=1e-5)
+
+    mask = read_table(full, "ablation_mask_ratio")
+    point = abl[(abl["experiment"] == "mask-ratio") & (abl["method"] == "ties") & np.isclose(abl["q"], 0.99)]
+    assert mask.at["1%", "TIES+TR"] == pytest.approx(point["accuracy"].mean(), abs=1e-5)
+    assert "0%" in mask.index  # q = 1: the trust region drops nothing
+
+    count = read_table(full, "ablation_exemplar_count")
+    at16 = abl[(abl["experiment"] == "exemplar-count") & (abl["exemplars"] == 16)]
+    per_seed = at16.groupby("seed")["accuracy"].mean()
+    assert count.at[16, "TA+TR (exemplar)"] == pytest.approx(per_seed.mean(), abs=1e-5)
+    assert count.at[16, "TA+TR (exemplar)_std"] == pytest.approx(per_seed.std(), abs=1e-5)
+
+    corr = read_table(full, "ablation_gradient_correlation")
+    pair = store[(store["experiment"] == "gradient-correlation") & (store["task"] == "shapes|signs")]
+    assert corr.at["signs", "shapes"] == corr.at["shapes", "signs"] == pytest.approx(pair["accuracy"].mean(), abs=1e-5)
+    assert corr.at["digits", "digits"] == 1.0
+
+
+def test_markdown_and_latex_show_mean_and_std(full: Path) -> None:
+    got = read_table(full, "main")
+    md = (full / BENCHMARK / "tables" / "main.md").read_text()
+    tex = (full / BENCHMARK / "tables" / "main.tex").read_text()
+    m, s = got.at["TA", "Average"], got.at["TA", "Average_std"]
+    assert f"{m:.1f} ± {s:.1f}" in md
+    assert f"{m:.1f} $\\pm$ {s:.1f}" in tex
+    assert f"| Pretrained | {got.at['Pretrained', 'digits']:.1f} |" in md  # one seed: no ±
+
+
+def test_same_store_gives_identical_files(full: Path, tmp_path: Path) -> None:
+    report.generate(full, out=tmp_path, published=None)
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+
+    assert digests(tmp_path / BENCHMARK) == digests(full / BENCHMARK)
+
+
+def test_empty_store_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(TatrError, match="no results in"):
+        report.generate(tmp_path)
+    assert main(["report", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tatr: error: no results in") and "\n" not in err
+    assert not (tmp_path / BENCHMARK).exists()
+
+
+def test_unknown_benchmark_names_the_known_ones(tmp_path: Path) -> None:
+    make_store(tmp_path, parts=("final",))
+    with pytest.raises(TatrError, match=r"no rows for benchmark 'clip8' .*it has: synthetic"):
+        report.generate(tmp_path, benchmarks=["clip8"])
+
+
+def test_partial_store_reports_what_it_has(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_store(tmp_path, parts=("final", "mask-ratio"))
+    assert main(["report", "--root", str(tmp_path), "--published", str(tmp_path / "none.csv")]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / BENCHMARK
+    assert sorted(p.stem for p in (folder / "tables").glob("*.csv")) == ["ablation_mask_ratio", "main"]
+    assert sorted(p.stem for p in (folder / "figures").glob("*.png")) == ["mask_ratio", "methods_per_task"]
+    assert "skipped" in out and "experiments/ablations/components.yaml" in out
+    page = (folder / "index.html").read_text()
+    assert "Not available" in page and "tatr ablate experiments/ablations/plugin.yaml" in page
+
+
+def test_rows_without_accuracy_are_a_clear_error(tmp_path: Path) -> None:
+    append_rows(tmp_path, [{"benchmark": BENCHMARK, "task": "digits", "split": "test"}], "broken")
+    with pytest.raises(TatrError, match="no accuracy"):
+        report.generate(tmp_path)
+
+
+def test_a_second_report_replaces_the_first_and_keeps_other_files(tmp_path: Path) -> None:
+    make_store(tmp_path, parts=("final", "components"))
+    report.generate(tmp_path, published=None)
+    (tmp_path / BENCHMARK / "baselines.md").write_text("someone else's file")
+    shutil.rmtree(tmp_path / "store")
+    make_store(tmp_path, parts=("final",))
+    report.generate(tmp_path, published=None)
+    assert not (tmp_path / BENCHMARK / "tables" / "ablation_components.csv").exists()
+    assert (tmp_path / BENCHMARK / "baselines.md").read_text() == "someone else's file"
+
+
+def test_reference_table_compares_averages(tmp_path: Path) -> None:
+    make_store(tmp_path, parts=("final", "plugin"))
+    published = tmp_path / "published.csv"
+    published.write_text(
+        "benchmark,model,method,task,accuracy,source\n"
+        f"{BENCHMARK},ViT-B/32,Task Arithmetic,average,69.1,paper\n"
+        f"{BENCHMARK},ViT-B/32,Task Arithmetic,digits,70.0,paper\n"
+        f"{BENCHMARK},ViT-B/32,TATR,average,72.8,paper\n"
+        "clip8,ViT-B/32,TATR,average,1.0,elsewhere\n"
+    )
+    report.generate(tmp_path, published=published)
+    ref = read_table(tmp_path, "reference")
+    main_table = read_table(tmp_path, "main")
+    assert list(ref.index) == ["ViT-B/32 TA", "ViT-B/32 TA+TR"]
+    assert ref.at["ViT-B/32 TA", "Published"] == 69.1
+    assert ref.at["ViT-B/32 TA+TR", "Ours"] == pytest.approx(main_table.at["TA+TR", "Average"], abs=1e-5)
+    assert ref.at["ViT-B/32 TA+TR", "Δ"] == pytest.approx(main_table.at["TA+TR", "Average"] - 72.8, abs=1e-5)
+
+
+def test_malformed_published_csv_is_skipped(tmp_path: Path) -> None:
+    make_store(tmp_path, parts=("final",))
+    published = tmp_path / "published.csv"
+    published.write_bytes(b"\xff\xfe not a csv \x00")
+    [done] = report.generate(tmp_path, published=published)
+    assert "reference" not in done.tables
+
+
+class FakeRun:
+    def __init__(self, run_id: str, summary: dict, config: dict, group: str = "g", job_type: str = "final") -> None:
+        self.id, self.summary, self.config, self.group, self.job_type = run_id, summary, config, group, job_type
+
+
+class FakeApi:
+    def __init__(self, runs: list[FakeRun]) -> None:
+        self._runs = runs
+
+    def runs(self, path: str) -> list[FakeRun]:
+        assert path == "team/tatr"
+        return self._runs
+
+
+def test_from_wandb_rebuilds_the_same_table(full: Path, tmp_path: Path) -> None:
+    """Rows mirrored to W&B (as a `rows` summary table, or flat keys) give the same main table."""
+    store = read_store(full)
+    runs = []
+    for i, (run_id, rows) in enumerate(store.groupby("run_id", sort=True)):
+        if i % 2:
+            table = {
+                "columns": list(rows.columns),
+                "data": rows.astype(object).where(rows.notna(), None).values.tolist(),
+            }
+            runs.append(FakeRun(run_id, {"rows": table}, {}))
+        else:
+            first = rows.iloc[0]
+            config = {
+                k: {"value": (None if not isinstance(first[k], list) and pd.isna(first[k]) else first[k])}
+                for k in rows.columns
+                if k not in ("task", "split", "accuracy", "normalized_accuracy")
+            }
+            summary = {}
+            for _, r in rows.iterrows():
+                summary[f"{r['split']}/accuracy/{r['task']}"] = r["accuracy"]
+                summary[f"{r['split']}/normalized_accuracy/{r['task']}"] = r["normalized_accuracy"]
+            runs.append(FakeRun(run_id, summary, config))
+    rows = report.rows_from_wandb("team/tatr", api=FakeApi(runs))
+    report.generate(full, out=tmp_path, published=None, rows=rows, figures=False)
+    assert not list((tmp_path / BENCHMARK / "figures").iterdir())
+    for name in TABLES:
+        a = (tmp_path / BENCHMARK / "tables" / f"{name}.csv").read_text()
+        assert a == (full / BENCHMARK / "tables" / f"{name}.csv").read_text(), name
+
+
+def test_from_wandb_bad_path_is_one_line() -> None:
+    with pytest.raises(TatrError, match="ENTITY/PROJECT"):
+        report.rows_from_wandb("just-a-project", api=FakeApi([]))
+    with pytest.raises(TatrError, match="no runs with tatr results"):
+        report.rows_from_wandb("team/tatr", api=FakeApi([]))
+
+
+# --- the page in a real browser ----------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  document.body.dataset.images = imgs.length;
+  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0));
+  document.body.dataset.broken = bad.map(i => i.getAttribute('src')).join(',');
+});</script></body>"""
+
+
+def chromium(args: list[str], profile: Path) -> str:
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}", *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def broken_images(folder: Path, profile: Path) -> tuple[int, list[str]]:
+    """Load a copy of index.html (same folder, plus a probe script) and read what the probe saw."""
+    probe = folder / "_probe.html"
+    probe.write_text((folder / "index.html").read_text().replace("</body>", PROBE))
+    dom = chromium(["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], profile)
+    probe.unlink()
+    body = dom[dom.index("<body") : dom.index(">", dom.index("<body"))]
+    count = int(body.split('data-images="')[1].split('"')[0])
+    broken = body.split('data-broken="')[1].split('"')[0]
+    return count, [b for b in broken.split(",") if b]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_index_html_renders_in_chromium(full: Path, tmp_path: Path) -> None:
+    folder = tmp_path / BENCHMARK
+    shutil.copytree(full / BENCHMARK, folder)
+    shot = tmp_path / "screenshot.png"
+    chromium(["--window-size=1200,3000", f"--screenshot={shot}", (folder / "index.html").as_uri()], tmp_path / "p1")
+    from matplotlib.image import imread
+
+    pixels = imread(shot)
+    assert pixels.shape[:2] == (3000, 1200) and pixels.std() > 0.05  # a page, not a blank canvas
+
+    count, broken = broken_images(folder, tmp_path / "p2")
+    assert count == len(FIGURES) and broken == []
+    (folder / "figures" / "mask_ratio.png").unlink()  # the probe must notice a missing image
+    count, broken = broken_images(folder, tmp_path / "p3")
+    assert broken == ["figures/mask_ratio.png"]
