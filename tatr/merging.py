@@ -41,6 +41,8 @@ from tatr.trust_region import (
 from tatr.vectors import (
     ParamSpace,
     TaskSet,
+    all_finite,
+    check_finite,
     gradient_tensor,
     open_task_set,
     pretrained_tensor,
@@ -266,7 +268,12 @@ class MergePlan:
 
 
 def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpace, Tensor, Tensor | None]:
-    """Stream θ_t key by key: Σ_t τ_t and Ω per tensor, then lay them out as arenas."""
+    """Stream θ_t key by key: Σ_t τ_t and Ω per tensor, then lay them out as arenas.
+
+    Per task and tensor this is one read and five element-wise passes; validation of values rides
+    on the per-tensor sums (`all_finite`), and a task's "did it change anything" test stops as
+    soon as one changed tensor is seen.
+    """
     ts = task_set
     changed = [False] * ts.num_tasks
     sums: dict[str, Tensor] = {}
@@ -278,7 +285,7 @@ def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpac
         key_changed, missing_gradient = False, None
         for t in range(ts.num_tasks):
             tau = task_vector(ts, t, key, theta0)
-            if bool(tau.any()):
+            if not (changed[t] and key_changed) and bool(tau.any()):
                 changed[t] = key_changed = True
             tau_sum += tau
             if acc is None:
@@ -291,6 +298,8 @@ def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpac
                     continue
                 grad = gradient_tensor(ts, t, key)
             acc.add(*conflict_terms(mode, tau, grad))
+        if not all_finite(tau_sum, *(acc.sums() if acc is not None else ())):
+            check_finite(ts, key, gradients=mode in NEEDS_GRADIENTS)
         if not key_changed:
             continue  # no task changed it: it is copied from θ_0 and never enters Ω or N
         if missing_gradient is not None:

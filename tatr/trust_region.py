@@ -64,29 +64,38 @@ def keep_count(percent: float, n: int) -> int:
 
 
 class ConflictAccumulator:
-    """Running sums for one tensor over the tasks: Σs, Σa, Σ s⊙a (float64).
+    """Running sums for one tensor over the tasks: Σs, Σa, Σ s⊙a, in float64.
 
-    `s=None` stands for s=1 and `a=None` for a=1, so the ablation modes need no tensors of ones.
+    `s=None` stands for s=1 and `a=None` for a=1, so the ablation modes need no tensors of ones;
+    passing the same tensor as s and a (zero-shot) keeps one sum instead of two. The float32
+    inputs are accumulated into float64 in place (no float64 copies of the inputs).
     """
 
     def __init__(self, shape: torch.Size | tuple[int, ...]) -> None:
-        self.sum_s = torch.zeros(shape, dtype=torch.float64)
-        self.sum_a = torch.zeros(shape, dtype=torch.float64)
-        self.sum_sa = torch.zeros(shape, dtype=torch.float64)
+        self.shape = tuple(shape)
+        self.sum_s: Tensor | None = None
+        self.sum_a: Tensor | None = None
+        self.sum_sa: Tensor | None = None
         self.tasks = 0
-        self.unit_s = self.unit_a = False
+        self.unit_s = self.unit_a = self.shared = False
 
     def add(self, s: Tensor | None, a: Tensor | None) -> None:
-        self.tasks += 1
-        self.unit_s, self.unit_a = s is None, a is None
         if s is None and a is None:
             raise ValueError("at least one of s and a must be a tensor")
-        if s is not None:
-            self.sum_s.add_(s.double())
-        if a is not None:
-            self.sum_a.add_(a.double())
-        if s is not None and a is not None:
-            self.sum_sa.addcmul_(s.double(), a.double())
+        self.tasks += 1
+        self.unit_s, self.unit_a, self.shared = s is None, a is None, s is a
+        # one float64 copy per distinct input, then same-dtype kernels (faster than mixed-dtype ones)
+        a64 = None if a is None else a.double()
+        s64 = a64 if self.shared else (None if s is None else s.double())
+        if a64 is not None:
+            self.sum_a = a64.clone() if self.sum_a is None else self.sum_a.add_(a64)
+        if s64 is not None and not self.shared:
+            self.sum_s = s64.clone() if self.sum_s is None else self.sum_s.add_(s64)
+        if s64 is not None and a64 is not None:
+            self.sum_sa = s64 * a64 if self.sum_sa is None else self.sum_sa.addcmul_(s64, a64)
+
+    def sums(self) -> tuple[Tensor | None, ...]:
+        return self.sum_s, self.sum_a, self.sum_sa
 
     def omega(self) -> Tensor:
         """Ω for this tensor as float32, with rounding negatives (and −0) set to +0."""
@@ -95,7 +104,8 @@ class ConflictAccumulator:
         elif self.unit_a:  # Σ_{i≠j} s_i·1 = (T−1)Σs
             diff = (self.tasks - 1) * self.sum_s
         else:
-            diff = self.sum_s * self.sum_a - self.sum_sa
+            sum_s = self.sum_a if self.shared else self.sum_s
+            diff = sum_s * self.sum_a - self.sum_sa
         out = diff.float()
         return torch.where(out > 0, out, torch.zeros((), dtype=out.dtype))
 
@@ -135,7 +145,7 @@ def high_histogram(chunks: Iterable[Tensor]) -> Tensor:
     """Histogram of the high 15 bits of non-negative float32 values."""
     hist = torch.zeros(_HI_BINS, dtype=torch.int64)
     for c in chunks:
-        hist += torch.bincount((_bits(c) >> 16).long(), minlength=_HI_BINS)
+        hist += torch.bincount(_bits(c) >> 16, minlength=_HI_BINS)
     return hist
 
 
@@ -144,7 +154,7 @@ def low_histogram(chunks: Iterable[Tensor], high: int) -> Tensor:
     for c in chunks:
         b = _bits(c)
         sel = b[(b >> 16) == high]
-        hist += torch.bincount((sel & 0xFFFF).long(), minlength=_LO_BINS)
+        hist += torch.bincount(sel & 0xFFFF, minlength=_LO_BINS)
     return hist
 
 

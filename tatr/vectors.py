@@ -119,18 +119,31 @@ def open_task_set(
 
 
 def task_vector(task_set: TaskSet, t: int, key: str, theta0: Tensor) -> Tensor:
-    """τ_t[key] in fp32, refusing non-finite weights (they would poison Ω and the threshold)."""
-    theta = read_tensor(task_set.finetuned[t], key)
-    if not bool(torch.isfinite(theta).all()):
-        raise source_error(task_set.finetuned[t], key, "contains NaN or infinite values")
-    return theta.float() - theta0
+    """τ_t[key] in fp32. Finiteness is checked per tensor on the running sums (see `check_finite`)."""
+    return read_tensor(task_set.finetuned[t], key).float() - theta0
 
 
 def pretrained_tensor(task_set: TaskSet, key: str) -> Tensor:
-    theta0 = read_tensor(task_set.pretrained, key)
-    if theta0.dtype in FLOATING and not bool(torch.isfinite(theta0).all()):
-        raise source_error(task_set.pretrained, key, "contains NaN or infinite values")
-    return theta0
+    return read_tensor(task_set.pretrained, key)
+
+
+def all_finite(*tensors: Tensor | None) -> bool:
+    """Fast test: a sum is finite only if every element is (NaN and ±inf propagate through sums).
+
+    A float32 overflow of the sum gives a false alarm, so callers confirm with `check_finite`
+    before reporting an error.
+    """
+    return all(t is None or bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def check_finite(task_set: TaskSet, key: str, gradients: bool = False) -> None:
+    """Find which input has a NaN/inf at `key` and raise the one-line error naming it."""
+    sources = [task_set.pretrained, *task_set.finetuned]
+    if gradients and task_set.gradients is not None:
+        sources += [g for g, keys in zip(task_set.gradients, task_set.gradient_keys or (), strict=True) if key in keys]
+    for src in sources:
+        if not bool(torch.isfinite(read_tensor(src, key)).all()):
+            raise source_error(src, key, "contains NaN or infinite values")
 
 
 def gradient_tensor(task_set: TaskSet, t: int, key: str, signed: bool = False) -> Tensor:
@@ -142,10 +155,7 @@ def gradient_tensor(task_set: TaskSet, t: int, key: str, signed: bool = False) -
     if key not in keys[t]:
         kind = "signed-gradient" if signed else "gradient"
         raise source_error(sources[t], key, f"missing from the {kind} file, but the task vectors change it")
-    g = read_tensor(sources[t], key).float()
-    if not bool(torch.isfinite(g).all()):
-        raise source_error(sources[t], key, "contains NaN or infinite values")
-    return g
+    return read_tensor(sources[t], key).float()
 
 
 def _open(src: str | Path | Mapping[str, Tensor]) -> Source:
