@@ -3,7 +3,7 @@
 `plan_merge` does everything that does not depend on (q, λ): it streams the T task vectors once,
 key by key, keeping only running sums — Σ_t τ_t and Ω as float32 arenas over the merged
 coordinates — and never T task vectors. `MergePlan.merged(q, λ)` then costs, for the linear
-methods (TA, averaging), one multiply-add plus a scatter of the k dropped coordinates:
+methods (TA, averaging), one multiply-add plus O(|Δk|) writes to move the mask from the last q:
     θ(q, λ) = θ_0 + λ·c·(m_q ⊙ Σ_t τ_t),  c = 1 (sum) or 1/T (mean).
 Non-linear configurations (TIES, component selection) need the per-task vectors after masking,
 so they stream the tasks again for each new q (and reuse that result across λ).
@@ -73,8 +73,10 @@ class MergePlan:
         self.progress = progress
         self._theta0: dict[str, Tensor] | None = {} if cache_pretrained else None
         self.space, self.tau_sum, self.omega = _first_pass(task_set, trust_region, progress)
-        self._order = torch.empty(0, dtype=torch.int64)
-        self._sorted_drop: tuple[int, Tensor] | None = None
+        self._order = torch.empty(0, dtype=torch.int64)  # coordinates ranked by Ω, highest first
+        self._masked: Tensor | None = None  # Σ τ with the first `_k` ranked coordinates zeroed
+        self._k = 0
+        self._consume_sum = False
         self._reduced: tuple[float, Tensor] | None = None
 
     # --- the mask ------------------------------------------------------------------------------
@@ -86,7 +88,11 @@ class MergePlan:
         return 0 if self.mode == "off" else drop_count(q, self.space.numel)
 
     def prepare(self, qs: Sequence[float], release_scores: bool = False) -> None:
-        """Rank enough coordinates for every q in `qs`; optionally free Ω (saves one model of memory)."""
+        """Rank enough coordinates for every q in `qs`.
+
+        `release_scores=True` declares that only these q will be asked for: Ω is freed and Σ τ is
+        masked in place instead of in a copy, so a one-shot merge holds two arenas, not four.
+        """
         k = max((self.drop_count(q) for q in qs), default=0)
         if k > self._order.numel():
             if self.omega is None:
@@ -94,14 +100,13 @@ class MergePlan:
             self._order = drop_order(self.omega, k)
         if release_scores:
             self.omega = None
+            self._consume_sum = True
 
     def drop_indices(self, q: float) -> Tensor:
-        """Global indices of the ⌈(1−q)N⌉ dropped coordinates, sorted by position."""
+        """Global indices of the ⌈(1−q)N⌉ dropped coordinates, highest conflict first."""
         k = self.drop_count(q)
-        if self._sorted_drop is None or self._sorted_drop[0] != k:
-            self.prepare([q])
-            self._sorted_drop = (k, torch.sort(self._order[:k]).values)
-        return self._sorted_drop[1]
+        self.prepare([q])
+        return self._order[:k]
 
     def keep_mask(self, q: float) -> Tensor:
         """Boolean arena over the merged coordinates: True where the trust region keeps τ."""
@@ -117,18 +122,41 @@ class MergePlan:
             for i, key in enumerate(self.space.keys)
         }
 
+    def masked_sum(self, q: float) -> Tensor:
+        """m_q ⊙ Σ_t τ_t as an arena (shared: do not modify).
+
+        The drop order is a ranking, so moving from k₀ to k dropped coordinates zeroes order[k₀:k]
+        or restores order[k:k₀] from Σ τ: O(|k − k₀|) writes per trial, no sort and no full mask.
+        """
+        k = self.drop_count(q)
+        if k == 0 and self._masked is None:
+            return self.tau_sum
+        self.prepare([q])
+        if self._masked is None:
+            self._masked = self.tau_sum if self._consume_sum else self.tau_sum.clone()
+        if k > self._k:
+            self._masked[self._order[self._k : k]] = 0
+        elif k < self._k:
+            if self._consume_sum:
+                raise RuntimeError("this plan was prepared for fewer dropped coordinates (release_scores=True)")
+            idx = self._order[k : self._k]
+            self._masked[idx] = self.tau_sum[idx]
+        self._k = k
+        return self._masked
+
     # --- merging -------------------------------------------------------------------------------
     def merged(self, q: float = 0.99, lam: float | None = None) -> dict[str, Tensor]:
-        """θ_0 + λ·M(q) as a full state dict (every key of θ_0, in its dtype)."""
+        """θ_0 + λ·M(q) as a full state dict (every key of θ_0, in its dtype).
+
+        For TA/averaging this is one multiply-add per tensor on the masked sum.
+        """
         lam = self.method.default_lam if lam is None else float(lam)
         ts, space = self.task_set, self.space
-        fast = self.method.linear and self.components is None
-        if fast:
+        if self.method.linear and self.components is None:
             scale = 1.0 / ts.num_tasks if self.method.reduce == "mean" else 1.0
-            drop = self.drop_indices(q)
-            bounds = torch.searchsorted(drop, torch.tensor([*space.offsets, space.numel])).tolist()
+            reduced, alpha = self.masked_sum(q), lam * scale
         else:
-            reduced = self.merged_task_vector(q)
+            reduced, alpha = self.merged_task_vector(q), lam
         out: dict[str, Tensor] = {}
         position = {k: i for i, k in enumerate(space.keys)}
         for key in ts.output_keys:
@@ -137,26 +165,17 @@ class MergePlan:
             if i is None:
                 out[key] = theta0.clone() if isinstance(ts.pretrained, Mapping) else theta0
                 continue
-            base = theta0.float()
-            if fast:
-                merged = torch.add(base, space.view(self.tau_sum, i), alpha=lam * scale)
-                local = drop[bounds[i] : bounds[i + 1]] - space.offsets[i]
-                merged.view(-1)[local] = base.reshape(-1)[local]
-            else:
-                merged = torch.add(base, space.view(reduced, i), alpha=lam)
-            out[key] = merged.to(theta0.dtype)
+            out[key] = torch.add(theta0.float(), space.view(reduced, i), alpha=alpha).to(theta0.dtype)
         return out
 
     def merged_task_vector(self, q: float) -> Tensor:
         """M(q) as a float32 arena over the merged coordinates (cached for the last q)."""
-        if self._reduced is not None and self._reduced[0] == q:
-            return self._reduced[1]
         if self.method.linear and self.components is None:
             scale = 1.0 / self.task_set.num_tasks if self.method.reduce == "mean" else 1.0
-            reduced = self.tau_sum * scale
-            reduced[self.drop_indices(q)] = 0
-        else:
-            reduced = self._stream_reduce(q)
+            return self.masked_sum(q) * scale
+        if self._reduced is not None and self._reduced[0] == q:
+            return self._reduced[1]
+        reduced = self._stream_reduce(q)
         self._reduced = (q, reduced)
         return reduced
 
@@ -199,7 +218,7 @@ class MergePlan:
         plan._theta0 = {} if cache_pretrained else None
         plan.space = ParamSpace.build(layout["keys"], task_set.shapes)
         plan.tau_sum, plan.omega, plan._order = arrays["tau_sum"], arrays.get("omega"), arrays["order"]
-        plan._sorted_drop = plan._reduced = None
+        plan._masked, plan._k, plan._consume_sum, plan._reduced = None, 0, False, None
         return plan
 
     # --- internals -----------------------------------------------------------------------------

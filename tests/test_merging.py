@@ -129,3 +129,15 @@ def test_components_partition_the_task_vectors() -> None:
     pos = sum(torch.where(outside & (tau * (sum(gs) - gj) > 0), tau, 0) for tau, gj in zip(taus, gs, strict=True))
     torch.testing.assert_close(parts["positive"], 0.5 * pos, rtol=1e-5, atol=1e-6)
     assert parts["positive"].abs().sum() > 0 and parts["negative"].abs().sum() > 0
+
+
+def test_moving_the_mask_between_trials_matches_fresh_merges() -> None:
+    """The masked sum is updated incrementally between q values; every result equals a fresh merge."""
+    pre, tasks = make_models(4, seed=17)
+    for method in ("ta", "average"):
+        plan = plan_merge(pre, tasks, method=method, trust_region="zero-shot")
+        for q, lam in [(0.99, 0.3), (0.8, 0.5), (0.95, 0.3), (1.0, 0.2), (0.7, 1.0), (0.99, 0.3)]:
+            got = plan.merged(q, lam)
+            want = merge(pre, tasks, method=method, trust_region="zero-shot", q=q, lam=lam)
+            for k in pre:
+                torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
