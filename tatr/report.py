@@ -288,43 +288,100 @@ def rows_from_wandb(path: str, api: object | None = None) -> pd.DataFrame:
         runs = list(api.runs(path))  # type: ignore[attr-defined]
     except Exception as exc:
         raise TatrError(f"cannot list the runs of W&B project '{path}' ({type(exc).__name__}: {exc})") from None
-    records = [row for run in runs for row in wandb_run_rows(run)]
+    with tempfile.TemporaryDirectory(prefix="tatr-wandb-") as tmp:
+        records = [row for run in runs for row in wandb_run_rows(run, Path(tmp))]
     if not records:
-        raise TatrError(f"W&B project '{path}' has no runs with tatr results rows")
+        raise TatrError(f"W&B project '{path}' has no runs with per-task accuracies (<split>/accuracy/<task>)")
     return pd.DataFrame.from_records(records, columns=list(COLUMNS))
 
 
-def wandb_run_rows(run: object) -> list[dict]:
-    """The store rows one W&B run mirrors.
+_GRADIENT_MODES = ("exemplar", "gradient-only")
 
-    A run logged by tatr keeps its rows as a `rows` table in its summary (the store's columns);
-    older runs are read from flat summary keys `<split>/accuracy/<task>` and
-    `<split>/normalized_accuracy/<task>` with the run's config filling the other columns.
+
+def wandb_run_rows(run: object, scratch: Path) -> list[dict]:
+    """The store rows one W&B run mirrors (the layout `tatr.tracking` logs).
+
+    The run's config is the resolved experiment (`merge.*`, `exemplars.*`, `seed`, `benchmark`,
+    `name`) plus `study`, `trial`, `config_hash` and, for ablations, `experiment`; its summary has
+    `<split>/accuracy/<task>`, and normalized accuracies either as `<split>/normalized_accuracy/<task>`
+    or in the logged `accuracy_table` (fetched from the run's files when needed).
     """
     summary = _as_dict(getattr(run, "summary", {}))
     config = _flatten(_as_dict(getattr(run, "config", {})))
-    table = summary.get("rows")
-    if isinstance(table, dict) and "columns" in table and "data" in table:
-        return [
-            {c: v for c, v in zip(table["columns"], values, strict=False) if c in COLUMNS} for values in table["data"]
-        ]
-    base = {c: config.get(c, config.get(f"merge.{c}")) for c in COLUMNS}
-    base["run_id"] = base["run_id"] or getattr(run, "id", None)
-    base["study"] = base["study"] or getattr(run, "group", None)
-    base["job_type"] = base["job_type"] or getattr(run, "job_type", None)
-    base["benchmark"] = base["benchmark"] or config.get("benchmark")
-    base["experiment"] = base["experiment"] or config.get("name")
-    base["seed"] = base["seed"] if base["seed"] is not None else config.get("exemplars.seed", config.get("seed"))
-    base["exemplars"] = base["exemplars"] if base["exemplars"] is not None else config.get("exemplars.n")
-    out: dict[tuple[str, str], dict] = {}
+    accuracy: dict[tuple[str, str], float] = {}
+    normalized: dict[tuple[str, str], float] = {}
     for key, value in summary.items():
         parts = str(key).split("/")
-        if len(parts) != 3 or parts[1] not in ("accuracy", "normalized_accuracy"):
-            continue
-        split, metric, task = parts
-        row = out.setdefault((split, task), {**base, "split": split, "task": task})
-        row[metric] = value
-    return list(out.values())
+        if len(parts) == 3 and parts[1] == "accuracy":
+            accuracy[(parts[0], parts[2])] = value
+        elif len(parts) == 3 and parts[1] == "normalized_accuracy":
+            normalized[(parts[0], parts[2])] = value
+    if not accuracy:
+        return []
+    if len(normalized) < len(accuracy):
+        normalized = {**_table_normalized(run, summary.get("accuracy_table"), scratch), **normalized}
+    merge = {k.removeprefix("merge."): v for k, v in config.items() if k.startswith("merge.")}
+    mode, method = merge.get("trust_region"), merge.get("method")
+    components = merge.get("components")
+    uses_exemplars = mode in _GRADIENT_MODES or components is not None
+    timing = {"merge_seconds": summary.get("time/merge_seconds"), "eval_seconds": summary.get("time/eval_seconds")}
+    base = {
+        "run_id": getattr(run, "id", None) or getattr(run, "name", None),
+        "study": config.get("study", getattr(run, "group", None)),
+        "trial": config.get("trial"),
+        "job_type": getattr(run, "job_type", None),
+        "experiment": config.get("experiment", config.get("name")),
+        "benchmark": config.get("benchmark"),
+        "method": method,
+        "trust_region": mode,
+        "q": None if mode == "off" else merge.get("q"),
+        "lam": merge.get("lam"),
+        "ties_k": merge.get("ties_k") if method == "ties" else None,
+        "components": list(components) if components is not None else None,
+        "exemplars": config.get("exemplars.n") if uses_exemplars else None,
+        "seed": config.get("seed"),
+        "git_commit": getattr(run, "commit", None),
+        "config_hash": config.get("config_hash"),
+        "timestamp": _epoch(getattr(run, "created_at", None)),
+        **timing,
+    }
+    return [
+        {**base, "split": split, "task": task, "accuracy": acc, "normalized_accuracy": normalized.get((split, task))}
+        for (split, task), acc in accuracy.items()
+    ]
+
+
+def _table_normalized(run: object, ref: object, scratch: Path) -> dict[tuple[str, str], float]:
+    """(split, task) → normalized accuracy from a logged `accuracy_table` (a table-file reference)."""
+    import json
+
+    ref = _as_dict(ref) if ref is not None else {}
+    path = ref.get("path")
+    if not path or not hasattr(run, "file"):
+        return {}
+    try:
+        folder = scratch / str(getattr(run, "id", "run"))
+        run.file(path).download(root=str(folder), replace=True)  # type: ignore[attr-defined]
+        table = json.loads((folder / path).read_text())
+    except Exception:  # a missing or unreadable file leaves the column empty, as the store allows
+        return {}
+    cols = table.get("columns", [])
+    if not {"task", "split", "normalized_accuracy"} <= set(cols):
+        return {}
+    at = {c: i for i, c in enumerate(cols)}
+    return {(r[at["split"]], r[at["task"]]): r[at["normalized_accuracy"]] for r in table.get("data", [])}
+
+
+def _epoch(value: object) -> float | None:
+    """W&B's `created_at` (ISO text, UTC) as seconds since the epoch, for "latest run wins"."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    stamp = pd.Timestamp(str(value))
+    if stamp.tzinfo is None:
+        stamp = stamp.tz_localize("UTC")
+    return stamp.timestamp()
 
 
 def _as_dict(obj: object) -> dict:

@@ -174,7 +174,7 @@ def make_store(root: Path, seeds: tuple[int, ...] = (0, 1, 2), parts: tuple[str,
                 method=method,
                 trust_region=tr,
                 lam=0.3,
-                q=0.99,
+                q=None if tr == "off" else 0.99,  # as tatr.tracking and tatr.ablations write it
                 seed=0,
             )
     if want("gradient-correlation"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -243,9 +244,51 @@ def test_malformed_published_csv_is_skipped(tmp_path: Path) -> None:
     assert "reference" not in done.tables
 
 
+class FakeFile:
+    def __init__(self, content: str, path: str) -> None:
+        self.content, self.path = content, path
+
+    def download(self, root: str, replace: bool = False) -> None:
+        target = Path(root) / self.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self.content)
+
+
 class FakeRun:
-    def __init__(self, run_id: str, summary: dict, config: dict, group: str = "g", job_type: str = "final") -> None:
-        self.id, self.summary, self.config, self.group, self.job_type = run_id, summary, config, group, job_type
+    """What `wandb.Api().runs()` yields for a run logged by `tatr.tracking`."""
+
+    def __init__(self, run_id: str, rows: pd.DataFrame, table_file: bool) -> None:
+        first = rows.iloc[0]
+        value = lambda c: None if not isinstance(first[c], list) and pd.isna(first[c]) else first[c]  # noqa: E731
+        self.id, self.group, self.job_type = run_id, value("study"), value("job_type")
+        self.created_at = pd.Timestamp(rows["timestamp"].max(), unit="s").isoformat()
+        self.commit = value("git_commit")
+        self.config = {
+            "name": "some-experiment-file",
+            "experiment": value("experiment"),
+            "benchmark": value("benchmark"),
+            "merge": {k: value(k) for k in ("method", "trust_region", "q", "lam", "ties_k", "components")},
+            "exemplars": {"n": value("exemplars") or 32, "seed": value("seed")},
+            "seed": value("seed"),
+            "study": value("study"),
+            "trial": value("trial"),
+            "config_hash": value("config_hash"),
+        }
+        self.summary = {f"{r.split}/accuracy/{r.task}": r.accuracy for r in rows.itertuples()}
+        self.files = {}
+        if table_file:
+            path = f"media/table/accuracy_table_0_{run_id}.table.json"
+            data = [[r.task, r.split, r.accuracy, r.normalized_accuracy] for r in rows.itertuples()]
+            content = json.dumps({"columns": ["task", "split", "accuracy", "normalized_accuracy"], "data": data})
+            self.files[path] = FakeFile(content, path)
+            self.summary["accuracy_table"] = {"_type": "table-file", "path": path}
+        else:
+            self.summary.update(
+                {f"{r.split}/normalized_accuracy/{r.task}": r.normalized_accuracy for r in rows.itertuples()}
+            )
+
+    def file(self, path: str) -> FakeFile:
+        return self.files[path]
 
 
 class FakeApi:
@@ -257,30 +300,12 @@ class FakeApi:
         return self._runs
 
 
-def test_from_wandb_rebuilds_the_same_table(full: Path, tmp_path: Path) -> None:
-    """Rows mirrored to W&B (as a `rows` summary table, or flat keys) give the same main table."""
+def test_from_wandb_rebuilds_the_same_tables(full: Path, tmp_path: Path) -> None:
+    """Runs mirrored to W&B (normalized accuracy in the summary, or in the logged table) give the same tables."""
     store = read_store(full)
-    runs = []
-    for i, (run_id, rows) in enumerate(store.groupby("run_id", sort=True)):
-        if i % 2:
-            table = {
-                "columns": list(rows.columns),
-                "data": rows.astype(object).where(rows.notna(), None).values.tolist(),
-            }
-            runs.append(FakeRun(run_id, {"rows": table}, {}))
-        else:
-            first = rows.iloc[0]
-            config = {
-                k: {"value": (None if not isinstance(first[k], list) and pd.isna(first[k]) else first[k])}
-                for k in rows.columns
-                if k not in ("task", "split", "accuracy", "normalized_accuracy")
-            }
-            summary = {}
-            for _, r in rows.iterrows():
-                summary[f"{r['split']}/accuracy/{r['task']}"] = r["accuracy"]
-                summary[f"{r['split']}/normalized_accuracy/{r['task']}"] = r["normalized_accuracy"]
-            runs.append(FakeRun(run_id, summary, config))
+    runs = [FakeRun(run_id, rows, i % 2 == 1) for i, (run_id, rows) in enumerate(store.groupby("run_id", sort=True))]
     rows = report.rows_from_wandb("team/tatr", api=FakeApi(runs))
+    assert len(rows) == len(store)
     report.generate(full, out=tmp_path, published=None, rows=rows, figures=False)
     assert not list((tmp_path / BENCHMARK / "figures").iterdir())
     for name in TABLES:
@@ -291,7 +316,7 @@ def test_from_wandb_rebuilds_the_same_table(full: Path, tmp_path: Path) -> None:
 def test_from_wandb_bad_path_is_one_line() -> None:
     with pytest.raises(TatrError, match="ENTITY/PROJECT"):
         report.rows_from_wandb("just-a-project", api=FakeApi([]))
-    with pytest.raises(TatrError, match="no runs with tatr results"):
+    with pytest.raises(TatrError, match="no runs with per-task accuracies"):
         report.rows_from_wandb("team/tatr", api=FakeApi([]))
 
 
