@@ -1,0 +1,283 @@
+"""Ablations: the committed files load, the grid tunes on validation, rows reach the store and the report.
+
+Runs use the `sweep-toy` suite of `tests/sweep_fixtures.py` (a real `Suite` whose trials cost
+milliseconds); the same code runs on the testbed and on CLIP, only the benchmark name differs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
+from tatr import ablations, report
+from tatr.cli import ablate
+from tatr.errors import TatrError
+from tatr.evaluate import evaluate_merged
+from tatr.merging import plan_merge
+from tatr.store import read_store
+from tatr.suites import get_suite
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = sorted((REPO / "experiments" / "ablations").glob("*.yaml"))
+TOY = {"tasks": 3, "n": 48}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TATR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def write(folder: Path, name: str, ablation: dict, **experiment: object) -> Path:
+    body = {"name": name, "benchmark": "sweep-toy", "suite": TOY, "exemplars": {"n": 8}, **experiment}
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps({**body, "ablation": ablation}))
+    return path
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# --- the files ------------------------------------------------------------------------------------
+def test_every_committed_ablation_file_loads() -> None:
+    kinds = {}
+    for path in FILES:
+        config, spec = ablations.load_ablation(path)
+        assert config.benchmark == "testbed", path  # the testbed by default
+        kinds[spec.kind] = ablations.points(config, spec) if spec.kind != "gradient-correlation" else []
+    assert set(kinds) == {
+        "components",
+        "trust-region",
+        "sensitivity",
+        "mask-ratio",
+        "exemplar-count",
+        "plugin",
+        "gradient-correlation",
+    }
+    # mask ratio: log-spaced drops from 0.01% to 20%, q fixed at each point, for TA+TR and TIES+TR
+    mask = kinds["mask-ratio"]
+    assert {p.merge.method for p in mask} == {"ta", "ties"}
+    drops = sorted({round(1 - p.qs[0], 10) for p in mask})
+    assert drops[1] == pytest.approx(1e-4) and drops[-1] == pytest.approx(0.2) and drops[0] == 0.0
+    # exemplar count: 1 … 256 exemplars with 3 seeds
+    counts = kinds["exemplar-count"]
+    assert sorted({p.exemplars for p in counts}) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert {p.seed for p in counts} == {0, 1, 2}
+    # variants without exemplars run once; with them, once per seed
+    sens = kinds["sensitivity"]
+    per_mode = pd.Series([p.merge.trust_region for p in sens]).value_counts().to_dict()
+    assert per_mode == {"exemplar": 3, "gradient-only": 3, "magnitude-only": 1}
+    plugin = kinds["plugin"]
+    assert [(p.merge.method, p.merge.trust_region) for p in plugin] == [
+        ("ta", "off"),
+        ("ta", "zero-shot"),
+        ("ties", "off"),
+        ("ties", "zero-shot"),
+    ]
+    assert plugin[0].qs == (1.0,)  # no trust region: only λ is tuned
+
+
+def test_overrides_pick_the_benchmark_and_the_block(tmp_path: Path) -> None:
+    config, spec = ablations.load_ablation(
+        REPO / "experiments/ablations/components.yaml", ["benchmark=clip8", "ablation.seeds=[5]", "exemplars.n=4"]
+    )
+    assert (config.benchmark, spec.seeds, config.exemplars.n) == ("clip8", (5,), 4)
+
+
+@pytest.mark.parametrize(
+    ("ablation", "overrides", "message"),
+    [
+        ({"kind": "components", "variants": [{}]}, ["ablation.seed=[1]"], "did you mean 'ablation.seeds'"),
+        ({"kind": "mask-ratio", "variants": [{}]}, [], "needs `drops`"),
+        ({"kind": "plugin"}, [], "needs `variants`"),
+        ({"kind": "plugin", "variants": [{}], "tune_split": "test"}, [], "tuning on the test split is refused"),
+        ({"kind": "sizes", "variants": [{}]}, [], "ablation.kind"),
+        ({"kind": "plugin", "variants": [{"trust_region": "exemplars"}]}, [], "ablation.variants.0.trust_region"),
+        ({"kind": "plugin", "variants": [{}]}, ["merge.lamda=1"], "did you mean 'merge.lam'"),
+    ],
+)
+def test_bad_files_get_one_line(tmp_path: Path, ablation: dict, overrides: list[str], message: str) -> None:
+    path = write(tmp_path, "bad", ablation)
+    with pytest.raises(TatrError, match=message) as info:
+        ablations.load_ablation(path, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_a_file_without_the_block_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "plain.yaml"
+    path.write_text("name: x\nbenchmark: testbed\n")
+    with pytest.raises(TatrError, match="needs an `ablation:` block"):
+        ablations.load_ablation(path)
+
+
+# --- running ------------------------------------------------------------------------------------
+def test_lambda_is_chosen_on_validation_and_tested_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "plug",
+        {
+            "kind": "plugin",
+            "lam": [0.2, 0.6, 1.0],
+            "q": [0.8, 0.95],
+            "variants": [{"method": "ta", "trust_region": "zero-shot"}],
+        },
+    )
+    config, spec = ablations.load_ablation(path)
+    [result] = ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
+    store = read_store(tmp_path / "results")
+    val = store[store["split"] == "validation"]
+    assert val["run_id"].nunique() == 6 and len(val) == 6 * 3  # 2 q × 3 λ trials, 3 tasks each
+    means = val.groupby(["q", "lam"], sort=False)["accuracy"].mean()
+    best_q, best_lam = means.idxmax()
+    test = store[store["split"] == "test"]
+    assert (test["lam"].unique().tolist(), test["q"].unique().tolist()) == ([best_lam], [best_q])
+    assert (result.lam, result.q) == (best_lam, best_q)
+    assert set(test["job_type"]) == {"ablation"} and set(test["experiment"]) == {"plugin"}
+    assert test["trial"].isna().all() and set(test["study"]) == {"plug"}
+    # the test numbers are what an independent merge + evaluation gives
+    suite = get_suite("sweep-toy", TOY)
+    ckpt = suite.checkpoints()
+    plan = plan_merge(ckpt.pretrained, [ckpt.finetuned[t] for t in suite.tasks], method="ta", trust_region="zero-shot")
+    expected = evaluate_merged(suite, plan.merged(best_q, best_lam), "test")
+    got = test.set_index("task")["accuracy"].to_dict()
+    assert got == pytest.approx(expected.accuracy)
+
+
+def test_all_components_equal_plain_task_arithmetic(tmp_path: Path) -> None:
+    """The three components partition τ: merging them all is TA without a mask, at the same λ."""
+    path = write(
+        tmp_path,
+        "comp",
+        {
+            "kind": "components",
+            "lam": [0.3, 0.7],
+            "q": [0.9],
+            "variants": [{"components": ["orthogonal", "positive", "negative"]}, {"components": ["positive"]}],
+        },
+        merge={"method": "ta", "trust_region": "exemplar"},
+    )
+    config, spec = ablations.load_ablation(path)
+    results = ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
+    everything, _ = results
+    suite = get_suite("sweep-toy", TOY)
+    ckpt = suite.checkpoints()
+    plan = plan_merge(ckpt.pretrained, [ckpt.finetuned[t] for t in suite.tasks], method="ta", trust_region="off")
+    assert everything.test == pytest.approx(evaluate_merged(suite, plan.merged(1.0, everything.lam), "test").accuracy)
+    store = read_store(tmp_path / "results")
+    comps = store[store["split"] == "test"]["components"].map(tuple).unique().tolist()
+    assert sorted(comps) == [("orthogonal", "positive", "negative"), ("positive",)]
+    assert set(store[store["split"] == "test"]["exemplars"]) == {8}
+
+
+def test_mask_ratio_fixes_q_and_q_one_is_no_trust_region(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "mask",
+        {"kind": "mask-ratio", "lam": [0.3, 0.8], "drops": [0.0, 0.05, 0.3], "variants": [{"method": "ta"}]},
+        merge={"trust_region": "zero-shot"},
+    )
+    config, spec = ablations.load_ablation(path)
+    results = ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
+    assert [r.q for r in results] == [1.0, 0.95, 0.7]
+    suite = get_suite("sweep-toy", TOY)
+    ckpt = suite.checkpoints()
+    plan = plan_merge(ckpt.pretrained, [ckpt.finetuned[t] for t in suite.tasks], method="ta", trust_region="off")
+    assert results[0].test == pytest.approx(evaluate_merged(suite, plan.merged(1.0, results[0].lam), "test").accuracy)
+
+
+def test_resume_skips_finished_points(tmp_path: Path) -> None:
+    path = write(tmp_path, "tr", {"kind": "trust-region", "lam": [0.5], "q": [0.9], "seeds": [0, 1],
+                                  "variants": [{"trust_region": "off"}, {"trust_region": "exemplar"}]})  # fmt: skip
+    config, spec = ablations.load_ablation(path)
+    first = ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
+    assert len(first) == 3  # off once, exemplar per seed
+    files = sorted((tmp_path / "results" / "store").iterdir())
+    lines: list[str] = []
+    again = ablations.run(config, spec, tmp_path / "results", resume=True, log=lines.append, wandb=False)
+    assert again == [] and sum("skipped" in line for line in lines) == 3
+    assert sorted((tmp_path / "results" / "store").iterdir()) == files
+
+
+def test_points_are_mirrored_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    path = write(
+        tmp_path, "wb", {"kind": "plugin", "lam": [0.5], "variants": [{"method": "ta", "trust_region": "off"}]}
+    )
+    config, spec = ablations.load_ablation(path)
+    ablations.run(config, spec, tmp_path / "results", log=quiet)
+    runs = list((tmp_path / "results" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+
+
+# --- gradient correlation -----------------------------------------------------------------------------
+def test_spearman_matches_scipy_with_ties() -> None:
+    from scipy.stats import spearmanr
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(500, generator=gen)
+    vectors = [base + 0.5 * torch.rand(500, generator=gen) for _ in range(3)]
+    vectors[1][:100] = 0.0  # many ties, like parameters without gradient
+    vectors[2] = torch.round(vectors[2] * 5) / 5  # coarse values: ties everywhere
+    got = ablations.spearman_matrix(vectors)
+    expected = spearmanr(np.stack([v.numpy() for v in vectors]), axis=1).statistic
+    assert np.allclose(got.numpy(), expected, atol=1e-10)
+    assert ablations.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_gradient_correlation_rows(tmp_path: Path) -> None:
+    path = write(tmp_path, "grad", {"kind": "gradient-correlation", "seeds": [0, 1], "max_coordinates": 200})
+    config, spec = ablations.load_ablation(path)
+    ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
+    store = read_store(tmp_path / "results")
+    assert sorted(store["task"].unique()) == ["task0|task1", "task0|task2", "task1|task2"]
+    assert set(store["split"]) == {"train"} and store.groupby("seed").size().to_dict() == {0: 3, 1: 3}
+    # the stored ρ is the Spearman correlation of the suite's gradient files, subsampled alike
+    suite = get_suite("sweep-toy", TOY)
+    stats = suite.exemplar_gradients(8, 0)
+    vectors = ablations.flat_gradients([stats.abs_mean[t] for t in suite.tasks], 200, 0)
+    assert len(vectors[0]) == 200  # the toy has 280 coordinates: subsampled
+    rho = ablations.spearman_matrix(vectors)
+    row = store[(store["seed"] == 0) & (store["task"] == "task0|task2")]
+    assert float(row["accuracy"].iloc[0]) == pytest.approx(float(rho[0, 2]))
+    assert all(-1 <= v <= 1 and not math.isnan(v) for v in store["accuracy"])
+
+
+# --- the command ----------------------------------------------------------------------------------
+def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
+    folder = tmp_path / "abl"
+    folder.mkdir()
+    write(folder, "a", {"kind": "plugin", "lam": [0.4], "q": [0.9], "variants": [{"method": "ta"}, {"method": "ties"}]},
+          merge={"trust_region": "zero-shot"})  # fmt: skip
+    write(folder, "b", {"kind": "gradient-correlation", "seeds": [0]})
+    result = CliRunner().invoke(
+        ablate.command, [str(folder), "ablation.seeds=[0]", "--root", str(tmp_path / "res"), "--no-wandb", "--report"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "== " in result.output and "index.html" in result.output
+    tables = tmp_path / "res" / "sweep-toy" / "tables"
+    plugin = pd.read_csv(tables / "ablation_plugin.csv", index_col=0)
+    assert list(plugin.index) == ["TA+TR", "TIES+TR"]
+    main = pd.read_csv(tables / "main.csv", index_col=0)
+    assert list(main.index) == ["TA+TR", "TIES+TR"]  # the plug-in rows fill the main table
+    assert (tables / "ablation_gradient_correlation.csv").exists()
+    assert (tmp_path / "res" / "sweep-toy" / "figures" / "plugin.png").exists()
+
+
+def test_cli_refuses_bad_files_before_running_any(tmp_path: Path) -> None:
+    good = write(tmp_path, "good", {"kind": "plugin", "lam": [0.4], "variants": [{"method": "ta"}]})
+    bad = write(tmp_path, "bad", {"kind": "plugin"})
+    result = CliRunner().invoke(ablate.command, [str(good), str(bad), "--root", str(tmp_path / "res"), "--no-wandb"])
+    assert isinstance(result.exception, TatrError) and "needs `variants`" in str(result.exception)
+    assert not (tmp_path / "res").exists()
+    assert report  # imported for the end-to-end test above
