@@ -10,6 +10,7 @@ The drop order (by Ω, ties by position) is a ranking, so going from k₀ to k d
 only zeroes order[k₀:k] or restores order[k:k₀] from Σ τ: O(|k − k₀|) scattered writes, no sort.
 The merge is then exactly TA's single multiply-add, θ_0 + λ·c·M, tensor by tensor.
 
+Restoring copies from Σ τ gathered once in drop order, so either direction is one scattered pass.
 The result equals `MergePlan.merged` value for value (a kept coordinate gets the same
 θ_0 + λ·c·Στ; a dropped one gets θ_0 + λ·0 = θ_0). Non-linear configurations (TIES, component
 selection) fall through to `MergePlan.merged`. Memory: one extra float32 arena over the merged
@@ -32,6 +33,7 @@ class IncrementalPlan(MergePlan):
     """A `MergePlan` for sweeps: `merged(q, λ)` costs one multiply-add plus O(|Δk|) writes."""
 
     _masked: Tensor | None = None  # Σ τ with the first `_k` coordinates of the drop order zeroed
+    _values: Tensor | None = None  # Σ τ at the ranked coordinates, in drop order (for restoring)
     _k: int = 0
 
     @property
@@ -48,12 +50,13 @@ class IncrementalPlan(MergePlan):
         order = self._order
         if self._masked is None:
             self._masked, self._k = self.tau_sum.clone(), 0
+        if self._values is None or self._values.numel() != order.numel():
+            self._values = self.tau_sum[order]  # contiguous source: a restore is one scattered pass
         k0 = self._k
         if k > k0:
-            self._masked[order[k0:k]] = 0
+            self._masked.index_fill_(0, order[k0:k], 0.0)
         elif k < k0:
-            idx = order[k:k0]
-            self._masked[idx] = self.tau_sum[idx]
+            self._masked.index_copy_(0, order[k:k0], self._values[k:k0])
         self._k = k
         return self._masked
 
