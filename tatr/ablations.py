@@ -91,6 +91,7 @@ class AblationSpec(_Frozen):
     tune_split: Split = "validation"
     eval_split: Split = "test"
     allow_test_tuning: bool = False
+    baselines: bool = False  # also record θ_0 and the fine-tuned θ_t on the evaluation split
 
     @model_validator(mode="after")
     def _check(self) -> AblationSpec:
@@ -253,6 +254,8 @@ def run(
     if spec.kind == "gradient-correlation":
         return gradient_correlation(suite, config, spec, root, log)
     done = _finished(root) if resume else set()
+    if spec.baselines:
+        baseline_rows(suite, config, spec, root, log)
     results = []
     todo = points(config, spec)
     for i, point in enumerate(todo, 1):
@@ -433,6 +436,41 @@ def point_rows(
         )
     stamp = time.time()
     return [{**r, "timestamp": stamp} for r in rows]
+
+
+def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root: str | Path, log: Log = print) -> None:
+    """The two reference rows of every merging table: θ_0 (Pretrained) and each θ_t on its own task
+    (Individual), on the evaluation split, as `job_type="baseline"` runs."""
+    from tatr.evaluate import evaluate_merged
+
+    individual = suite.individual_accuracy(spec.eval_split)
+    start = time.perf_counter()
+    pretrained = evaluate_merged(suite, None, spec.eval_split)
+    seconds = time.perf_counter() - start
+    stamp = time.time()
+    for method, accuracy in (("pretrained", pretrained.accuracy), ("individual", individual)):
+        run_id = f"baseline-{method}-{new_run_id()}"
+        rows = [
+            {
+                "run_id": run_id,
+                "study": config.name,
+                "job_type": "baseline",
+                "experiment": spec.kind,
+                "benchmark": config.benchmark,
+                "method": method,
+                "split": spec.eval_split,
+                "task": task,
+                "accuracy": acc,
+                "normalized_accuracy": 100.0 * acc / individual[task] if individual[task] > 0 else None,
+                "eval_seconds": seconds if method == "pretrained" else None,
+                "config_hash": content_hash("baseline", method, config.benchmark, config.suite)[:12],
+                "git_commit": git_commit(),
+                "timestamp": stamp,
+            }
+            for task, acc in accuracy.items()
+        ]
+        append_rows(root, rows, run_id)
+        log(f"baseline {method}: {spec.eval_split} {sum(accuracy.values()) / len(accuracy):.2f}")
 
 
 def wandb_record(

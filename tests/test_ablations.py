@@ -257,8 +257,8 @@ def test_gradient_correlation_rows(tmp_path: Path) -> None:
 def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
     folder = tmp_path / "abl"
     folder.mkdir()
-    write(folder, "a", {"kind": "plugin", "lam": [0.4], "q": [0.9], "variants": [{"method": "ta"}, {"method": "ties"}]},
-          merge={"trust_region": "zero-shot"})  # fmt: skip
+    write(folder, "a", {"kind": "plugin", "lam": [0.4], "q": [0.9], "variants": [{"method": "ta"}, {"method": "ties"}],
+                        "baselines": True}, merge={"trust_region": "zero-shot"})  # fmt: skip
     write(folder, "b", {"kind": "gradient-correlation", "seeds": [0]})
     result = CliRunner().invoke(
         ablate.command, [str(folder), "ablation.seeds=[0]", "--root", str(tmp_path / "res"), "--no-wandb", "--report"]
@@ -269,7 +269,14 @@ def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
     plugin = pd.read_csv(tables / "ablation_plugin.csv", index_col=0)
     assert list(plugin.index) == ["TA+TR", "TIES+TR"]
     main = pd.read_csv(tables / "main.csv", index_col=0)
-    assert list(main.index) == ["TA+TR", "TIES+TR"]  # the plug-in rows fill the main table
+    assert list(main.index) == ["Pretrained", "Individual", "TA+TR", "TIES+TR"]  # plug-in rows fill the main table
+    suite = get_suite("sweep-toy", TOY)
+    assert main.loc["Individual", ["task0", "task1", "task2"]].tolist() == pytest.approx(
+        list(suite.individual_accuracy("test").values())
+    )
+    assert main.at["Individual", "Normalized"] == pytest.approx(100.0)
+    pretrained = evaluate_merged(suite, None, "test")
+    assert main.at["Pretrained", "Average"] == pytest.approx(pretrained.mean_accuracy)
     assert (tables / "ablation_gradient_correlation.csv").exists()
     assert (tmp_path / "res" / "sweep-toy" / "figures" / "plugin.png").exists()
 
