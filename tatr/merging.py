@@ -287,26 +287,35 @@ class MergePlan:
 
 
 def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpace, Tensor, Tensor | None]:
-    """Stream θ_t key by key: Σ_t τ_t and Ω per tensor, then lay them out as arenas.
+    """Stream θ_t key by key, accumulating Σ_t τ_t and Ω straight into their arenas.
 
-    Per task and tensor this is one read and five element-wise passes; validation of values rides
-    on the per-tensor sums (`all_finite`), and a task's "did it change anything" test stops as
-    soon as one changed tensor is seen.
+    Per task and tensor this is one read and a handful of element-wise passes; values are
+    validated on the per-tensor sums (`all_finite`), and a task's "did it change anything" test
+    stops as soon as one changed tensor is seen. A key no task changed is overwritten by the next
+    one (the write cursor does not advance), so it never enters Ω or N.
     """
     ts = task_set
+    capacity = sum(torch.Size(ts.shapes[k]).numel() for k in ts.candidate_keys)
+    tau_arena = torch.empty(capacity)
+    omega_arena = None if mode == "off" else torch.empty(capacity)
     changed = [False] * ts.num_tasks
-    sums: dict[str, Tensor] = {}
-    scores: dict[str, Tensor] = {}
+    kept: list[str] = []
+    cursor = 0
     for key in tqdm(ts.candidate_keys, desc="task vectors", disable=None if progress else True, leave=False):
         theta0 = pretrained_tensor(ts, key).float()
-        tau_sum = torch.zeros_like(theta0)
-        acc = None if mode == "off" else ConflictAccumulator(theta0.shape)
+        n = theta0.numel()
+        tau_sum = tau_arena[cursor : cursor + n].view(theta0.shape)
+        out = None if omega_arena is None else omega_arena[cursor : cursor + n].view(theta0.shape)
+        acc = None if mode == "off" else ConflictAccumulator(theta0.shape, out=out)
         key_changed, missing_gradient = False, None
         for t in range(ts.num_tasks):
             tau = task_vector(ts, t, key, theta0)
             if not (changed[t] and key_changed) and bool(tau.any()):
                 changed[t] = key_changed = True
-            tau_sum += tau
+            if t == 0:
+                tau_sum.copy_(tau)
+            else:
+                tau_sum += tau
             if acc is None:
                 continue
             grad = None
@@ -317,30 +326,28 @@ def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpac
                     continue
                 grad = gradient_tensor(ts, t, key)
             acc.add(*conflict_terms(mode, tau, grad))
-        if not all_finite(tau_sum, *(acc.sums() if acc is not None else ())):
+        if not all_finite(tau_sum, acc.sum_s if acc is not None else None):
             check_finite(ts, key, gradients=mode in NEEDS_GRADIENTS)
         if not key_changed:
-            continue  # no task changed it: it is copied from θ_0 and never enters Ω or N
+            continue  # no task changed it: copied from θ_0, its arena slot is reused
         if missing_gradient is not None:
             gradient_tensor(ts, missing_gradient, key)  # raises the one-line error
-        sums[key] = tau_sum
         if acc is not None:
-            scores[key] = acc.omega()
+            acc.omega()  # finalises Ω into its arena slot
+        kept.append(key)
+        cursor += n
     for t, flag in enumerate(changed):
         if not flag:
             raise TatrError(
                 f"{_describe(ts.finetuned[t])}: identical to the pretrained model (its task vector is zero)"
             )
-    space = ParamSpace.build(list(sums), ts.shapes)
-    return space, _to_arena(space, sums), (_to_arena(space, scores) if scores else None)
+    space = ParamSpace.build(kept, ts.shapes)
+    return space, _trim(tau_arena, cursor), None if omega_arena is None else _trim(omega_arena, cursor)
 
 
-def _to_arena(space: ParamSpace, parts: dict[str, Tensor]) -> Tensor:
-    """Move per-key tensors into one buffer, freeing each as it goes (peak stays ~one copy)."""
-    arena = torch.empty(space.numel)
-    for i, key in enumerate(space.keys):
-        space.view(arena, i).copy_(parts.pop(key))
-    return arena
+def _trim(arena: Tensor, size: int) -> Tensor:
+    """The used part of an arena; copied only when unchanged keys left much of it unused."""
+    return arena if size == arena.numel() else (arena[:size].clone() if size < arena.numel() // 2 else arena[:size])
 
 
 def _describe(source: object) -> str:

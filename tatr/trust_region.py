@@ -1,15 +1,14 @@
 """The trust region: conflict scores Ω and the exact global selection of the coordinates to drop.
 
-Conflict. Ω = Σ_{i≠j} s_i ⊙ a_j, with a_j = |τ_j|, computed in O(T) as
-    Ω = (Σ_i s_i) ⊙ (Σ_j a_j) − Σ_i s_i ⊙ a_i.
-The modes only change s and a: zero-shot s=|τ|; exemplar s=mean|∇ℓ|; gradient-only a=1, so
+Conflict. Ω = Σ_{i≠j} s_i ⊙ a_j, with a_j = |τ_j|. Expanding (Σ s)(Σ a) − Σ s⊙a is O(T) but
+cancels catastrophically where one task dominates a coordinate (float32 loses every digit there;
+see the tests). The same running sums, ordered as prefix sums, give an O(T) form with no
+subtraction at all: adding task i contributes s_i ⊙ A_{<i} + a_i ⊙ S_{<i}, where S_{<i}, A_{<i}
+are the sums over the tasks before it. Every term is ≥ 0, so float32 suffices: each product and
+each of the ≤ 2T additions rounds once, and the result is within (2T+2)·2⁻²⁴ relative of the
+pairwise sum, coordinate by coordinate (checked against the literal O(T²) loop in the tests). The
+modes only change s and a: zero-shot s=|τ|; exemplar s=mean|∇ℓ|; gradient-only a=1, so
 Ω=(T−1)Σs_i; magnitude-only s=1, so Ω=(T−1)Σ|τ_j| (the constant T−1 does not move the mask).
-
-Cancellation. The subtraction loses digits where one task dominates a coordinate, so the three
-running sums are kept in float64 for the key being processed. Inputs are float32, so each product
-s·a is exact in float64 and each running sum of T terms carries at most T·2⁻⁵³ relative error;
-the difference is therefore within (2T+1)·2⁻⁵³·(Σs)(Σa) of the pairwise sum before the final
-float32 rounding (2⁻²⁴ relative). Rounding can leave −1e-30-sized negatives: they are set to +0.
 
 Selection. The mask drops exactly k = ⌈(1−q)·N⌉ coordinates with the largest Ω over all N merged
 coordinates (q from its decimal text, so q=0.99 with N=100 drops 1, not 2). Ties at the boundary
@@ -64,50 +63,50 @@ def keep_count(percent: float, n: int) -> int:
 
 
 class ConflictAccumulator:
-    """Running sums for one tensor over the tasks: Σs, Σa, Σ s⊙a, in float64.
+    """Ω for one tensor from running (prefix) sums over the tasks, in float32, nothing cancelling.
 
-    `s=None` stands for s=1 and `a=None` for a=1, so the ablation modes need no tensors of ones;
-    passing the same tensor as s and a (zero-shot) keeps one sum instead of two. The float32
-    inputs are accumulated into float64 in place (no float64 copies of the inputs).
+    Adding task i contributes every pair it forms with the tasks before it:
+        Ω += s_i ⊙ A_{<i} + a_i ⊙ S_{<i},   then S_{<i} += s_i, A_{<i} += a_i.
+    `s=None` stands for s=1 and `a=None` for a=1 (the ablation modes; Ω is then (T−1)·Σa or
+    (T−1)·Σs); passing the same tensor as s and a (zero-shot) adds 2·a_i ⊙ A_{<i}.
     """
 
-    def __init__(self, shape: torch.Size | tuple[int, ...]) -> None:
+    def __init__(self, shape: torch.Size | tuple[int, ...], out: Tensor | None = None) -> None:
+        """`out`, if given, receives Ω (e.g. a view into the arena), saving a copy."""
         self.shape = tuple(shape)
+        self.out = out
         self.sum_s: Tensor | None = None
         self.sum_a: Tensor | None = None
-        self.sum_sa: Tensor | None = None
+        self.pairs: Tensor | None = None
         self.tasks = 0
-        self.unit_s = self.unit_a = self.shared = False
+        self.unit_s = self.unit_a = False
 
     def add(self, s: Tensor | None, a: Tensor | None) -> None:
         if s is None and a is None:
             raise ValueError("at least one of s and a must be a tensor")
         self.tasks += 1
-        self.unit_s, self.unit_a, self.shared = s is None, a is None, s is a
-        # one float64 copy per distinct input, then same-dtype kernels (faster than mixed-dtype ones)
-        a64 = None if a is None else a.double()
-        s64 = a64 if self.shared else (None if s is None else s.double())
-        if a64 is not None:
-            self.sum_a = a64.clone() if self.sum_a is None else self.sum_a.add_(a64)
-        if s64 is not None and not self.shared:
-            self.sum_s = s64.clone() if self.sum_s is None else self.sum_s.add_(s64)
-        if s64 is not None and a64 is not None:
-            self.sum_sa = s64 * a64 if self.sum_sa is None else self.sum_sa.addcmul_(s64, a64)
+        self.unit_s, self.unit_a = s is None, a is None
+        if s is not None and a is not None:
+            if self.pairs is None:
+                self.pairs = torch.zeros(self.shape) if self.out is None else self.out.zero_()
+            elif s is a:
+                self.pairs.addcmul_(a, self.sum_a, value=2.0)
+            else:
+                self.pairs.addcmul_(s, self.sum_a).addcmul_(a, self.sum_s)
+        if a is not None:
+            self.sum_a = a.clone() if self.sum_a is None else self.sum_a.add_(a)
+        if s is not None and s is not a:
+            self.sum_s = s.clone() if self.sum_s is None else self.sum_s.add_(s)
 
     def sums(self) -> tuple[Tensor | None, ...]:
-        return self.sum_s, self.sum_a, self.sum_sa
+        return self.sum_s, self.sum_a, self.pairs
 
     def omega(self) -> Tensor:
-        """Ω for this tensor as float32, with rounding negatives (and −0) set to +0."""
-        if self.unit_s:  # Σ_{i≠j} 1·a_j = (T−1)Σa
-            diff = (self.tasks - 1) * self.sum_a
-        elif self.unit_a:  # Σ_{i≠j} s_i·1 = (T−1)Σs
-            diff = (self.tasks - 1) * self.sum_s
-        else:
-            sum_s = self.sum_a if self.shared else self.sum_s
-            diff = sum_s * self.sum_a - self.sum_sa
-        out = diff.float()
-        return torch.where(out > 0, out, torch.zeros((), dtype=out.dtype))
+        """Ω for this tensor (float32, ≥ 0), in `out` when one was given."""
+        if self.unit_s or self.unit_a:  # Σ_{i≠j} 1·a_j = (T−1)Σa and Σ_{i≠j} s_i·1 = (T−1)Σs
+            total = self.sum_a if self.unit_s else self.sum_s
+            return torch.mul(total, self.tasks - 1, out=self.out) if self.out is not None else total * (self.tasks - 1)
+        return self.pairs
 
 
 def conflict_terms(mode: str, tau: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

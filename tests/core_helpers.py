@@ -14,6 +14,7 @@ def make_models(
     pre = {
         "blocks.0.attn.weight": torch.randn(12, 8, generator=g),
         "blocks.0.attn.bias": torch.randn(12, generator=g),
+        "blocks.0.ln.frozen": torch.randn(9, generator=g),  # unchanged, sorted between merged keys
         "blocks.1.mlp.weight": torch.randn(6, 4, 3, generator=g),
         "position_ids": torch.arange(7),
         "text.frozen": torch.randn(5, generator=g),
@@ -22,7 +23,7 @@ def make_models(
     for _ in range(num_tasks):
         ft = {}
         for k, v in pre.items():
-            if v.is_floating_point() and k != "text.frozen":
+            if v.is_floating_point() and not k.endswith("frozen"):
                 ft[k] = v + scale * torch.randn(v.shape, generator=g)
             else:
                 ft[k] = v.clone()
@@ -31,7 +32,7 @@ def make_models(
 
 
 def merged_keys(pre: dict[str, Tensor]) -> list[str]:
-    return sorted(k for k, v in pre.items() if v.is_floating_point() and k != "text.frozen")
+    return sorted(k for k, v in pre.items() if v.is_floating_point() and not k.endswith("frozen"))
 
 
 def flat(sd: dict[str, Tensor], keys: list[str]) -> Tensor:

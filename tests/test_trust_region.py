@@ -15,15 +15,13 @@ from hypothesis import strategies as st
 from tatr import pairwise_conflict, plan_merge
 from tatr.trust_region import ConflictAccumulator, arena_chunks, drop_count, drop_order, kth_largest
 
-EPS64 = 2.0**-53
 EPS32 = 2.0**-24
 
 
 def _check_against_pairwise(s: list[torch.Tensor], a: list[torch.Tensor], fast: torch.Tensor) -> None:
-    """Tolerance from the module docstring: (2T+1)·2⁻⁵³·ΣsΣa before, 2⁻²⁴·Ω after float32 rounding."""
+    """Tolerance from the module docstring: (2T+2)·2⁻²⁴ relative, per coordinate (no cancellation)."""
     ref = pairwise_conflict(s, a)
-    t = len(s)
-    bound = (2 * t + 1) * EPS64 * sum(x.double() for x in s) * sum(x.double() for x in a) + EPS32 * ref
+    bound = (2 * len(s) + 2) * EPS32 * ref
     err = (fast.double() - ref).abs()
     assert bool((err <= bound + 1e-300).all()), float((err - bound).max())
 
@@ -33,7 +31,7 @@ def _check_against_pairwise(s: list[torch.Tensor], a: list[torch.Tensor], fast: 
     t=st.integers(2, 7),
     n=st.integers(1, 40),
     seed=st.integers(0, 2**16),
-    dominant=st.floats(1.0, 1e6),
+    dominant=st.floats(1.0, 1e12),
 )
 def test_running_sums_match_pairwise(t: int, n: int, seed: int, dominant: float) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -49,8 +47,8 @@ def test_running_sums_match_pairwise(t: int, n: int, seed: int, dominant: float)
     _check_against_pairwise(s, a, omega)
 
 
-def test_float32_formula_would_not_meet_the_tolerance() -> None:
-    """Why the running sums are float64: the same formula in float32 cancels to garbage."""
+def test_expanded_formula_cancels_but_prefix_sums_do_not() -> None:
+    """Why Ω is accumulated as prefix sums: (Σs)(Σa) − Σ s⊙a in float32 cancels to garbage."""
     s = [torch.tensor([1e4]), torch.tensor([1e-3])]
     a = [torch.tensor([1e4]), torch.tensor([1e-3])]
     naive = (sum(s) * sum(a) - sum(x * y for x, y in zip(s, a, strict=True))).double()
