@@ -117,7 +117,9 @@ def components_label(value: object) -> str:
 # --- selecting runs --------------------------------------------------------------------------------
 def prepare(store: pd.DataFrame) -> pd.DataFrame:
     """The store with typed numbers, a display `label` and a comparable `seed_key`."""
-    df = store.copy()
+    from tatr.store import COLUMNS
+
+    df = store.reindex(columns=[*COLUMNS, *(c for c in store.columns if c not in COLUMNS)])
     for col in ("q", "lam", "ties_k", "exemplars", "accuracy", "normalized_accuracy", "timestamp", "seed", "trial"):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")

@@ -366,3 +366,25 @@ def test_index_html_renders_in_chromium(full: Path, tmp_path: Path) -> None:
     (folder / "figures" / "mask_ratio.png").unlink()  # the probe must notice a missing image
     count, broken = broken_images(folder, tmp_path / "p3")
     assert broken == ["figures/mask_ratio.png"]
+
+
+def test_sweep_heatmap_bins_continuous_samples() -> None:
+    """Optuna samples λ and q continuously: the grid bins them and keeps the best trial per cell."""
+    from tatr import figures, tables
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        lam, q = float(rng.uniform(0.05, 1.0)), float(1 - 10 ** rng.uniform(-4, -0.7))
+        for task in TASKS:
+            rows.append(
+                {"run_id": f"t{i}", "study": "s", "job_type": "trial", "split": "validation", "task": task,
+                 "lam": lam, "q": q, "accuracy": float(rng.uniform(40, 90)), "method": "ta",
+                 "trust_region": "zero-shot", "timestamp": float(i)}
+            )  # fmt: skip
+    df = tables.prepare(pd.DataFrame(rows))
+    grid, source = figures.sweep_grid(df)
+    assert grid.shape[0] <= 10 and grid.shape[1] <= 10 and "binned" in source
+    best = df.groupby("run_id")["accuracy"].mean().max()
+    assert np.nanmax(grid.to_numpy()) == pytest.approx(best)
+    assert figures.sweep_heatmap(df) is not None
