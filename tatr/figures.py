@@ -77,8 +77,9 @@ def sweep_grid(df: pd.DataFrame, max_levels: int = 16, bins: int = 10) -> tuple[
     """Validation accuracy (task average) on a λ × (1−q) grid, and where it came from.
 
     Source: the sweep's trials (job_type 'trial') of the study with the most trials; without any,
-    the largest validation grid an ablation recorded for TA+TR. Grids with few distinct values are
-    shown as they are; Optuna's continuous samples are binned (λ linear, 1−q log), best per bin.
+    the largest (q, λ) validation grid an ablation recorded for one trust-region method and seed.
+    Grids with few distinct values are shown as they are; Optuna's continuous samples are binned
+    (λ linear, 1−q log), best per bin.
     """
     val = df[df["split"] == "validation"]
     trials = val[val["job_type"] == "trial"]
@@ -87,14 +88,18 @@ def sweep_grid(df: pd.DataFrame, max_levels: int = 16, bins: int = 10) -> tuple[
         study = counts.idxmax()
         rows, source = trials[trials["study"] == study], f"sweep '{study}'"
     else:
-        grid = val[(val["job_type"] == "ablation") & (val["label"] == "TA+TR")]
+        grid = val[(val["job_type"] == "ablation") & (val["trust_region"].fillna("off") != "off")]
         grid = grid.dropna(subset=["q", "lam"])
         if grid.empty:
             return None
-        counts = grid.groupby(["experiment", "seed_key"])["run_id"].nunique().sort_index()
-        experiment, seed = counts.idxmax()
-        rows = grid[(grid["experiment"] == experiment) & (grid["seed_key"] == seed)]
-        source = f"validation grid of ablation '{experiment}' (TA+TR)"
+        keys = ["experiment", "label", "seed_key"]
+        shape = grid.groupby(keys).agg(q=("q", "nunique"), lam=("lam", "nunique"), cells=("run_id", "nunique"))
+        shape = shape[(shape["q"] > 1) & (shape["lam"] > 1)].sort_index()
+        if shape.empty:
+            return None
+        experiment, label, seed = shape["cells"].idxmax()  # the largest grid; first in sorted order on a tie
+        rows = grid[(grid["experiment"] == experiment) & (grid["label"] == label) & (grid["seed_key"] == seed)]
+        source = f"grid of ablation '{experiment}' ({label})"
     rows = rows.dropna(subset=["q", "lam", "accuracy"])
     if rows.empty:
         return None

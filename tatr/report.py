@@ -122,6 +122,7 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
             "Sweep: validation accuracy over λ × q",
             [],
             [FigureSpec("sweep_heatmap", "Validation accuracy over λ × (1−q)", lambda: F.sweep_heatmap(rows))],
+            "" if F.sweep_grid(rows) is not None else "no sweep trials and no (q, λ) validation grid in the store",
         ),
     ]
     ablation = dict(zip(T.ABLATIONS, T.ablation_tables(rows), strict=True))
@@ -166,16 +167,18 @@ def write_report(
                 for ext, text in (("md", table.to_markdown()), ("tex", table.to_latex()), ("csv", table.to_csv())):
                     (tmp / "tables" / f"{table.name}.{ext}").write_text(text, encoding="utf-8")
                 written_tables.append(table.name)
+            nothing = bool(section.missing) and all(t.empty for t in section.tables)
+            if nothing:
+                skipped.append(f"{section.title}: {section.missing}")
             for spec in section.figures if figures else []:
                 fig = spec.build()
                 if fig is None:
-                    skipped.append(f"figure {spec.name}: {section.missing or 'no data in the store'}")
+                    if not nothing:
+                        skipped.append(f"figure {spec.name}: no data in the store")
                     continue
                 F.save(fig, tmp / "figures" / spec.name)
                 written_figures.append(spec.name)
                 shown.setdefault(i, []).append(spec.name)
-            if section.missing and not any(not t.empty for t in section.tables):
-                skipped.append(f"{section.title}: {section.missing}")
         page = render_index(benchmark, prepared, sections, shown)
         (tmp / "index.html").write_text(page, encoding="utf-8")
         _install(tmp, final)

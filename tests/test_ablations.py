@@ -192,6 +192,12 @@ def test_mask_ratio_fixes_q_and_q_one_is_no_trust_region(tmp_path: Path) -> None
     ckpt = suite.checkpoints()
     plan = plan_merge(ckpt.pretrained, [ckpt.finetuned[t] for t in suite.tasks], method="ta", trust_region="off")
     assert results[0].test == pytest.approx(evaluate_merged(suite, plan.merged(1.0, results[0].lam), "test").accuracy)
+    # without a sweep in the store, the report's λ × q heatmap shows this validation grid
+    from tatr import figures, tables
+
+    grid, source = figures.sweep_grid(tables.prepare(read_store(tmp_path / "results")))
+    assert source == "grid of ablation 'mask-ratio' (TA+TR)"
+    assert list(grid.index) == [0.3, 0.8] and list(grid.columns) == pytest.approx([0.0, 0.05, 0.3])
 
 
 def test_resume_skips_finished_points(tmp_path: Path) -> None:
