@@ -445,8 +445,10 @@ def open_storage(url: str, heartbeat: bool = True) -> Any:
         except SQLAlchemyError as exc:  # concurrent schema creation, or the server is starting
             last = exc
             time.sleep(0.5 * (attempt + 1))
-        except (ImportError, ModuleNotFoundError) as exc:
-            raise TatrError(f"storage {redact(url)}: missing database driver ({exc})") from None
+        except ImportError as exc:
+            cause = exc.__cause__ or exc
+            hint = " (for PostgreSQL: pip install 'psycopg[binary]')" if url.startswith("postgres") else ""
+            raise TatrError(f"storage {redact(url)}: missing database driver: {cause}{hint}") from None
     raise TatrError(f"storage {redact(url)}: cannot open ({str(last).splitlines()[0]})")
 
 
@@ -864,7 +866,9 @@ def run_sweep(
     reconcile(the_study, results, logger)
     spec = SweepSpec(config_dict(config), space.to_dict(), name, url, trials, str(results), wandb, config.seed)
     with _progress(the_study, trials, progress) as bar:
-        if workers == 1:
+        if counts(the_study)[0] >= trials:
+            pass  # already complete: no worker to start
+        elif workers == 1:
             run_worker(spec, 0, on_trial=bar, logger=logger)
         else:
             _run_workers(spec, workers, the_study, bar)

@@ -334,13 +334,27 @@ def test_seeded_tpe_is_reproducible(env: Path) -> None:
     assert [t.params for t in c.trials][1:] != [t.params for t in a.trials][1:]
 
 
-def test_cli_errors_are_one_line(env: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sweep", "missing.yaml"], "missing.yaml: no such search-space file"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "merge.qq=1"], "unknown config key 'merge.qq'; did you mean 'merge.q'"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "--trials", "0"], "--trials must be at least 1"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "--workers", "0"], "--workers must be at least 1"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "--storage", "x.txt"], "neither a URL"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "split=test"], "refusing to tune on the test split"),
+    ],
+)
+def test_cli_errors_are_one_line_and_write_nothing(
+    env: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
     from tatr.cli import main
 
     exp = write_experiment(env)
-    assert main(["sweep", str(exp), "--sweep", str(env / "missing.yaml")]) == 2
-    assert main(["sweep", str(exp), "--sweep", str(SWEEPS / "tatr.yaml"), "merge.qq=1"]) == 2
-    assert main(["sweep", str(exp), "--sweep", str(SWEEPS / "tatr.yaml"), "--trials", "0"]) == 2
+    assert main(["sweep", str(exp), "--root", str(env / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tatr: error: ") and message in err and err.count("\n") == 1, err
+    assert not (env / "r").exists()
 
 
 def test_plan_cache_key_changes_with_the_checkpoints(env: Path) -> None:
