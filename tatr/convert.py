@@ -375,8 +375,12 @@ def read_hf_dir(folder: Path) -> dict[str, Tensor]:
     raise TatrError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def load_any(path: str | Path, fmt: str = "auto", trust_pickle: bool = False) -> Converted:
-    """Read a fine-tuned image encoder in any supported format as open_clip `visual.*` tensors."""
+def load_any(path: str | Path, fmt: str = "auto", trust_pickle: bool = False, allow_pickle: bool = True) -> Converted:
+    """Read a fine-tuned image encoder in any supported format as open_clip `visual.*` tensors.
+
+    `allow_pickle=False` (the benchmark's loader) refuses whole-module pickles with a pointer to
+    `tatr convert`, so that reading a pickle is always an explicit, one-time step.
+    """
     path = Path(path).expanduser()
     if fmt not in FORMATS:
         raise TatrError(f"unknown checkpoint format '{fmt}' (known: {', '.join(FORMATS)})")
@@ -386,7 +390,7 @@ def load_any(path: str | Path, fmt: str = "auto", trust_pickle: bool = False) ->
         if fmt not in ("auto", "hf"):
             raise TatrError(f"{path}: a folder can only be a Hugging Face checkpoint (--from hf)")
         return hf_vision_to_open_clip(read_hf_dir(path), str(path))
-    if fmt == "task-vectors":
+    if fmt == "task-vectors" and allow_pickle:
         sd = load_pickled_module(path, trust_pickle)
     else:
         try:
@@ -394,6 +398,12 @@ def load_any(path: str | Path, fmt: str = "auto", trust_pickle: bool = False) ->
         except TatrError as exc:
             if "pickled Python object" not in str(exc) or fmt == "state-dict":
                 raise
+            if not allow_pickle:
+                raise TatrError(
+                    f"{path}: a pickled whole-module checkpoint (the task_vectors format); convert it once with "
+                    f"`tatr convert {path} <name>.safetensors --model <open_clip model>` and point the config at "
+                    "the .safetensors file"
+                ) from None
             sd = load_pickled_module(path, trust_pickle)
     converted = open_clip_visual(sd, str(path))
     if fmt == "hf" and converted.source_format != "hf-clip-vision":

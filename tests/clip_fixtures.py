@@ -47,7 +47,7 @@ def perturbed_visual(state: dict[str, Tensor], seed: int, scale: float = 0.01) -
         if key.startswith("visual.") and value.is_floating_point():
             out[key] = value + scale * torch.randn(value.shape, generator=gen, dtype=value.dtype)
         else:
-            out[key] = value.clone()
+            out[key] = value  # shared, not copied: callers treat these as read-only
     return out
 
 

@@ -264,13 +264,15 @@ def test_cli_convert_says_when_trust_is_needed(tmp_path: Path):
 
 
 def test_plain_state_dicts_in_every_open_clip_wrapping(tmp_path: Path):
-    clip = random_clip(seed=7)
-    visual = {f"visual.{k}": v for k, v in clip.visual.state_dict().items()}
+    tower = _tiny_open_clip_tower(seed=7)
+    visual = {f"visual.{k}": v for k, v in tower.state_dict().items()}
+    text = {"token_embedding.weight": torch.randn(10, 8), "transformer.resblocks.0.ln_1.weight": torch.ones(8)}
+    full = {**visual, **text, "logit_scale": torch.tensor(4.6)}
     variants = {
-        "full.safetensors": clip.state_dict(),
-        "bare.pt": clip.visual.state_dict(),
-        "ddp.pt": {f"module.{k}": v for k, v in clip.state_dict().items()},
-        "tv_weights.pt": {f"model.{k}": v for k, v in clip.state_dict().items()},
+        "full.safetensors": full,
+        "bare.pt": tower.state_dict(),
+        "ddp.pt": {f"module.{k}": v for k, v in full.items()},
+        "tv_weights.pt": {f"model.{k}": v for k, v in full.items()},
     }
     for name, sd in variants.items():
         path = tmp_path / name
@@ -281,6 +283,8 @@ def test_plain_state_dicts_in_every_open_clip_wrapping(tmp_path: Path):
         converted = load_any(path)
         assert converted.state_dict.keys() == visual.keys(), name
         assert all(torch.equal(converted.state_dict[k], v) for k, v in visual.items()), name
+        if name != "bare.pt":
+            assert len(converted.dropped) == 3, name  # text tower and logit scale left out, and said so
     with pytest.raises(TatrError, match="not a CLIP image encoder in a known layout"):
         open_clip_visual({"fc.weight": torch.zeros(2, 2)}, "mlp.pt")
 
