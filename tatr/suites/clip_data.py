@@ -221,13 +221,14 @@ def _sun397(root: Path, transform: Transform) -> TaskData:
 
 def _eurosat(root: Path, transform: Transform) -> TaskData:
     base = root / "EuroSAT_splits"
+    if (base / "train").is_dir():
+        unknown = [c for c in _listdir_classes(base / "train") if c not in EUROSAT_CLASSNAMES]
+        if unknown:
+            raise TatrError(
+                f"EuroSAT: unknown class folder '{unknown[0]}' in {base / 'train'} "
+                f"(expected the EuroSAT folders: {', '.join(EUROSAT_CLASSNAMES)})"
+            )
     classes, train, test, layout = _image_folders("EuroSAT", base, ("test",), "EuroSAT_splits/{train,test}/<class>/")
-    unknown = [c for c in classes if c not in EUROSAT_CLASSNAMES]
-    if unknown:
-        raise TatrError(
-            f"EuroSAT: unknown class folder '{unknown[0]}' in {base / 'train'} "
-            f"(expected the EuroSAT folders: {', '.join(EUROSAT_CLASSNAMES)})"
-        )
     names = [EUROSAT_CLASSNAMES[c] for c in classes]
     return _task_data("EuroSAT", layout, root, names, train, test, transform)
 
