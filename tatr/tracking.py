@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tatr.store import append_rows, store_dir
+from tatr.store import append_rows, git_commit, store_dir
 
 RECORD_ATTR = "tatr"  # the trial user attribute holding the record's payload
 GRADIENT_MODES = ("exemplar", "gradient-only")
@@ -225,13 +225,15 @@ class WandbLogger:
             "trial": rec.trial,
             "params": rec.params,
             "config_hash": rec.config_hash,
+            "git_commit": git_commit(),
         }
         tags = [
             f"benchmark:{rec.config.get('benchmark')}",
             f"method:{merge.get('method')}",
             f"mode:{merge.get('trust_region')}",
         ]
-        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+        # No system-metrics sampler and no pip freeze per run: both cost more than a toy trial.
+        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, x_save_requirements=False)
         run = wandb.init(
             project=self.project,
             group=rec.study,
