@@ -305,8 +305,9 @@ def test_a_study_name_cannot_be_reused_for_another_experiment(env: Path) -> None
         sweep(env, SWEEPS / "ta.yaml", trials=2, study="shared")
 
 
-def test_pruner_stops_hopeless_trials_after_a_task(env: Path) -> None:
-    space = write_space(env, params={"lam": [0.3, 9.0, 12.0]}, merge={"trust_region": "off"}, pruner="median")
+@pytest.mark.parametrize("pruner", ["median", "halving"])
+def test_pruner_stops_hopeless_trials_after_a_task(env: Path, pruner: str) -> None:
+    space = write_space(env, params={"lam": [0.3, 9.0, 12.0]}, merge={"trust_region": "off"}, pruner=pruner)
     result = sweep(env, space, trials=16)
     study = load(result)
     pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
@@ -364,3 +365,30 @@ def test_plan_cache_key_changes_with_the_checkpoints(env: Path) -> None:
     exp.write_text(json.dumps({"name": "other", "benchmark": NAME, "suite": {"seed": 5}}))
     sweep(env, trials=1, final=False, experiment=exp, study="two")
     assert len(list((env / "cache" / "sweep-plans").iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    ("space", "overrides", "expect"),
+    [
+        ("ta", [], {"method": "ta", "trust_region": "off"}),
+        ("ties", [], {"method": "ties", "trust_region": "off"}),
+        ("ties_tatr", [], {"method": "ties", "trust_region": "zero-shot", "ties_k": 20.0}),
+        (
+            "tatr",
+            ["merge.trust_region=exemplar", "merge.components=[orthogonal, positive]", "exemplars.n=8"],
+            {"method": "ta", "trust_region": "exemplar", "exemplars": 8},
+        ),
+    ],
+)
+def test_every_shipped_space_sweeps(env: Path, space: str, overrides: list[str], expect: dict) -> None:
+    result = sweep(env, SWEEPS / f"{space}.yaml", trials=2, overrides=overrides, pruner="none")
+    rows = read_store(env / "results")
+    assert result.complete == 2 and rows.run_id.nunique() == 3  # 2 trials + final
+    for column, value in expect.items():
+        assert set(rows[column]) == {value}, column
+    trials = rows[rows.job_type == "trial"]
+    searched = {p.name for p in load_search_space(SWEEPS / f"{space}.yaml").params}
+    for name in searched:  # each trial's rows carry its own searched values
+        assert trials.groupby("run_id")[name].first().nunique() == 2
+    if "components" in " ".join(overrides):
+        assert all(c == ["orthogonal", "positive"] for c in rows.components)
