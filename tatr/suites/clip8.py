@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -96,7 +97,12 @@ def parse_options(options: Mapping[str, Any]) -> Clip8Options:
 
 
 def _expand(path: str) -> Path:
-    return Path(os.path.expandvars(path)).expanduser()
+    """`~` and `$VAR`/`${VAR}` expanded; an unset variable is an error, not a literal folder name."""
+    expanded = os.path.expandvars(path)
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise TatrError(f"clip8: environment variable {unset.group(1)} in '{path}' is not set")
+    return Path(expanded).expanduser()
 
 
 class ImageEncoder(nn.Module):
