@@ -236,6 +236,14 @@ def test_reference_table_compares_averages(tmp_path: Path) -> None:
     assert ref.at["ViT-B/32 TA+TR", "Δ"] == pytest.approx(main_table.at["TA+TR", "Average"] - 72.8, abs=1e-5)
 
 
+def test_published_numbers_without_a_benchmark_are_the_papers(tmp_path: Path) -> None:
+    make_store(tmp_path, parts=("final",))
+    published = tmp_path / "published.csv"
+    published.write_text("model,method,task,accuracy,source\nViT-B/32,TATR,average,72.8,paper\n")
+    [done] = report.generate(tmp_path, published=published)
+    assert "reference" not in done.tables  # a synthetic (or testbed) store is not compared to CLIP numbers
+
+
 def test_malformed_published_csv_is_skipped(tmp_path: Path) -> None:
     make_store(tmp_path, parts=("final",))
     published = tmp_path / "published.csv"
