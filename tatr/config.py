@@ -60,23 +60,27 @@ class ExperimentConfig(_Frozen):
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read a YAML experiment and apply `key.sub=value` overrides (values parsed as YAML)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise TatrError(f"{path}: no such experiment file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise TatrError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise TatrError(f"{path}: an experiment file must be a mapping of keys to values")
+    raw: dict[str, Any] = {} if path is None else read_yaml_mapping(path, "experiment file")
     for item in overrides:
         apply_override(raw, item)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise TatrError(_one_line(exc, path)) from None
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; every problem is a one-line `TatrError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise TatrError(f"{path}: no such {what}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TatrError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise TatrError(f"{path}: a {what} must be a mapping of keys to values")
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
