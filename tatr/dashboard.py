@@ -35,8 +35,6 @@ def is_loopback(host: str) -> bool:
 
 def serve(storage: str | None, root: Path, host: str, port: int, echo: Callable[[str], None] = print) -> None:
     """Block serving the dashboard until interrupted."""
-    from optuna_dashboard import run_server
-
     url = storage_url(storage, root, 1) if storage else default_storage(root)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
         raise TatrError(f"storage {url}: no such file")
@@ -44,6 +42,8 @@ def serve(storage: str | None, root: Path, host: str, port: int, echo: Callable[
         raise TatrError(f"storage {url}: no such file")
     if not is_loopback(host):
         warnings.warn(f"serving the dashboard on {host}: anyone who can reach it can edit studies", stacklevel=2)
+    from optuna_dashboard import run_server
+
     backend = open_storage(url, heartbeat=False)
     echo(f"optuna-dashboard for {redact(url)} on http://{host}:{port}/ (Ctrl-C stops it)")
     try:

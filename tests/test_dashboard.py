@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tatr.dashboard import default_storage, is_loopback
 from tatr.sweep import run_sweep
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 from tests.test_postgres import free_port
@@ -23,19 +24,14 @@ def get(url: str) -> tuple[int, str]:
         return response.status, response.read().decode()
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["sqlite", "journal"])
-def test_dashboard_serves_the_study_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+def test_dashboard_serves_the_study_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TATR_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "results"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if workers == 1:
-            run_sweep(write_experiment(tmp_path), REPO / "sweeps" / "tatr.yaml", trials=2, results=root,
-                      wandb=False, progress=False, final=False, echo=lambda s: None)  # fmt: skip
-        else:  # the journal file that --workers K uses, created here without spawning workers
-            run_sweep(write_experiment(tmp_path), REPO / "sweeps" / "tatr.yaml", results=root, workers=2,
-                      create_only=True, progress=False, echo=lambda s: None)  # fmt: skip
+        run_sweep(write_experiment(tmp_path), REPO / "sweeps" / "tatr.yaml", trials=2, results=root,
+                  wandb=False, progress=False, final=False, echo=lambda s: None)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     port = free_port()
@@ -68,8 +64,19 @@ def test_dashboard_serves_the_study_on_loopback(tmp_path: Path, monkeypatch: pyt
     assert f"http://127.0.0.1:{port}/" in out  # loopback by default, and it says where
 
 
-def test_dashboard_without_a_storage_is_a_one_line_error(tmp_path: Path) -> None:
-    out = subprocess.run(tatr_cmd("dashboard", "--root", tmp_path / "nothing"), cwd=REPO, env=cli_env(tmp_path),
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 2
-    assert out.stderr.startswith("tatr: error: no sweep storage under") and out.stderr.count("\n") == 1
+def test_dashboard_finds_the_sweep_storage_or_says_there_is_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tatr.cli import main
+
+    assert main(["dashboard", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tatr: error: no sweep storage under") and err.count("\n") == 1
+    assert main(["dashboard", "--storage", str(tmp_path / "missing.db")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "optuna.journal").touch()  # what `tatr sweep --workers K` leaves
+    assert default_storage(tmp_path) == f"journal:{(tmp_path / 'optuna.journal').resolve()}"
+    (tmp_path / "optuna.db").touch()  # the single-process default wins when both exist
+    assert default_storage(tmp_path) == f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
