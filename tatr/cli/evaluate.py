@@ -1,0 +1,150 @@
+"""`tatr evaluate`: merge one configuration on a benchmark suite and print a per-task table.
+
+    tatr evaluate experiments/testbed.yaml merge.trust_region=exemplar merge.q=0.95 split=test
+
+The configuration (method, trust-region mode, q, λ, split, suite options) comes from the YAML
+file plus dotted overrides; `--model pretrained|individual` evaluates θ_0 or each θ_t on its own
+task instead of a merge (the two reference rows of every table).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from tatr.config import ExperimentConfig, config_dict, config_hash, load_config
+from tatr.errors import TatrError
+from tatr.evaluate import Evaluation, evaluate_merged, normalized_accuracy
+from tatr.merging import merge
+from tatr.methods import get_method
+from tatr.registry import unknown_name
+from tatr.suites import Suite, get_suite
+from tatr.trust_region import NEEDS_GRADIENTS
+
+
+def merge_config(suite: Suite, config: ExperimentConfig, progress: bool = False) -> dict:
+    """The merged state dict of `config.merge` on `suite`'s checkpoints (gradients fetched if needed)."""
+    m = config.merge
+    ckpts = suite.checkpoints()
+    finetuned = [ckpts.finetuned[t] for t in suite.tasks]
+    components = list(m.components) if m.components is not None else None  # None: no selection
+    gradients = signed = None
+    if m.trust_region in NEEDS_GRADIENTS or components is not None:
+        grads = suite.exemplar_gradients(config.exemplars.n, config.exemplars.seed)
+        gradients = [grads.abs_mean[t] for t in suite.tasks]
+        signed = [grads.signed_mean[t] for t in suite.tasks]
+    return merge(
+        ckpts.pretrained,
+        finetuned,
+        method=m.method,
+        trust_region=m.trust_region,
+        q=m.q,
+        lam=m.lam,
+        ties_k=m.ties_k,
+        components=components,
+        gradients=gradients,
+        signed_gradients=signed,
+        progress=progress,
+    )
+
+
+def evaluate_config(suite: Suite, config: ExperimentConfig, model: str = "merged") -> tuple[Evaluation, dict]:
+    """Evaluate the merged model (or θ_0 / the θ_t) of `config`; returns the result and timings."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if model == "merged":
+        state = merge_config(suite, config)
+        timings["merge_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result = evaluate_merged(suite, state, config.split)
+    elif model == "pretrained":
+        result = evaluate_merged(suite, None, config.split)
+    else:
+        individual = suite.individual_accuracy(config.split)
+        acc = {t: individual[t] for t in suite.tasks}
+        result = Evaluation(config.split, acc, acc, normalized_accuracy(acc, individual))
+    timings["evaluate_s"] = time.perf_counter() - start
+    return result, timings
+
+
+def describe(config: ExperimentConfig, model: str) -> str:
+    if model != "merged":
+        return f"{config.benchmark} · {model} · split={config.split}"
+    m = config.merge
+    lam = m.lam if m.lam is not None else get_method(m.method).default_lam
+    parts = [config.benchmark, m.method, f"trust region {m.trust_region}"]
+    if m.trust_region != "off":
+        parts.append(f"q={m.q:g}")
+    parts.append(f"λ={lam:g}")
+    if m.method == "ties":
+        parts.append(f"k={m.ties_k:g}%")
+    if m.trust_region in NEEDS_GRADIENTS:
+        parts.append(f"exemplars n={config.exemplars.n} seed={config.exemplars.seed}")
+    if m.components is not None:
+        parts.append(f"components={','.join(m.components)}")
+    parts.append(f"split={config.split}")
+    return " · ".join(parts)
+
+
+def check_benchmark(name: str) -> None:
+    """Did-you-mean for an unknown benchmark before anything is imported or built (suites register
+    lazily, so the registry alone does not know the names of suites not yet imported)."""
+    from tatr.suites import _MODULES, SUITES
+
+    known = set(_MODULES) | set(SUITES.names())
+    if name not in known:
+        raise TatrError(unknown_name("benchmark", name, known))
+
+
+@click.command("evaluate")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option(
+    "--model",
+    type=click.Choice(["merged", "pretrained", "individual"]),
+    default="merged",
+    show_default=True,
+    help="Evaluate the merge, θ_0, or each fine-tuned θ_t on its own task.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Cache root for suite builds and gradients (default: $TATR_CACHE or ~/.cache/tatr).",
+)
+def command(config_path: Path, overrides: tuple[str, ...], model: str, as_json: bool, cache_dir: Path | None) -> None:
+    """Evaluate one configuration of CONFIG (a YAML experiment) with dotted KEY=VALUE overrides.
+
+    \b
+    Examples:
+      tatr evaluate experiments/testbed.yaml
+      tatr evaluate experiments/testbed.yaml merge.trust_region=exemplar merge.q=0.95 merge.lam=0.4
+      tatr evaluate experiments/testbed.yaml merge.method=ties split=test
+      tatr evaluate experiments/testbed.yaml --model pretrained
+    """
+    config = load_config(config_path, overrides)
+    if model == "merged":
+        get_method(config.merge.method)  # an unknown method fails before any build
+    check_benchmark(config.benchmark)
+    suite = get_suite(config.benchmark, config.suite, cache_dir)
+    result, timings = evaluate_config(suite, config, model)
+    if as_json:
+        payload = {
+            "config": config_dict(config),
+            "config_hash": config_hash(config),
+            "model": model,
+            "split": result.split,
+            "accuracy": result.accuracy,
+            "normalized_accuracy": result.normalized,
+            "mean_accuracy": result.mean_accuracy,
+            "mean_normalized_accuracy": result.mean_normalized,
+            "timings": timings,
+        }
+        click.echo(json.dumps(payload, indent=1))
+        return
+    click.echo(result.table(describe(config, model)))
+    click.echo("  " + "  ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in timings.items()))

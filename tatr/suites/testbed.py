@@ -1,0 +1,221 @@
+"""The embedded testbed: an 8-task merging benchmark that builds itself on a CPU in minutes.
+
+`Testbed` implements the `Suite` protocol of `tatr.suites.base` over a build from
+`tatr.suites.testbed_build` (data, θ_0, frozen icon heads, θ_t), cached in a content-addressed
+folder `<cache>/testbed/<hash of the spec and build version>`: built on first use, verified on
+every open (a manifest of file digests), rebuilt when missing or corrupted.
+
+Suite options (the `suite:` section of an experiment, or `tatr evaluate ... suite.width=96`) are
+the fields of `TestbedSpec`, plus `preset: tiny` for the reduced build the tests use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+
+from tatr import evaluate as ev
+from tatr.cache import cached_dir, content_hash, default_cache_root
+from tatr.checkpoints import load_state_dict
+from tatr.errors import TatrError
+from tatr.suites import testbed_build as tb
+from tatr.suites.base import SPLITS, SUITES, Checkpoints, ExemplarGradients
+
+# Bump whenever the build code changes its output, so stale cache folders are not reused.
+BUILD_VERSION = 1
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The reduced build of the test suite: same code path, seconds instead of minutes.
+    "tiny": {
+        "tasks": ("digits", "shapes", "counts", "flags"),
+        "n_train": 128,
+        "n_val": 64,
+        "n_test": 64,
+        "width": 32,
+        "layers": 1,
+        "heads": 2,
+        "embed_dim": 16,
+        "pretrain_steps": 30,
+        "pretrain_batch": 32,
+        "finetune_steps": 8,
+        "finetune_batch": 32,
+    },
+}
+
+
+def spec_from_options(options: Mapping[str, Any]) -> tb.TestbedSpec:
+    """`TestbedSpec` from suite options; unknown keys and tasks get a one-line, did-you-mean error."""
+    options = dict(options)
+    preset = options.pop("preset", "default")
+    if preset not in PRESETS:
+        raise TatrError(f"unknown testbed preset '{preset}' (known: {', '.join(PRESETS)})")
+    known = {f.name for f in fields(tb.TestbedSpec)}
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean 'suite.{close[0]}'?" if close else ""
+            raise TatrError(f"unknown testbed option 'suite.{key}'{hint}")
+    merged = {**PRESETS[preset], **options}
+    if "tasks" in merged:
+        tasks = merged["tasks"]
+        tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        bad = [t for t in tasks if t not in tb.data.TASKS]
+        if bad or not tasks or len(set(tasks)) != len(tasks):
+            raise TatrError(f"suite.tasks must be distinct names among {', '.join(tb.data.TASKS)}; got {list(tasks)}")
+        merged["tasks"] = tasks
+    try:
+        spec = replace(tb.TestbedSpec(), **merged)
+    except TypeError as exc:
+        raise TatrError(f"bad testbed options: {exc}") from None
+    if spec.head not in ("icons", "pretrain"):
+        raise TatrError(f"suite.head must be 'icons' or 'pretrain', got '{spec.head}'")
+    return spec
+
+
+def spec_key(spec: tb.TestbedSpec) -> str:
+    return content_hash("testbed", BUILD_VERSION, spec.to_json())
+
+
+class Testbed:
+    """The testbed as a `Suite`; everything is loaded lazily from the verified cache folder."""
+
+    name = "testbed"
+
+    def __init__(self, spec: tb.TestbedSpec, cache_root: Path | None = None, progress: bool = True) -> None:
+        self.spec = spec
+        self.tasks: tuple[str, ...] = tuple(spec.tasks)
+        self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+        self.progress = progress
+        self._folder: Path | None = None
+        self._heads: dict[str, Tensor] | None = None
+        self._data: dict[str, dict[str, Tensor]] = {}
+        self._meta: dict[str, Any] | None = None
+
+    # --- the build ------------------------------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        """The verified build folder, built (minutes at full size) if missing or corrupted."""
+        if self._folder is None:
+            self._folder = cached_dir(
+                self.cache_root / "testbed", spec_key(self.spec), lambda tmp: tb.build(self.spec, tmp, self.progress)
+            )
+        return self._folder
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = json.loads((self.folder / "meta.json").read_text())
+        return self._meta
+
+    def build_log(self) -> dict[str, float]:
+        """Timings of the build that produced the cached folder (seconds)."""
+        return json.loads((self.folder / "build_log.json").read_text())
+
+    # --- Suite protocol --------------------------------------------------------------------------
+    def checkpoints(self) -> Checkpoints:
+        folder = self.folder
+        return Checkpoints(
+            folder / "pretrained.safetensors", {t: folder / "finetuned" / f"{t}.safetensors" for t in self.tasks}
+        )
+
+    def encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
+        model = tb.make_encoder(self.spec)
+        sd = dict(state_dict) if state_dict is not None else load_state_dict(self.checkpoints().pretrained)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as exc:
+            detail = str(exc).splitlines()[1].strip()
+            raise TatrError(f"state dict does not fit the testbed encoder: {detail}") from None
+        return model.eval()
+
+    def head(self, task: str) -> Tensor:
+        if self._heads is None:
+            self._heads = load_file(str(self.folder / "heads.safetensors"))
+        self._check_task(task)
+        return self._heads[task]
+
+    def logit_scale(self) -> float:
+        return float(self.spec.logit_scale)
+
+    def classes(self, task: str) -> tuple[str, ...]:
+        return tuple(self.meta["classes"][self._check_task(task)])
+
+    def loader(self, task: str, split: str, batch_size: int = 256) -> DataLoader:
+        ev.check_split(split)
+        x, y = self._split(task, split)
+        return _tensor_loader(tb.preprocess(x), y, batch_size)
+
+    def exemplar_loader(self, task: str, n: int, seed: int) -> DataLoader:
+        """`n` training images of `task` drawn without replacement by a seeded permutation."""
+        x, y = self._split(task, "train")
+        if not 1 <= n <= len(y):
+            raise TatrError(f"exemplars.n must be between 1 and {len(y)} for testbed task '{task}', got {n}")
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+        return _tensor_loader(tb.preprocess(x[idx]), y[idx], 64)
+
+    def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
+        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, progress=self.progress)
+
+    def evaluate(
+        self,
+        state_dict: Mapping[str, Tensor],
+        split: str,
+        tasks: tuple[str, ...] | None = None,
+        on_task: Callable[[str, float], None] | None = None,
+    ) -> dict[str, float]:
+        return ev.accuracy(self, state_dict, split, tasks, on_task)
+
+    def individual_accuracy(self, split: str) -> dict[str, float]:
+        return self._recorded("individual", split)
+
+    def pretrained_accuracy(self, split: str) -> dict[str, float]:
+        return self._recorded("pretrained", split)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _recorded(self, which: str, split: str) -> dict[str, float]:
+        """Accuracies measured at build time (validation/test); other splits are measured now."""
+        ev.check_split(split)
+        recorded = self.meta["accuracy"][which].get(split)
+        if recorded is not None:
+            return {t: recorded[t] for t in self.tasks}
+        ckpts = self.checkpoints()
+        if which == "pretrained":
+            return ev.accuracy(self, None, split)
+        return {t: ev.accuracy(self, load_state_dict(ckpts.finetuned[t]), split, (t,))[t] for t in self.tasks}
+
+    def _check_task(self, task: str) -> str:
+        if task not in self.tasks:
+            raise TatrError(f"unknown testbed task '{task}' (known: {', '.join(self.tasks)})")
+        return task
+
+    def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
+        self._check_task(task)
+        if split not in SPLITS:
+            raise TatrError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
+        if task not in self._data:
+            self._data[task] = tb.load_split(self.folder, task)
+        return self._data[task][f"x_{split}"], self._data[task][f"y_{split}"]
+
+
+def _tensor_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:
+    """A deterministic DataLoader that slices whole batches (no per-sample collation)."""
+    sampler = BatchSampler(SequentialSampler(range(len(y))), batch_size=batch_size, drop_last=False)
+    return DataLoader(TensorDataset(x, y), sampler=sampler, batch_size=None)
+
+
+@SUITES.register("testbed")
+def make_testbed(options: dict[str, Any], cache_dir: Path | None) -> Testbed:
+    """Suite factory: `options` are `TestbedSpec` fields (plus `preset`), `cache_dir` the cache root."""
+    options = dict(options)
+    progress = bool(options.pop("progress", True))
+    return Testbed(spec_from_options(options), cache_dir, progress=progress)
