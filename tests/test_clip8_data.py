@@ -159,6 +159,14 @@ def test_unknown_eurosat_folder_and_empty_class(tmp_path: Path):
         load_task("DTD", tmp_path)
 
 
+def test_resisc45_missing_class_folder(tmp_path: Path):
+    write_resisc45(tmp_path)
+    shutil.rmtree(tmp_path / "resisc45" / "NWPU-RESISC45" / "sea_ice")
+    expected = r"resisc45-train\.txt lists 4 images not found .*class folder 'sea_ice' missing"
+    with pytest.raises(TatrError, match=expected):
+        load_task("RESISC45", tmp_path)
+
+
 def test_gtsrb_missing_class_folder(tmp_path: Path):
     write_gtsrb(tmp_path, labels=(0, 14))
     shutil.rmtree(tmp_path / "gtsrb" / "GTSRB" / "Training" / "00014")
