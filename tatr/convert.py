@@ -198,7 +198,7 @@ def module_state_dict(obj: Any, path: Path, prefix: str = "") -> dict[str, Tenso
                 f"{path}: '{prefix}{name}' is stored as {value!r}, which cannot be rebuilt without running "
                 "code from the file; if you trust it, rerun with --trust-pickle (see README, 'Checkpoint formats')"
             )
-        out[prefix + name] = value.detach().clone() if isinstance(value, torch.nn.Parameter) else value
+        out[prefix + name] = value.detach()  # a plain tensor sharing the storage: no copy of the model
     for name, child in (state.get("_modules") or {}).items():
         if child is None:
             continue

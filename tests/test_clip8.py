@@ -183,6 +183,20 @@ def test_exemplar_gradients_match_the_per_sample_loop(suite: Clip8, grads, bench
     assert suite.exemplar_gradients(2, seed=0) == grads
 
 
+def test_bf16_gradient_precision_has_its_own_encoder_and_cache_key(suite: Clip8):
+    from tatr.suites.clip8 import _GradientView
+
+    bf16, fp32 = _GradientView(suite, "bf16"), _GradientView(suite, "fp32")
+    assert bf16.name != fp32.name  # the generic gradient cache keys on the name: no sharing
+    encoder = bf16.encoder(None)
+    assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
+    x, _ = next(iter(suite.loader("EuroSAT", "test")))
+    with torch.no_grad():
+        low, full = encoder(x), fp32.encoder(None)(x)
+    assert low.dtype == torch.float32 and low.device == x.device  # fp32 features back on the input's device
+    assert torch.nn.functional.cosine_similarity(low, full).min() > 0.99
+
+
 def test_merge_changes_the_model_exactly_where_the_mask_allows(suite: Clip8, grads):
     ckpt = suite.checkpoints()
     finetuned = [ckpt.finetuned[t] for t in TASKS]
