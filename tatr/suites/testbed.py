@@ -31,7 +31,7 @@ from tatr.suites import testbed_build as tb
 from tatr.suites.base import SPLITS, SUITES, Checkpoints, ExemplarGradients
 
 # Bump whenever the build code changes its output, so stale cache folders are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
