@@ -232,8 +232,7 @@ class WandbLogger:
             f"method:{merge.get('method')}",
             f"mode:{merge.get('trust_region')}",
         ]
-        # No system-metrics sampler and no pip freeze per run: both cost more than a toy trial.
-        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, x_save_requirements=False)
+        settings = _settings(wandb)
         run = wandb.init(
             project=self.project,
             group=rec.study,
@@ -254,6 +253,17 @@ class WandbLogger:
                 run.summary[key] = value
         finally:
             run.finish(exit_code=0)
+
+
+def _settings(wandb: Any) -> Any:
+    """Quiet runs without the system-metrics sampler or a pip freeze: each costs more than a toy trial.
+
+    The two `x_` switches are newer than some supported W&B versions; without them W&B still works.
+    """
+    try:
+        return wandb.Settings(silent=True, console="off", x_disable_stats=True, x_save_requirements=False)
+    except Exception:  # an older W&B that does not know a switch
+        return wandb.Settings(silent=True, console="off")
 
 
 def summary(rec: RunRecord) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from tatr.store import COLUMNS, read_store
 from tatr.suites import get_suite
 from tatr.sweep import (
     load_search_space,
-    reachable,
     run_sweep,
+    secured,
     storage_url,
 )
 from tests.sweep_fixtures import NAME, REPO, write_experiment, write_space
@@ -195,7 +195,7 @@ def _merge_cost(tmp_path: Path) -> None:
     assert min(ratios) <= 1.5, f"trial merge / TA merge = {ratios}"
 
 
-def test_reachable_bound_never_increases_and_ends_at_the_mean() -> None:
+def test_secured_value_never_decreases_and_ends_at_the_mean() -> None:
     tasks = ("a", "b", "c")
     individual = {"a": 90.0, "b": 80.0, "c": 50.0}
     acc: dict[str, float] = {}
@@ -204,8 +204,8 @@ def test_reachable_bound_never_increases_and_ends_at_the_mean() -> None:
         values = []
         for t, a in zip(tasks, (70.0, 20.0, 45.0), strict=True):
             acc[t] = a
-            values.append(reachable(acc, individual, tasks, metric))
-        assert values == sorted(values, reverse=True)
+            values.append(secured(acc, individual, tasks, metric))
+        assert values == sorted(values)  # so a pruner's 'best so far' is the latest value
         final = (70 + 20 + 45) / 3 if metric == "accuracy" else (7000 / 90 + 2000 / 80 + 4500 / 50) / 3
         assert values[-1] == pytest.approx(final)
 
@@ -307,13 +307,15 @@ def test_a_study_name_cannot_be_reused_for_another_experiment(env: Path) -> None
 
 @pytest.mark.parametrize("pruner", ["median", "halving"])
 def test_pruner_stops_hopeless_trials_after_a_task(env: Path, pruner: str) -> None:
-    space = write_space(env, params={"lam": [0.3, 9.0, 12.0]}, merge={"trust_region": "off"}, pruner=pruner)
-    result = sweep(env, space, trials=16)
+    space = write_space(  # mostly sensible λ, and a hopeless one the pruner should stop early
+        env, params={"lam": [0.3, 0.35, 0.4, 12.0]}, merge={"trust_region": "off"}, pruner=pruner, sampler="random"
+    )
+    result = sweep(env, space, trials=16, experiment=write_experiment(env, tasks=4))
     study = load(result)
     pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
     assert pruned, "no trial was pruned"
-    assert all(len(t.intermediate_values) < 3 for t in pruned)
-    assert all(t.params["lam"] > 1 for t in pruned)
+    assert all(2 <= len(t.intermediate_values) < 4 for t in pruned)  # judged only after half the tasks
+    assert 12.0 in {t.params["lam"] for t in pruned}  # the hopeless λ was stopped
     rows = read_store(env / "results")
     for t in pruned:  # their evaluated tasks are in the store, nothing more
         assert len(rows[(rows.trial == t.number) & (rows.job_type == "trial")]) == len(t.intermediate_values)
