@@ -689,9 +689,7 @@ def mean_metric(accuracy: Mapping[str, float], individual: Mapping[str, float], 
     return sum(task_metric(a, individual[t], metric) for t, a in accuracy.items()) / len(accuracy)
 
 
-def secured(
-    accuracy: Mapping[str, float], individual: Mapping[str, float], tasks: Sequence[str], metric: str
-) -> float:
+def secured(accuracy: Mapping[str, float], individual: Mapping[str, float], tasks: Sequence[str], metric: str) -> float:
     """The part of the final mean a trial has secured: measured tasks summed, divided by all tasks.
 
     Why not the running mean: Optuna's pruners compare a trial's *best* intermediate value (the
