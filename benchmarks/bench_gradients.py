@@ -43,13 +43,15 @@ def models() -> dict[str, tuple[VisionTransformer, int, int]]:
     }
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
+    """Median wall time, median process CPU time (fairer on a shared machine), last result."""
+    walls, cpus, out = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus), out
 
 
 def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -65,15 +67,15 @@ def bench_one(name: str, model: VisionTransformer, size: int, dim: int, args: ar
     batches = [(x, y)]
     gradient_stats(model, head, 100.0, [(x[:2], y[:2])], chunk=2)  # warm-up (functorch tracing)
     gradient_stats_loop(model, head, 100.0, [(x[:1], y[:1])])
-    t_vmap, (abs_v, signed_v) = timed(
+    t_vmap, c_vmap, (abs_v, signed_v) = timed(
         lambda: gradient_stats(model, head, 100.0, batches, chunk=args.chunk), args.repeats
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "performance drop ... batching rule"
-        t_fallback, _ = timed(
+        t_fallback, c_fallback, _ = timed(
             lambda: gradient_stats(model, head, 100.0, batches, chunk=args.chunk, math_attention=False), 1
         )
-    t_loop, (abs_l, signed_l) = timed(lambda: gradient_stats_loop(model, head, 100.0, batches), args.repeats)
+    t_loop, c_loop, (abs_l, signed_l) = timed(lambda: gradient_stats_loop(model, head, 100.0, batches), args.repeats)
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -81,6 +83,10 @@ def bench_one(name: str, model: VisionTransformer, size: int, dim: int, args: ar
         "fused_attention_fallback_s": t_fallback,
         "loop_s": t_loop,
         "loop_over_vmap": t_loop / t_vmap,
+        "vmap_cpu_s": c_vmap,
+        "fused_attention_fallback_cpu_s": c_fallback,
+        "loop_cpu_s": c_loop,
+        "loop_over_vmap_cpu": c_loop / c_vmap,
         "max_rel_err": max(max_rel(abs_v, abs_l), max_rel(signed_v, signed_l)),
     }
 
@@ -109,7 +115,9 @@ def main() -> None:
         print(
             f"{name:>9}: {row['parameters']:>11,} params  vmap {row['vmap_s']:7.3f}s  "
             f"(fused-attention fallback {row['fused_attention_fallback_s']:7.3f}s)  loop {row['loop_s']:7.3f}s  "
-            f"loop/vmap {row['loop_over_vmap']:.2f}x  max rel err {row['max_rel_err']:.1e}"
+            f"loop/vmap {row['loop_over_vmap']:.2f}x\n{'':>11}CPU time: vmap {row['vmap_cpu_s']:7.3f}s  "
+            f"(fallback {row['fused_attention_fallback_cpu_s']:7.3f}s)  loop {row['loop_cpu_s']:7.3f}s  "
+            f"loop/vmap {row['loop_over_vmap_cpu']:.2f}x  max rel err {row['max_rel_err']:.1e}"
         )
     if args.json:
         args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
