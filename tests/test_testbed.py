@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -197,3 +198,22 @@ def test_evaluation_of_a_merged_model(tiny_testbed) -> None:
     # and it is a different model from θ_0: some task's accuracy moved, or the weights did
     pre = load_state_dict(ckpts.pretrained)
     assert any(not torch.equal(merged[k], pre[k]) for k in pre)
+
+
+def test_baselines_command_writes_the_table(tiny_testbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tatr.suites import testbed_baselines as baselines
+
+    monkeypatch.setattr(baselines, "LAMBDAS", (0.3, 1.0))
+    monkeypatch.setattr(baselines, "QS", (0.9, 0.99))
+    monkeypatch.setattr(baselines, "EXEMPLARS", 4)
+    out = tmp_path / "out"
+    baselines.main(["--seeds", "0", "--preset", "tiny", "--out", str(out), "--cache-dir", str(tiny_testbed.cache_root)])
+    table = (out / "baselines.md").read_text()
+    for row in baselines.ROWS:
+        assert f"| {row.name} |" in table
+    rows = list(csv.DictReader((out / "baselines.csv").read_text().splitlines()))
+    assert len(rows) == len(baselines.ROWS) * (len(tiny_testbed.tasks) + 1)
+    ta = [r for r in rows if r["row"] == "TA" and r["task"] != "average"]
+    assert {r["lam"] for r in ta} <= {"0.3", "1.0"} and all(r["q"] == "" for r in ta)
+    pre = {r["task"]: float(r["test_accuracy"]) for r in rows if r["row"] == "pretrained" and r["task"] != "average"}
+    assert pre == pytest.approx(tiny_testbed.pretrained_accuracy("test"), abs=1e-3)
