@@ -43,10 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tatr.cache import cached_dir, content_hash, default_cache_root
-from tatr.config import ExperimentConfig, MergeConfig, config_dict, config_hash, load_config
+from tatr.config import ExperimentConfig, MergeConfig, config_dict, config_hash, load_config, read_yaml_mapping
 from tatr.errors import TatrError
 
 PARAMS = ("lam", "q", "method", "trust_region", "ties_k")
@@ -155,14 +153,7 @@ class SearchSpace:
 def load_search_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space file; every mistake is a one-line `TatrError`."""
     path = Path(path)
-    if not path.is_file():
-        raise TatrError(f"{path}: no such search-space file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TatrError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise TatrError(f"{path}: a search space must be a mapping")
+    raw = read_yaml_mapping(path, "search-space file")
     for key in raw:
         if key not in SPACE_KEYS:
             raise TatrError(f"{path}: unknown key '{key}'{_did_you_mean(key, SPACE_KEYS)}")
