@@ -22,7 +22,7 @@ from torch import Tensor, nn
 MODEL = "ViT-B-32"
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _random_clip(model: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return open_clip.create_model(model, pretrained=None, force_quick_gelu=True).eval()
@@ -35,8 +35,11 @@ def random_clip(model: str = MODEL, seed: int = 0) -> nn.Module:
     return copy.deepcopy(_random_clip(model, seed))
 
 
-def random_clip_state(model: str = MODEL, seed: int = 0) -> dict[str, Tensor]:
-    return {k: v.clone() for k, v in _random_clip(model, seed).state_dict().items()}
+def random_clip_state(model: str = MODEL, seed: int = 0, copy: bool = True) -> dict[str, Tensor]:
+    """The state of `random_clip(model, seed)`: fresh tensors, or with `copy=False` read-only views
+    of the cached model's (no second copy of 600 MB)."""
+    state = _random_clip(model, seed).state_dict()
+    return {k: v.detach().clone() if copy else v.detach() for k, v in state.items()}
 
 
 def perturbed_visual(state: dict[str, Tensor], seed: int, scale: float = 0.01) -> dict[str, Tensor]:
@@ -214,10 +217,8 @@ def save_task_vectors_pickle(path: Path, clip: nn.Module, module_name: str = "tv
 
     Like the release: the module holds the open_clip model without its text transformer and the
     preprocessing transforms, and names a class (`<module_name>.ImageEncoder`) that is not
-    importable when the file is read back.
+    importable when the file is read back. `clip` loses its text transformer (as in task_vectors).
     """
-    import copy
-
     module = throwaway_module(module_name)
 
     class ImageEncoder(nn.Module):
@@ -237,6 +238,6 @@ def save_task_vectors_pickle(path: Path, clip: nn.Module, module_name: str = "tv
     ImageEncoder.__qualname__ = "ImageEncoder"
     module.ImageEncoder = ImageEncoder
     try:
-        torch.save(ImageEncoder(copy.deepcopy(clip)).cpu(), path)
+        torch.save(ImageEncoder(clip).cpu(), path)
     finally:
         forget_module(module_name)

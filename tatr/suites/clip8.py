@@ -275,6 +275,8 @@ class Clip8:
 
             folder = cached_dir(self.cache_root / "clip8" / "heads", key, build)
             self._heads[task] = load_state_dict(folder / "head.safetensors")["head"]
+            if len(self._heads) == len(self.tasks):
+                self.release_text_tower()  # every head is cached: the text tower is not needed again
         return self._heads[task]
 
     def logit_scale(self) -> float:
