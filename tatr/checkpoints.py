@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tatr.cache import atomic_write
-from tatr.errors import TatrError, input_error
+from tatr.errors import PickledObjectError, TatrError, input_error
 
 Source = Path | Mapping[str, Tensor]
 SAFETENSORS = (".safetensors",)
@@ -112,9 +112,9 @@ def _load_torch(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
-        raise TatrError(
+        raise PickledObjectError(
             f"{path}: this is a pickled Python object, not a plain state dict ({str(exc).splitlines()[0][:80]}); "
-            "convert it once with `tatr convert --trust-pickle` (see README, 'Checkpoint formats')"
+            "convert it once with `tatr convert` (see README, 'Checkpoint formats')"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise TatrError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0][:120]})") from None

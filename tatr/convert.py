@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from tatr.checkpoints import load_state_dict, save_state_dict
-from tatr.errors import TatrError
+from tatr.errors import PickledObjectError, TatrError
 
 VISUAL = "visual."
 FORMATS = ("auto", "state-dict", "task-vectors", "hf")
@@ -395,8 +395,8 @@ def load_any(path: str | Path, fmt: str = "auto", trust_pickle: bool = False, al
     else:
         try:
             sd = load_state_dict(path)
-        except TatrError as exc:
-            if "pickled Python object" not in str(exc) or fmt == "state-dict":
+        except PickledObjectError:
+            if fmt == "state-dict":
                 raise
             if not allow_pickle:
                 raise TatrError(

@@ -15,3 +15,7 @@ def input_error(source: object, key: str | None, problem: str) -> TatrError:
     """Build the error for a bad checkpoint/gradient file so every message has the same shape."""
     where = f"{source}" if key is None else f"{source}: key '{key}'"
     return TatrError(f"{where}: {problem}")
+
+
+class PickledObjectError(TatrError):
+    """A torch file that pickles Python objects (e.g. whole modules) rather than a plain state dict."""

@@ -134,7 +134,7 @@ def _bad(files: dict, tmp: Path) -> dict[str, tuple[list, str]]:
             ],
             "signed mean gradients",
         ),
-        "pickled module": (["-p", tmp / "module.pt", "-f", *ft, "-o", out], "tatr convert --trust-pickle"),
+        "pickled module": (["-p", tmp / "module.pt", "-f", *ft, "-o", out], "convert it once with `tatr convert`"),
         "out suffix": (["-p", pre, "-f", *ft, "-o", tmp / "out.bin"], "must end in .safetensors"),
     }
 
