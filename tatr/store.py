@@ -28,6 +28,7 @@ COLUMNS = (
     "job_type",  # trial | final | ablation | baseline
     "experiment",
     "benchmark",
+    "model",  # the suite's model (e.g. ViT-B-32 on clip8), so reference numbers are matched per model
     "method",
     "trust_region",
     "q",
