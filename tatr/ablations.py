@@ -150,8 +150,8 @@ class PointResult:
     normalized: dict[str, float]
     trials: int
     seconds: float
-    skipped: bool = False
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    grid: list[dict[str, Any]] = field(default_factory=list)  # each trial: q, λ, accuracies, timings
+    timing: dict[str, float] = field(default_factory=dict)  # of the final evaluation
 
     @property
     def test_mean(self) -> float:
@@ -375,7 +375,8 @@ def tune_point(suite: Any, point: Point, spec: AblationSpec) -> PointResult:
         len(trials),
         time.perf_counter() - start,
     )
-    result.rows = [*trials, {"merge_seconds": merge_seconds, "eval_seconds": time.perf_counter() - t0}]
+    result.grid = trials
+    result.timing = {"merge_seconds": merge_seconds, "eval_seconds": time.perf_counter() - t0}
     return result
 
 
@@ -400,7 +401,7 @@ def point_rows(
         "git_commit": git_commit(),
     }
     rows = []
-    for i, trial in enumerate(result.rows[:-1]):
+    for i, trial in enumerate(result.grid):
         q = None if m.trust_region == "off" else trial["q"]
         for task, acc in trial["accuracy"].items():
             rows.append(
@@ -418,7 +419,7 @@ def point_rows(
                     "eval_seconds": trial["eval_seconds"],
                 }
             )
-    timing = result.rows[-1]
+    timing = result.timing
     for task, acc in result.test.items():
         rows.append(
             {
