@@ -209,6 +209,12 @@ def _one_line(exc: ValidationError, path: Path, prefix: str = "") -> str:
     return f"{path}: {where}: {err['msg'].removeprefix('Value error, ')}{more}"
 
 
+def suite_model(config: ExperimentConfig) -> str | None:
+    """The model a suite's options name (clip8: `suite.model`), for the store's `model` column."""
+    model = config.suite.get("model")
+    return None if model is None else str(model)
+
+
 # --- what to run -----------------------------------------------------------------------------------
 def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
     """Every tuned evaluation the ablation needs, in a fixed order."""
@@ -391,6 +397,7 @@ def point_rows(
         "job_type": "ablation",
         "experiment": spec.kind,
         "benchmark": config.benchmark,
+        "model": suite_model(config),
         "method": m.method,
         "trust_region": m.trust_region,
         "ties_k": m.ties_k if m.method == "ties" else None,
@@ -458,6 +465,7 @@ def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root
                 "job_type": "baseline",
                 "experiment": spec.kind,
                 "benchmark": config.benchmark,
+                "model": suite_model(config),
                 "method": method,
                 "split": spec.eval_split,
                 "task": task,
@@ -571,6 +579,7 @@ def gradient_correlation(
                 "job_type": "ablation",
                 "experiment": spec.kind,
                 "benchmark": config.benchmark,
+                "model": suite_model(config),
                 "exemplars": n,
                 "seed": seed,
                 "split": "train",

@@ -335,6 +335,7 @@ def wandb_run_rows(run: object, scratch: Path) -> list[dict]:
         "job_type": getattr(run, "job_type", None),
         "experiment": config.get("experiment", config.get("name")),
         "benchmark": config.get("benchmark"),
+        "model": config.get("model", config.get("suite.model")),
         "method": method,
         "trust_region": mode,
         "q": None if mode == "off" else merge.get("q"),

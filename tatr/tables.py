@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -125,9 +126,18 @@ def prepare(store: pd.DataFrame) -> pd.DataFrame:
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["label"] = [method_label(m, t) for m, t in zip(df["method"], df["trust_region"], strict=True)]
+    df["model_key"] = df["model"].map(model_key)
+    if df["model_key"].nunique() > 1:  # several models of one benchmark: never mix them in a row
+        suffix = df["model"].map(lambda m: "" if _missing(m) else f" [{m}]")
+        df["label"] = df["label"] + suffix
     df["seed_key"] = df["seed"].fillna(-1).astype("int64")
     df["run_time"] = df.groupby("run_id")["timestamp"].transform("max").fillna(0.0)
     return df
+
+
+def model_key(model: object) -> str | None:
+    """'ViT-B/32' and open_clip's 'ViT-B-32' name the same model: compare lower-case alphanumerics."""
+    return None if _missing(model) else re.sub(r"[^a-z0-9]", "", str(model).lower())
 
 
 def task_order(df: pd.DataFrame) -> list[str]:
@@ -366,7 +376,10 @@ def ablation_rows(df: pd.DataFrame, experiment: str, split: str = "test") -> pd.
 def variant_key(df: pd.DataFrame, experiment: str) -> pd.Series:
     """The row label an ablation compares: the components, the method, or the trust-region mode."""
     if experiment == COMPONENTS:
-        return df["components"].map(components_label)
+        label = df["components"].map(components_label)
+        if df["model_key"].nunique() > 1:
+            label = label + df["model"].map(lambda m: "" if _missing(m) else f" [{m}]")
+        return label
     return df["label"]
 
 
@@ -563,9 +576,22 @@ def reference_table(df: pd.DataFrame, published: pd.DataFrame | None, benchmark:
     model = pub["model"].astype(str) if "model" in pub.columns else pd.Series("", index=pub.index)
     pub = pub.assign(model=model, label=(model + " " + pub["method"]).str.strip())
     ours = main_table(df)
+    main = main_rows(df)
+    mine_models = {k for k in main["model_key"].dropna().unique()}
+    if mine_models:  # compare only the models this store has results for
+        pub = pub[pub["model"].map(model_key).isin(mine_models)]
+    several = len(mine_models) > 1
     rows = []
-    for (label, method), group in pub.groupby(["label", "method"], sort=False):
-        mine = ours.mean.at[method, AVERAGE] if not ours.empty and method in ours.mean.index else np.nan
+    for (label, method, name), group in pub.groupby(["label", "method", "model"], sort=False):
+        keys = [method]
+        if several:  # main-table labels are "TA+TR [<the store's model name>]"
+            keys = [
+                k
+                for k in ours.mean.index
+                if k.startswith(f"{method} [") and model_key(k[len(method) + 2 : -1]) == model_key(name)
+            ]
+        key = keys[0] if keys else None
+        mine = ours.mean.at[key, AVERAGE] if not ours.empty and key in ours.mean.index else np.nan
         src = "; ".join(sorted(set(group["source"].dropna().astype(str)))) if "source" in group else ""
         rows.append((label, float(group["accuracy"].mean()), mine, src))
     if not rows:

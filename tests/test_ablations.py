@@ -267,9 +267,19 @@ def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
                         "baselines": True}, merge={"trust_region": "zero-shot"})  # fmt: skip
     write(folder, "b", {"kind": "gradient-correlation", "seeds": [0]})
     result = CliRunner().invoke(
-        ablate.command, [str(folder), "ablation.seeds=[0]", "--root", str(tmp_path / "res"), "--no-wandb", "--report"]
+        ablate.command,
+        [
+            str(folder),
+            "ablation.seeds=[0]",
+            "suite.model=toy-mlp",
+            "--root",
+            str(tmp_path / "res"),
+            "--no-wandb",
+            "--report",
+        ],
     )
     assert result.exit_code == 0, result.output
+    assert set(read_store(tmp_path / "res")["model"]) == {"toy-mlp"}  # the suite's model, for the reference table
     assert "== " in result.output and "index.html" in result.output
     tables = tmp_path / "res" / "sweep-toy" / "tables"
     plugin = pd.read_csv(tables / "ablation_plugin.csv", index_col=0)

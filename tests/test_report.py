@@ -236,6 +236,38 @@ def test_reference_table_compares_averages(tmp_path: Path) -> None:
     assert ref.at["ViT-B/32 TA+TR", "Δ"] == pytest.approx(main_table.at["TA+TR", "Average"] - 72.8, abs=1e-5)
 
 
+def test_reference_matches_models_and_never_mixes_them(tmp_path: Path) -> None:
+    """The store's model (open_clip's 'ViT-B-32') matches the paper's 'ViT-B/32'; two models stay apart."""
+    rng = np.random.default_rng(0)
+    for model, shift in (("ViT-B-32", 0.0), ("ViT-L-14", 20.0)):
+        for seed in (0, 1):
+            common = {"benchmark": BENCHMARK, "model": model, "job_type": "final", "method": "ta"}
+            rows = [
+                {**common, "trust_region": "zero-shot", "seed": seed, "split": "test", "task": t,
+                 "accuracy": float(rng.uniform(50, 70) + shift), "normalized_accuracy": 90.0, "timestamp": float(seed)}
+                for t in TASKS
+            ]  # fmt: skip
+            append_rows(tmp_path, rows, f"{model}-{seed}")
+    published = tmp_path / "published.csv"
+    published.write_text(
+        "benchmark,model,method,task,accuracy,source\n"
+        f"{BENCHMARK},ViT-B/32,TATR,average,72.8,paper\n"
+        f"{BENCHMARK},ViT-L/14,TATR,average,85.3,paper\n"
+        f"{BENCHMARK},ViT-B/16,TATR,average,77.0,paper\n"
+    )
+    report.generate(tmp_path, published=published)
+    main_table = read_table(tmp_path, "main")
+    assert list(main_table.index) == ["TA+TR [ViT-B-32]", "TA+TR [ViT-L-14]"]
+    store = read_store(tmp_path)
+    for model in ("ViT-B-32", "ViT-L-14"):
+        mine = store[store["model"] == model].groupby("seed")["accuracy"].mean().mean()
+        assert main_table.at[f"TA+TR [{model}]", "Average"] == pytest.approx(mine, abs=1e-5)
+    ref = read_table(tmp_path, "reference")
+    assert list(ref.index) == ["ViT-B/32 TA+TR", "ViT-L/14 TA+TR"]  # no ViT-B/16 results here: not listed
+    assert ref.at["ViT-L/14 TA+TR", "Ours"] == pytest.approx(main_table.at["TA+TR [ViT-L-14]", "Average"], abs=1e-5)
+    assert ref.at["ViT-B/32 TA+TR", "Ours"] == pytest.approx(main_table.at["TA+TR [ViT-B-32]", "Average"], abs=1e-5)
+
+
 def test_published_numbers_without_a_benchmark_are_the_papers(tmp_path: Path) -> None:
     make_store(tmp_path, parts=("final",))
     published = tmp_path / "published.csv"
