@@ -94,7 +94,7 @@ def bench_one(name: str, model: VisionTransformer, size: int, dim: int, args: ar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exemplars", type=int, default=8)
-    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=None, help="samples per vmap call (default: auto_chunk)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--models", nargs="*", default=None, help="subset of: testbed ViT-B/32")
@@ -104,7 +104,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.exemplars} exemplars, "
-        f"chunk {args.chunk}, median of {args.repeats}"
+        f"chunk {args.chunk or 'auto'}, median of {args.repeats}"
     )
     rows = []
     for name, (model, size, dim) in models().items():

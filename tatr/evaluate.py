@@ -159,7 +159,7 @@ def exemplar_gradients(
     n: int,
     seed: int,
     cache_root: Path | None = None,
-    chunk: int = 16,
+    chunk: int | None = None,
     progress: bool = False,
 ) -> ExemplarGradients:
     """Per-task gradient statistics at θ_0 with each task's frozen head, cached per task.
@@ -198,9 +198,7 @@ def exemplar_gradients(
         )
 
         def build(folder: Path, batches=batches, head=head, task=task) -> None:
-            abs_mean, signed_mean = gradient_stats(
-                encoder, head, scale, batches, names, chunk=chunk, progress=progress
-            )
+            abs_mean, signed_mean = gradient_stats(encoder, head, scale, batches, names, chunk=chunk, progress=progress)
             meta = {"suite": suite.name, "task": task, "n": str(n), "seed": str(seed)}
             save_state_dict(abs_mean, folder / "abs_mean.safetensors", metadata=meta)
             save_state_dict(signed_mean, folder / "signed_mean.safetensors", metadata=meta)

@@ -52,25 +52,34 @@ def _selected(model: nn.Module, names: Iterable[str] | None) -> tuple[list[str],
     return keys, all_params
 
 
+def auto_chunk(num_params: int, budget_bytes: int = 1 << 30, most: int = 32) -> int:
+    """Samples per vmap call so that their fp32 per-sample gradients fit in `budget_bytes`."""
+    return max(1, min(most, budget_bytes // (4 * max(1, num_params))))
+
+
 def gradient_stats(
     model: nn.Module,
     head: Tensor,
     scale: float,
     batches: Iterable[tuple[Tensor, Tensor]],
     names: Iterable[str] | None = None,
-    chunk: int = 16,
+    chunk: int | None = None,
     progress: bool = False,
     math_attention: bool = True,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Return (mean |∇ℓ_n|, mean ∇ℓ_n) over all samples in `batches`, as fp32 state dicts.
 
-    `chunk` samples are differentiated at once; memory grows as chunk × parameters, so lower it
-    for large models. Results do not depend on `chunk` beyond float summation order.
+    `chunk` samples are differentiated at once; their gradients are materialised together, so
+    memory grows as chunk × parameters. The default (`auto_chunk`) keeps that near 1 GiB: 32 for
+    small models, 3 for ViT-B/32, where larger chunks only add memory traffic (on CPU the loop and
+    vmap do the same FLOPs; see `benchmarks/bench_gradients.py`). Results do not depend on
+    `chunk` beyond float summation order.
     """
-    if chunk < 1:
-        raise ValueError(f"chunk must be at least 1, got {chunk}")
     model = model.eval()
     keys, all_params = _selected(model, names)
+    chunk = auto_chunk(sum(all_params[k].numel() for k in keys)) if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
     params = {k: all_params[k].detach() for k in keys}
     frozen = {k: v.detach() for k, v in all_params.items() if k not in params}
     buffers = dict(model.named_buffers())

@@ -81,3 +81,11 @@ def test_parameter_subset_and_errors(vit) -> None:
         gradient_stats(model, head, 20.0, [])
     with pytest.raises(ValueError, match="chunk"):
         gradient_stats(model, head, 20.0, [(x, y)], chunk=0)
+
+
+def test_auto_chunk_bounds_memory() -> None:
+    from tatr.gradients import auto_chunk
+
+    assert auto_chunk(237_216) == 32  # the testbed encoder: capped
+    assert auto_chunk(87_849_216) == 3  # ViT-B/32: 3 × 88M fp32 gradients ≈ 1 GiB
+    assert auto_chunk(10**10) == 1

@@ -164,7 +164,8 @@ class Testbed:
         return _tensor_loader(tb.preprocess(x[idx]), y[idx], 64)
 
     def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
-        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, progress=self.progress)
+        # chunk fixed (not auto) so that regenerated gradients match the committed results bit for bit
+        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, chunk=16, progress=self.progress)
 
     def evaluate(
         self,
