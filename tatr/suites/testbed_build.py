@@ -2,13 +2,17 @@
 zero-shot heads from class icons, and one fine-tune per task (θ_t), all from one seed.
 
 Why it is built this way (the regime the paper studies; see the README's "Testbed" section):
-* θ_0 comes from supervised multi-domain pretraining on a pool that is disjoint from every
-  validation and test set. Its classifier is thrown away, as CLIP's contrastive objective is.
+* θ_0 comes from supervised multi-domain pretraining on a stream of fresh samples (never a
+  validation or test image). Its per-domain classifiers are thrown away, as CLIP's contrastive
+  objective is not a classifier for the downstream tasks. This makes the features rich: a
+  nearest-class-mean probe on θ_0's features reaches ~92% on average.
 * The frozen heads are *icon heads*: each class's row is θ_0's embedding of the class's canonical,
-  clean rendering (`testbed_data.icons`), the analogue of encoding "a photo of a {class}" with
-  CLIP's text tower. They are imperfect (icons are off the data distribution), which is what
-  makes the pretrained model weak on every task while its features are already rich.
-* Fine-tuning moves only the encoder, in small steps, towards the frozen heads.
+  clean rendering (`testbed_data.icons`) in grayscale, the analogue of encoding "a photo of a
+  {class}" with CLIP's text tower: it names the class's form but not its appearance. They are
+  imperfect (icons are off the data distribution and colourless), which makes the pretrained
+  model weak (~57%) while its features are already rich.
+* Fine-tuning moves the whole encoder towards the frozen heads in 150 small AdamW steps
+  (lr 5e-4, warmup + cosine), so it mostly re-aligns features (individual ~91%).
 
 Everything random is drawn from generators seeded from `spec.seed`, so the same spec gives the
 same bytes on the same machine and thread count.
