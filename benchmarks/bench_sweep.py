@@ -11,7 +11,10 @@ Three measurements, in one run on the same machine:
    full validation evaluation (no pruning), then one final test evaluation like the sweep's.
    Reported as naive wall / sweep wall. Also the sweep rerun with --pruner none, so the ratio
    without pruning's savings is visible.
-3. The merge alone on the testbed model (min of repeats): a trial's merge (`IncrementalPlan`, new
+3. Interleaved: for the first N of those (λ, q), a naive trial and a cached trial (same merge,
+   full evaluation, no Optuna) back to back; the load of a shared machine drifts over minutes and
+   alternating cancels most of it from the ratio.
+4. The merge alone on the testbed model (min of repeats): a trial's merge (`IncrementalPlan`, new
    q and λ each time), a plain TA merge with the same cached inputs (θ0 + λΣτ), and the naive
    per-trial merge. The target is trial / TA ≤ 1.5.
 
@@ -88,6 +91,35 @@ def naive_loop(config, params: list[dict]) -> tuple[float, list[float]]:
     return time.perf_counter() - start, merge_seconds
 
 
+def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
+    """Per trial, the naive trial and the cached trial back to back (same λ, q): the load of a
+    shared machine drifts over minutes, so alternating cancels most of it out of the ratio."""
+    from tatr.incremental import IncrementalPlan
+    from tatr.merging import merge, plan_merge
+    from tatr.suites import get_suite
+
+    suite = get_suite(config.benchmark, config.suite)
+    ckpt = suite.checkpoints()
+    fts = [ckpt.finetuned[t] for t in suite.tasks]
+    mode = config.merge.trust_region
+    folder = Path(tempfile.mkdtemp(prefix="tatr-bench-plan-"))
+    plan = plan_merge(ckpt.pretrained, fts, trust_region=mode)
+    plan.prepare([q_min])
+    plan.save(folder)
+    cached = IncrementalPlan.load(folder, plan.task_set, plan.method, mode, cache_pretrained=True)
+    suite.evaluate(cached.merged(0.99, 0.3), config.split)  # load the data once, outside the timing
+    naive_s = cached_s = 0.0
+    for p in params:
+        t0 = time.perf_counter()
+        suite.evaluate(merge(ckpt.pretrained, fts, trust_region=mode, q=p["q"], lam=p["lam"]), config.split)
+        naive_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        suite.evaluate(cached.merged(p["q"], p["lam"]), config.split)
+        cached_s += time.perf_counter() - t0
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"trials": len(params), "naive_s": naive_s, "cached_s": cached_s, "naive_over_cached": naive_s / cached_s}
+
+
 def merge_costs(config, repeats: int = 20) -> dict[str, float]:
     """Min-of-repeats seconds: trial merge, plain TA merge (same cached inputs), naive merge."""
     from tatr.incremental import IncrementalPlan
@@ -136,6 +168,7 @@ def main() -> None:
     ap.add_argument("--no-wandb", action="store_true")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-unpruned", action="store_true")
+    ap.add_argument("--interleaved", type=int, default=20, metavar="N", help="naive/cached pairs (0: skip)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -180,6 +213,8 @@ def main() -> None:
                    naive_over_sweep=naive_wall / wall)  # fmt: skip
         if "sweep_unpruned_s" in out:
             out["naive_over_sweep_unpruned"] = naive_wall / out["sweep_unpruned_s"]  # type: ignore[operator]
+    if args.interleaved:
+        out["interleaved"] = interleaved(config, params[: args.interleaved], min(p["q"] for p in params))
     out["merge"] = merge_costs(config)
     out["load_end"] = os.getloadavg()[0]
     print(json.dumps(out, indent=1, default=str))

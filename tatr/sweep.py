@@ -469,16 +469,17 @@ def make_sampler(space: SearchSpace, seed: int) -> Any:
 def make_pruner(name: str, num_tasks: int) -> Any:
     """Steps are tasks; a trial's intermediate value is the part of its mean already secured.
 
-    No trial is judged before half of the tasks are in: after one task, the comparison is as good
-    as that single task's accuracy is at predicting the mean, which on 8 unrelated tasks is poor
-    (seen on the testbed: a pruner acting from the first task stopped the trial that would have
-    been the best). Pruning at half still saves up to half of a hopeless trial's evaluation.
+    A trial is judged once, when half of its tasks are in. Earlier, the comparison is as good as a
+    task or two predict the mean, which on 8 unrelated tasks is poor (on the testbed, a pruner
+    acting from the first task stopped the trial that would have been the best); judged at every
+    later task too, a trial must beat the median four times in a row and most trials are stopped
+    (41 of 50 in one testbed sweep). Once, at half, saves half of a below-median trial's evaluation.
     """
     import optuna
 
     half = max(1, num_tasks // 2)
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=half - 1)
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=half - 1, interval_steps=num_tasks)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=half, reduction_factor=2)
     return optuna.pruners.NopPruner()
