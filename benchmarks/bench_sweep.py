@@ -21,7 +21,9 @@ Three measurements, in one run on the same machine:
     python benchmarks/bench_sweep.py [--experiment experiments/testbed.yaml] [--trials 50] [KEY=VALUE ...]
     python benchmarks/bench_sweep.py suite.preset=tiny --trials 10      # a quick check
 
-Timings on 2 shared cores are noisy; the script prints the load average with the numbers.
+Timings on 2 shared cores are noisy: the script prints the load average and process CPU time
+(this process only: W&B's service process is not counted) beside wall time, and the interleaved
+ratio is the one that survives a load that drifts between phases.
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ def experiment_file(path: Path | None, work: Path) -> Path:
 def run_sweep_timed(exp: Path, overrides: list[str], trials: int, root: Path, study: str, **kw) -> tuple[float, object]:
     from tatr.sweep import run_sweep
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = run_sweep(exp, ROOT / "sweeps" / "tatr.yaml", overrides, trials=trials, study=study, results=root,
                        progress=True, **kw)  # fmt: skip
+    result.cpu_seconds = time.process_time() - cpu  # type: ignore[attr-defined]
     return time.perf_counter() - start, result
 
 
@@ -76,7 +79,7 @@ def naive_loop(config, params: list[dict]) -> tuple[float, list[float]]:
     from tatr.merging import merge
     from tatr.suites import get_suite
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     suite = get_suite(config.benchmark, config.suite)
     ckpt = suite.checkpoints()
     fts = [ckpt.finetuned[t] for t in suite.tasks]
@@ -88,7 +91,7 @@ def naive_loop(config, params: list[dict]) -> tuple[float, list[float]]:
         suite.evaluate(sd, config.split)
     best = params[0]  # one final test evaluation, as the sweep does (which parameters does not matter)
     suite.evaluate(merge(ckpt.pretrained, fts, q=best["q"], lam=best["lam"]), "test")
-    return time.perf_counter() - start, merge_seconds
+    return time.perf_counter() - start, time.process_time() - cpu, merge_seconds
 
 
 def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
@@ -195,7 +198,8 @@ def main() -> None:
                               "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}  # fmt: skip
     load0 = os.getloadavg()[0]
     wall, result = run_sweep_timed(exp, args.overrides, args.trials, work / "results", "bench", wandb=not args.no_wandb)
-    out.update(sweep_s=wall, sweep_trials_per_min=60 * args.trials / wall, sweep_pruned=result.pruned,
+    out.update(sweep_s=wall, sweep_cpu_s=result.cpu_seconds, sweep_trials_per_min=60 * args.trials / wall,
+               sweep_pruned=result.pruned,
                best_params=result.best_params, load_before=load0, load_after=os.getloadavg()[0])  # fmt: skip
     rows = read_store(work / "results")
     trials = rows[rows.job_type == "trial"].groupby("run_id").first().sort_values("trial")
@@ -203,12 +207,13 @@ def main() -> None:
     out["sweep_trial_eval_s_median"] = float(trials.eval_seconds.median())
     params = [{"lam": float(r.lam), "q": float(r.q)} for r in trials.itertuples()]
     if not args.skip_unpruned:
-        wall2, _ = run_sweep_timed(exp, args.overrides, args.trials, work / "results2", "bench-unpruned",
+        wall2, res2 = run_sweep_timed(exp, args.overrides, args.trials, work / "results2", "bench-unpruned",
                                    wandb=not args.no_wandb, pruner="none")  # fmt: skip
-        out.update(sweep_unpruned_s=wall2, sweep_unpruned_trials_per_min=60 * args.trials / wall2)
+        out.update(sweep_unpruned_s=wall2, sweep_unpruned_cpu_s=res2.cpu_seconds,
+                   sweep_unpruned_trials_per_min=60 * args.trials / wall2)  # fmt: skip
     if not args.skip_naive:
-        naive_wall, naive_merges = naive_loop(config, params)
-        out.update(naive_s=naive_wall, naive_trials_per_min=60 * len(params) / naive_wall,
+        naive_wall, naive_cpu, naive_merges = naive_loop(config, params)
+        out.update(naive_s=naive_wall, naive_cpu_s=naive_cpu, naive_trials_per_min=60 * len(params) / naive_wall,
                    naive_merge_s_median=sorted(naive_merges)[len(naive_merges) // 2],
                    naive_over_sweep=naive_wall / wall)  # fmt: skip
         if "sweep_unpruned_s" in out:
