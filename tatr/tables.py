@@ -318,26 +318,29 @@ def _values(series: pd.Series, fmt: Callable[[float], str] = lambda v: f"{v:g}")
 
 # --- the tables -------------------------------------------------------------------------------------
 def main_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Test rows that describe a method's final number: baselines, sweep finals, plug-in ablation."""
+    """Test rows that give a method's final number: sweep finals, baselines, and the tuned rows of
+    the plug-in and trust-region ablations (the latter adds TA+TR with exemplars)."""
     test = df[df["split"] == "test"]
     final = test["job_type"].isin(["baseline", "final"])
-    plugin = (test["job_type"] == "ablation") & (test["experiment"] == PLUGIN)
-    return test[final | plugin]
+    ablation = (test["job_type"] == "ablation") & test["experiment"].isin([PLUGIN, TRUST_REGION])
+    return test[final | ablation]
 
 
-_SOURCES = {0: "sweep finals", 1: "baselines", 2: "plug-in ablation"}
+_SOURCES = {0: "sweep finals", 1: "baselines", 2: "plug-in ablation", 3: "trust-region ablation"}
 
 
 def main_source(rows: pd.DataFrame) -> pd.Series:
-    """0 for sweep finals, 1 for baselines, 2 for the plug-in ablation: a method's row uses one source."""
-    return rows["job_type"].map({"final": 0, "baseline": 1}).fillna(2).astype(int)
+    """The rank of a row's source (see `_SOURCES`): each method's row uses its best-ranked source."""
+    ranks = rows["job_type"].map({"final": 0, "baseline": 1})
+    return ranks.fillna(rows["experiment"].map({PLUGIN: 2, TRUST_REGION: 3})).fillna(4).astype(int)
 
 
 def main_table(df: pd.DataFrame) -> Table:
     """The paper layout: rows methods, columns the tasks, the average and the normalized average.
 
-    Each method's row comes from one source, the first that has it among sweep finals, baselines
-    and the plug-in ablation (tuned differently, so never mixed), then its latest run per seed.
+    Each method's row comes from one source, the first that has it among sweep finals, baselines,
+    the plug-in and the trust-region ablation (tuned differently, so never mixed), then its latest
+    run per seed.
     """
     rows = main_rows(df)
     rows = rows.assign(source=main_source(rows))

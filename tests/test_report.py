@@ -90,7 +90,7 @@ def test_main_table_equals_pandas(full: Path) -> None:
     store = read_store(full)
     test = store[store["split"] == "test"]
     got = read_table(full, "main")
-    assert list(got.index) == ["Pretrained", "Individual", "TA", "TA+TR", "TIES", "TIES+TR"]
+    assert list(got.index) == ["Pretrained", "Individual", "TA", "TA+TR", "TA+TR (exemplar)", "TIES", "TIES+TR"]
     finals = test[test["job_type"] == "final"]
     cases = {
         "TA": finals[finals["trust_region"] == "off"],
@@ -107,6 +107,12 @@ def test_main_table_equals_pandas(full: Path) -> None:
     # TIES comes from the plug-in ablation (no sweep final for it)
     plugin = test[(test["experiment"] == "plugin") & (test["method"] == "ties") & (test["trust_region"] == "off")]
     assert got.at["TIES", "Average"] == pytest.approx(plugin["accuracy"].mean(), abs=1e-5)
+    # TA+TR with exemplars comes from the trust-region ablation, over its 3 seeds
+    tr = test[(test["experiment"] == "trust-region") & (test["trust_region"] == "exemplar")]
+    mean, std = expected_row(tr)
+    assert got.at["TA+TR (exemplar)", "Average"] == pytest.approx(mean["Average"], abs=1e-5)
+    assert got.at["TA+TR (exemplar)", "Average_std"] == pytest.approx(std["Average"], abs=1e-5)
+    assert "trust-region ablation: TA+TR (exemplar)" in (full / BENCHMARK / "tables" / "main.md").read_text()
 
 
 def test_rerun_replaces_the_earlier_run(full: Path) -> None:
