@@ -3,7 +3,9 @@
 The merge streams one tensor at a time, so the unit of reading is `read_tensor(source, key)`.
 A source is either a path or an in-memory mapping (tests, small suites); both look the same to
 the core. Files are opened per read so that memory-mapped pages of T files are never resident
-together: peak memory must not grow with the number of tasks.
+together: peak memory must not grow with the number of tasks. Tensors read from safetensors may
+be backed by the file's mapping rather than copied; that is safe because tatr only ever replaces
+files by atomic rename, never rewrites them in place.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def header(source: Source) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 
 def read_tensor(source: Source, key: str) -> Tensor:
-    """One tensor, copied out of the file so the mapping can be closed right away."""
+    """One tensor of a source (for files: opened, read and closed per call)."""
     if not isinstance(source, Path):
         return source[key]
     if source.suffix in SAFETENSORS:

@@ -10,6 +10,8 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from tatr.errors import TatrError
+from tatr.registry import unknown_name
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, Suite
 
 _MODULES = {"testbed": "tatr.suites.testbed", "clip8": "tatr.suites.clip8"}
@@ -20,6 +22,8 @@ def get_suite(name: str, options: dict[str, Any] | None = None, cache_dir: Path 
     module = _MODULES.get(name)
     if module is not None:
         importlib.import_module(module)
+    elif name not in SUITES:
+        raise TatrError(unknown_name("benchmark", name, sorted({*_MODULES, *SUITES.names()})))
     factory = SUITES.get(name)
     return factory(dict(options or {}), cache_dir)
 
