@@ -308,8 +308,9 @@ def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpac
         out = None if omega_arena is None else omega_arena[cursor : cursor + n].view(theta0.shape)
         acc = None if mode == "off" else ConflictAccumulator(theta0.shape, out=out)
         key_changed, missing_gradient = False, None
+        scratch = torch.empty_like(theta0)  # one buffer per tensor, reused by every task
         for t in range(ts.num_tasks):
-            tau = task_vector(ts, t, key, theta0)
+            tau = task_vector(ts, t, key, theta0, out=scratch)
             if not (changed[t] and key_changed) and bool(tau.any()):
                 changed[t] = key_changed = True
             if t == 0:
@@ -318,6 +319,7 @@ def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpac
                 tau_sum += tau
             if acc is None:
                 continue
+            magnitude = tau.abs_()  # τ itself is no longer needed: |τ| in place
             grad = None
             if mode in NEEDS_GRADIENTS:
                 assert ts.gradient_keys is not None
@@ -325,7 +327,7 @@ def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpac
                     missing_gradient = t
                     continue
                 grad = gradient_tensor(ts, t, key)
-            acc.add(*conflict_terms(mode, tau, grad))
+            acc.add(*conflict_terms(mode, magnitude, grad))
         if not all_finite(tau_sum, acc.sum_s if acc is not None else None):
             check_finite(ts, key, gradients=mode in NEEDS_GRADIENTS)
         if not key_changed:

@@ -109,9 +109,8 @@ class ConflictAccumulator:
         return self.pairs
 
 
-def conflict_terms(mode: str, tau: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """(s, a) for one task and tensor under `mode`; None means the factor is 1."""
-    mag = tau.abs()
+def conflict_terms(mode: str, mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(s, a) for one task and tensor under `mode`, given mag = |τ|; None means the factor is 1."""
     if mode == "zero-shot":
         return mag, mag
     if mode == "exemplar":

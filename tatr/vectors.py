@@ -118,9 +118,12 @@ def open_task_set(
     )
 
 
-def task_vector(task_set: TaskSet, t: int, key: str, theta0: Tensor) -> Tensor:
-    """τ_t[key] in fp32. Finiteness is checked per tensor on the running sums (see `check_finite`)."""
-    return read_tensor(task_set.finetuned[t], key).float() - theta0
+def task_vector(task_set: TaskSet, t: int, key: str, theta0: Tensor, out: Tensor | None = None) -> Tensor:
+    """τ_t[key] in fp32 (into `out` if given, to reuse one buffer across tasks).
+
+    Finiteness is checked per tensor on the running sums (see `all_finite`).
+    """
+    return torch.sub(read_tensor(task_set.finetuned[t], key).float(), theta0, out=out)
 
 
 def pretrained_tensor(task_set: TaskSet, key: str) -> Tensor:
