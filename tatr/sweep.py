@@ -480,8 +480,8 @@ def make_pruner(name: str, num_tasks: int) -> Any:
     half = max(1, num_tasks // 2)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=half - 1, interval_steps=num_tasks)
-    if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=half, reduction_factor=2)
+    if name == "halving":  # rungs at steps (half − 1)·2^r: the first once half of the tasks are in
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, half - 1), reduction_factor=2)
     return optuna.pruners.NopPruner()
 
 

@@ -314,7 +314,9 @@ def test_pruner_stops_hopeless_trials_after_a_task(env: Path, pruner: str) -> No
     study = load(result)
     pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
     assert pruned, "no trial was pruned"
-    assert all(len(t.intermediate_values) == 2 for t in pruned)  # judged once, when half the tasks are in
+    steps = {len(t.intermediate_values) for t in pruned}
+    # never before half of the tasks are in; the median pruner judges only then, halving has rungs
+    assert steps == {2} if pruner == "median" else steps <= {2, 3}
     assert 12.0 in {t.params["lam"] for t in pruned}  # the hopeless λ was stopped
     rows = read_store(env / "results")
     for t in pruned:  # their evaluated tasks are in the store, nothing more
