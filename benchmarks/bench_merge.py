@@ -89,7 +89,9 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--tasks", type=int, nargs="+", default=[8, 20])
     ap.add_argument("--q", type=float, default=0.99)
-    ap.add_argument("--skip-baseline-over-gib", type=float, default=16.0, help="skip the baseline if it would need more")
+    ap.add_argument(
+        "--skip-baseline-over-gib", type=float, default=16.0, help="skip the baseline if it would need more"
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -101,33 +103,72 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="tatr-bench-", dir=args.workdir))
         try:
             ft = write_models(work, shapes, tasks)
-            ours_cmd = [sys.executable, "-m", "tatr", "merge", "--quiet", "-p", str(work / "pre.safetensors"),
-                        "-f", *map(str, ft), "--q", str(args.q), "--lam", "0.3", "-o", str(work / "ours.safetensors")]
+            ours_cmd = [
+                sys.executable,
+                "-m",
+                "tatr",
+                "merge",
+                "--quiet",
+                "-p",
+                str(work / "pre.safetensors"),
+                "-f",
+                *map(str, ft),
+                "--q",
+                str(args.q),
+                "--lam",
+                "0.3",
+                "-o",
+                str(work / "ours.safetensors"),
+            ]
             t_ours, m_ours = timed(ours_cmd)
             need_gib = (2 * tasks + 4) * n * 4 / 2**30  # loaded dicts + flattened τ + Ω + sort
             if need_gib <= args.skip_baseline_over_gib:
-                base_cmd = [sys.executable, __file__, "--_baseline", str(work / "pre.safetensors"), str(args.q),
-                            str(work / "base.safetensors"), *map(str, ft)]
+                base_cmd = [
+                    sys.executable,
+                    __file__,
+                    "--_baseline",
+                    str(work / "pre.safetensors"),
+                    str(args.q),
+                    str(work / "base.safetensors"),
+                    *map(str, ft),
+                ]
                 t_base, m_base = timed(base_cmd)
                 diff = max(
                     float((a - b).abs().max())
-                    for a, b in zip(load_file(work / "ours.safetensors").values(),
-                                    load_file(work / "base.safetensors").values(), strict=True)
+                    for a, b in zip(
+                        load_file(work / "ours.safetensors").values(),
+                        load_file(work / "base.safetensors").values(),
+                        strict=True,
+                    )
                 )
             else:
                 t_base = m_base = diff = float("nan")
-            rows.append({"model": args.model, "params": n, "tasks": tasks, "ours_s": t_ours, "ours_peak_mib": m_ours,
-                         "baseline_s": t_base, "baseline_peak_mib": m_base, "speedup": t_base / t_ours,
-                         "memory_ratio": m_ours / m_base, "max_abs_diff": diff})
+            rows.append(
+                {
+                    "model": args.model,
+                    "params": n,
+                    "tasks": tasks,
+                    "ours_s": t_ours,
+                    "ours_peak_mib": m_ours,
+                    "baseline_s": t_base,
+                    "baseline_peak_mib": m_base,
+                    "speedup": t_base / t_ours,
+                    "memory_ratio": m_ours / m_base,
+                    "max_abs_diff": diff,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"| model | params | T | tatr merge s | tatr peak MiB | baseline s | baseline peak MiB | speed-up | memory ratio |")
+    print("| model | params | T | tatr s | tatr peak MiB | baseline s | baseline peak MiB | speed-up | memory |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['tasks']} | {r['ours_s']:.1f} | {r['ours_peak_mib']:.0f} | "
-              f"{r['baseline_s']:.1f} | {r['baseline_peak_mib']:.0f} | {r['speedup']:.1f}× | {r['memory_ratio']:.2f}× |")
+        print(
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['tasks']} | {r['ours_s']:.1f} | "
+            f"{r['ours_peak_mib']:.0f} | "
+            f"{r['baseline_s']:.1f} | {r['baseline_peak_mib']:.0f} | {r['speedup']:.1f}× | {r['memory_ratio']:.2f}× |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -14,7 +14,7 @@ Three measurements, in one run on the same machine:
 3. Interleaved: for the first N of those (λ, q), a naive trial and a cached trial (same merge,
    full evaluation, no Optuna) back to back; the load of a shared machine drifts over minutes and
    alternating cancels most of it from the ratio.
-4. The merge alone on the testbed model (min of repeats): a trial's merge (`IncrementalPlan`, new
+4. The merge alone on the testbed model (min of repeats): a trial's merge (`MergePlan.merged`, new
    q and λ each time), a plain TA merge with the same cached inputs (θ0 + λΣτ), and the naive
    per-trial merge. The target is trial / TA ≤ 1.5.
 
@@ -97,8 +97,7 @@ def naive_loop(config, params: list[dict]) -> tuple[float, list[float]]:
 def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
     """Per trial, the naive trial and the cached trial back to back (same λ, q): the load of a
     shared machine drifts over minutes, so alternating cancels most of it out of the ratio."""
-    from tatr.incremental import IncrementalPlan
-    from tatr.merging import merge, plan_merge
+    from tatr.merging import MergePlan, merge, plan_merge
     from tatr.suites import get_suite
 
     suite = get_suite(config.benchmark, config.suite)
@@ -109,7 +108,7 @@ def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
     plan = plan_merge(ckpt.pretrained, fts, trust_region=mode)
     plan.prepare([q_min])
     plan.save(folder)
-    cached = IncrementalPlan.load(folder, plan.task_set, plan.method, mode, cache_pretrained=True)
+    cached = MergePlan.load(folder, plan.task_set, plan.method, mode, cache_pretrained=True)
     suite.evaluate(cached.merged(0.99, 0.3), config.split)  # load the data once, outside the timing
     naive_s = cached_s = 0.0
     for p in params:
@@ -125,8 +124,7 @@ def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
 
 def merge_costs(config, repeats: int = 20) -> dict[str, float]:
     """Min-of-repeats seconds: trial merge, plain TA merge (same cached inputs), naive merge."""
-    from tatr.incremental import IncrementalPlan
-    from tatr.merging import merge, plan_merge
+    from tatr.merging import MergePlan, merge, plan_merge
     from tatr.suites import get_suite
 
     suite = get_suite(config.benchmark, config.suite)
@@ -135,7 +133,7 @@ def merge_costs(config, repeats: int = 20) -> dict[str, float]:
     ta = plan_merge(ckpt.pretrained, fts, trust_region="off", cache_pretrained=True)
     folder = Path(tempfile.mkdtemp(prefix="tatr-bench-plan-"))
     plan_merge(ckpt.pretrained, fts, trust_region=config.merge.trust_region).save(folder)
-    tr = IncrementalPlan.load(folder, ta.task_set, ta.method, config.merge.trust_region, cache_pretrained=True)
+    tr = MergePlan.load(folder, ta.task_set, ta.method, config.merge.trust_region, cache_pretrained=True)
     tr.prepare([0.9])
     rng = random.Random(0)
     t_ta, t_tr, t_naive = [], [], []

@@ -12,7 +12,7 @@ The flow of one sweep (`run_sweep`):
    resuming with another experiment under the same name is refused.
 4. Workers (this process, or K spawned processes) run trials until the study holds the requested
    number of finished (complete or pruned) trials. A trial loads the plan once per process, then
-   costs one masked multiply-add (`IncrementalPlan`) plus its evaluation; it reports after each task
+   costs one masked multiply-add (`MergePlan.merged`) plus its evaluation; it reports after each task
    the part of the mean it has secured, so a median or successive-halving pruner stops hopeless ones.
 5. The best trial is merged again and evaluated on test: the `final` run.
 
@@ -259,7 +259,7 @@ def load_plugins() -> None:
 
 # --- merge plans: built once, content-addressed, shared by workers ---------------------------------
 class PlanBook:
-    """Per process: the suite's inputs and one `IncrementalPlan` per (method, mode, TIES k, components).
+    """Per process: the suite's inputs and one `MergePlan` per (method, mode, TIES k, components).
 
     Arenas (Σ τ, Ω, the drop ranking) depend only on the checkpoints, the trust-region mode and the
     gradient files, so one cache folder per mode serves every method.
@@ -312,7 +312,7 @@ class PlanBook:
     def get(self, merge: MergeConfig) -> Any:
         """The plan for one merge configuration (loaded once per process)."""
         from tatr.components import check_components
-        from tatr.incremental import IncrementalPlan
+        from tatr.merging import MergePlan
         from tatr.methods import get_method
         from tatr.trust_region import NEEDS_GRADIENTS
         from tatr.vectors import open_task_set
@@ -328,7 +328,7 @@ class PlanBook:
         grads = self._gradient_files() if merge.trust_region in NEEDS_GRADIENTS else None
         signed = self._gradient_files(signed=True) if components is not None else None
         task_set = open_task_set(self.pretrained, self.finetuned, grads, signed)
-        plan = IncrementalPlan.load(
+        plan = MergePlan.load(
             folder, task_set, method, merge.trust_region, merge.ties_k, components, cache_pretrained=True
         )
         plan.prepare([self.q_min])

@@ -17,7 +17,6 @@ import torch
 import tatr.merging
 from tatr.errors import TatrError
 from tatr.evaluate import evaluate_merged
-from tatr.incremental import IncrementalPlan
 from tatr.merging import MergePlan, merge, plan_merge
 from tatr.store import COLUMNS, read_store
 from tatr.suites import get_suite
@@ -133,11 +132,11 @@ def _models(n: int, tasks: int, seed: int = 0) -> tuple[dict, list[dict]]:
     return pre, fts
 
 
-def incremental(plan: MergePlan, folder: Path) -> IncrementalPlan:
-    """The sweep's path: the plan saved to the cache, loaded back as an IncrementalPlan."""
+def incremental(plan: MergePlan, folder: Path) -> MergePlan:
+    """The sweep's path: the plan saved to the cache and loaded back (its mask then moves between trials)."""
     folder.mkdir()
     plan.save(folder)
-    return IncrementalPlan.load(folder, plan.task_set, plan.method, plan.mode)
+    return MergePlan.load(folder, plan.task_set, plan.method, plan.mode)
 
 
 @pytest.mark.parametrize(("method", "mode"), [("ta", "zero-shot"), ("average", "magnitude-only"), ("ta", "off")])
