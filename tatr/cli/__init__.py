@@ -21,6 +21,7 @@ COMMANDS = {
     "evaluate": "tatr.cli.evaluate",
     "sweep": "tatr.cli.sweep",
     "dashboard": "tatr.cli.dashboard",
+    "ablate": "tatr.cli.ablate",
     "report": "tatr.cli.report",
     "convert": "tatr.cli.convert",
 }
