@@ -4,26 +4,41 @@ Everything expensive (testbed checkpoints, exemplar gradients, heads, Ω) lives 
 by a hash of its inputs. A folder is built in a temporary sibling and renamed into place, so a
 crash never leaves a half-written entry; a manifest of file digests is checked on every read, so a
 corrupted entry is rebuilt instead of trusted.
+
+"Corrupted" includes what a careless hand or a crash can leave: a manifest that is not a mapping of
+relative file names to digests (a list, a string, a path leaving the entry), an entry that is a
+file or a symlink instead of a folder. Each is removed (the link, not its target) and rebuilt.
+`TATR_CACHE` (or a folder on the way to an entry) naming a file is a one-line error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tatr.errors import TatrError
+from tatr.outputs import atomic_write, sweep_leftovers, tmp_prefix
+
+__all__ = ["atomic_write", "cached_dir", "content_hash", "default_cache_root", "file_digest", "verify_dir"]
 
 MANIFEST = "manifest.json"
 
 
 def default_cache_root() -> Path:
-    """`$TATR_CACHE` if set, else `~/.cache/tatr`: outside the repository, shared across clones."""
-    return Path(os.environ.get("TATR_CACHE", Path.home() / ".cache" / "tatr"))
+    """`$TATR_CACHE` if set (and not empty), else `~/.cache/tatr`: outside the repository, shared across clones."""
+    value = os.environ.get("TATR_CACHE", "")
+    if not value:
+        return Path.home() / ".cache" / "tatr"
+    root = Path(value).expanduser()
+    if root.exists() and not root.is_dir():
+        raise TatrError(f"TATR_CACHE={value}: not a folder; point it at a folder (or unset it for ~/.cache/tatr)")
+    return root
 
 
 def content_hash(*parts: Any) -> str:
@@ -50,30 +65,15 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def cached_dir(root: Path, key: str, build: Callable[[Path], None]) -> Path:
     """Return `root/key`, building it with `build(tmp_dir)` if missing or failing verification."""
     final = Path(root) / key
     if verify_dir(final):
         return final
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    _make_folder(final.parent)
+    _remove_entry(final)
+    sweep_leftovers(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(key), dir=final.parent))
     try:
         build(tmp)
         write_manifest(tmp)
@@ -87,6 +87,28 @@ def cached_dir(root: Path, key: str, build: Callable[[Path], None]) -> Path:
     return final
 
 
+def _make_folder(folder: Path) -> None:
+    """Create the folder holding entries; a file on the way is a one-line error, not a traceback."""
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            raise TatrError(f"{part}: the cache needs a folder here, but this is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TatrError(f"{folder}: cannot create the cache folder ({exc.strerror})") from None
+
+
+def _remove_entry(entry: Path) -> None:
+    """Remove an entry that failed verification: a folder with its files, a file or a link itself."""
+    try:
+        if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
+            entry.unlink()
+        elif entry.exists():
+            shutil.rmtree(entry)
+    except OSError as exc:
+        raise TatrError(f"{entry}: corrupted cache entry that cannot be removed ({exc.strerror})") from None
+
+
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     digests = {str(p.relative_to(folder)): file_digest(p) for p in files}
@@ -94,16 +116,29 @@ def write_manifest(folder: Path) -> None:
 
 
 def verify_dir(folder: Path) -> bool:
-    """True when every file of the manifest exists with its recorded digest."""
+    """True when `folder` is a real folder and every file of its manifest has its recorded digest.
+
+    A manifest that is not a mapping of relative names to digest strings, or that names a file
+    outside the folder, fails verification (the entry is then rebuilt), as does an unreadable file.
+    """
+    folder = Path(folder)
     manifest = folder / MANIFEST
-    if not manifest.is_file():
+    if folder.is_symlink() or not folder.is_dir() or not manifest.is_file():
         return False
     try:
         digests = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
         return False
+    if not isinstance(digests, dict):
+        return False
+    root = folder.resolve()
     for rel, digest in digests.items():
+        if not isinstance(digest, str) or not rel or Path(rel).is_absolute():
+            return False
         path = folder / rel
-        if not path.is_file() or file_digest(path) != digest:
+        try:
+            if root not in path.resolve().parents or not path.is_file() or file_digest(path) != digest:
+                return False
+        except OSError:
             return False
     return True

@@ -14,6 +14,7 @@ import sys
 import click
 
 from tatr.errors import TatrError
+from tatr.outputs import install_signal_handlers
 
 # subcommand name -> module defining a click command called `command`
 COMMANDS = {
@@ -46,6 +47,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_signal_handlers()
     try:
         cli.main(args=argv, prog_name="tatr", standalone_mode=False)
     except TatrError as exc:
