@@ -11,9 +11,10 @@ The store (`tatr.store`) is the source of truth; W&B is a convenience that may f
   study, the trial number and its start time, so a trial can never get two files, whoever writes.
 * W&B: one run per trial, `group` = study, `job_type` = trial | final, tags for benchmark, method
   and trust-region mode, the resolved config in `wandb.config`. Offline by default, under the
-  results folder; online when `WANDB_MODE`/`WANDB_API_KEY` say so. Any W&B failure (no network,
-  a bad key, a broken install) warns once and turns W&B off for the process; the store still gets
-  every row.
+  results folder; online when `WANDB_MODE`/`WANDB_API_KEY` say so. Online, the server is probed
+  once before the first trial (`PROBE_SECONDS`): one that does not answer costs those seconds, not
+  `wandb.init`'s 90 s per worker. Any W&B failure (no network, a bad key, a broken install) warns
+  once and turns W&B off for the sweep; the store still gets every row.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tatr.methods import uses_ties_k
 from tatr.store import append_rows, git_commit, store_dir
 
 RECORD_ATTR = "tatr"  # the trial user attribute holding the record's payload
+OFFLINE_MODES = ("offline", "dryrun", "disabled")
+PROBE_SECONDS = 3.0  # the one wait an unreachable W&B server costs a sweep
+INIT_TIMEOUT = 30.0  # wandb.init's wait for a server that answered the probe (W&B's default: 90 s)
 GRADIENT_MODES = ("exemplar", "gradient-only")
 
 
@@ -142,7 +147,7 @@ def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
         "trust_region": mode,
         "q": None if mode == "off" else merge.get("q"),
         "lam": lam,
-        "ties_k": merge.get("ties_k") if merge.get("method") == "ties" else None,
+        "ties_k": merge.get("ties_k") if uses_ties_k(merge.get("method")) else None,
         "components": list(components) if components is not None else None,
         "exemplars": cfg.get("exemplars", {}).get("n") if needs_exemplars else None,
         "seed": cfg.get("seed"),
@@ -197,6 +202,21 @@ class WandbLogger:
         """Where W&B writes its run folders (`<results>/wandb`)."""
         return self.root / "wandb"
 
+    def check(self) -> bool:
+        """Online modes: ask the W&B server once, with a short timeout; False (and W&B off) if it
+        does not answer. Why: `wandb.init` waits `init_timeout` (90 s by default) for a server
+        that is down, and would do so for the first trial of every worker."""
+        if not self.enabled or self.failed is not None:
+            return False
+        if wandb_mode() in OFFLINE_MODES:
+            return True
+        url = wandb_base_url()
+        problem = probe_server(url, PROBE_SECONDS)
+        if problem is not None:
+            self._fail(f"server {url} unreachable: {problem}")
+            return False
+        return True
+
     def log(self, rec: RunRecord) -> bool:
         """Log one run; True if W&B took it. Never raises."""
         if not self.enabled or self.failed is not None:
@@ -204,15 +224,18 @@ class WandbLogger:
         try:
             self._log(rec)
         except Exception as exc:
-            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            warnings.warn(
-                f"W&B logging failed ({self.failed}); W&B is off for the rest of this process, "
-                "the results store still gets every trial",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return False
         return True
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        warnings.warn(
+            f"W&B logging failed ({reason}); W&B is off for the rest of this sweep, "
+            "the results store still gets every trial",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _log(self, rec: RunRecord) -> None:
         import wandb
@@ -258,12 +281,48 @@ class WandbLogger:
 def _settings(wandb: Any) -> Any:
     """Quiet runs without the system-metrics sampler or a pip freeze: each costs more than a toy trial.
 
-    The two `x_` switches are newer than some supported W&B versions; without them W&B still works.
+    `init_timeout` is `INIT_TIMEOUT` unless `WANDB_INIT_TIMEOUT` says otherwise: a server that
+    answered the probe but hangs in `init` costs that once, not W&B's 90 s. The `x_` switches are
+    newer than some supported W&B versions; without them W&B still works.
     """
+    timeout = INIT_TIMEOUT if not os.environ.get("WANDB_INIT_TIMEOUT") else None
+    extra = {} if timeout is None else {"init_timeout": timeout}
     try:
-        return wandb.Settings(silent=True, console="off", x_disable_stats=True, x_save_requirements=False)
+        return wandb.Settings(silent=True, console="off", x_disable_stats=True, x_save_requirements=False, **extra)
     except Exception:  # an older W&B that does not know a switch
         return wandb.Settings(silent=True, console="off")
+
+
+def wandb_base_url() -> str:
+    """The server W&B would talk to: `WANDB_BASE_URL`, else W&B's own settings (files, default)."""
+    url = os.environ.get("WANDB_BASE_URL", "").strip()
+    if url:
+        return url
+    try:
+        import wandb
+
+        return str(wandb.Settings().base_url)
+    except Exception:
+        return "https://api.wandb.ai"
+
+
+def probe_server(url: str, timeout: float) -> str | None:
+    """None if `url` answers HTTP within `timeout` seconds (any status), else why not, in a few words."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: 401, 404, ... are the server's business
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        return str(getattr(reason, "strerror", None) or reason)
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except (OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
 
 
 def summary(rec: RunRecord) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -80,3 +81,38 @@ def test_dashboard_finds_the_sweep_storage_or_says_there_is_none(
     assert default_storage(tmp_path) == f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0")
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "0", "-1"])
+def test_a_port_out_of_range_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], port: str) -> None:
+    from tatr.cli import main
+
+    (tmp_path / "optuna.journal").touch()
+    assert main(["dashboard", "--root", str(tmp_path), "--port", port]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"tatr: error: --port must be in 1..65535, got {port}\n"
+    assert captured.out == ""
+
+
+def test_a_taken_port_is_one_line_before_any_banner(tmp_path: Path) -> None:
+    """A subprocess, as a user runs it: nothing on stdout (no "Listening on …"), one line on stderr."""
+    (tmp_path / "optuna.journal").touch()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            tatr_cmd("dashboard", "--root", tmp_path, "--port", str(port)),
+            cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stdout == "" and "Listening" not in out.stderr
+    assert out.stderr == f"tatr: error: port {port} on 127.0.0.1 is already in use; choose another --port\n"
+
+
+def test_a_host_that_does_not_resolve_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tatr.cli import main
+
+    assert main(["dashboard", "--root", str(tmp_path), "--host", "no-such-host.invalid", "--port", "8080"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tatr: error: --host 'no-such-host.invalid': cannot resolve") and err.count("\n") == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,8 +65,8 @@ def test_shipped_search_spaces_load_with_their_parameters() -> None:
     expected = {
         "tatr": ({"lam", "q"}, "ta", "zero-shot"),
         "ta": ({"lam"}, "ta", "off"),
-        "ties": ({"lam", "ties_k"}, "ties", "off"),
-        "ties_tatr": ({"lam", "q"}, "ties", "zero-shot"),
+        "ties": ({"lam", "ties_k"}, "ties-sum", "off"),
+        "ties_tatr": ({"lam", "q"}, "ties-sum", "zero-shot"),
     }
     for name, (params, method, mode) in expected.items():
         space = load_search_space(SWEEPS / f"{name}.yaml")
@@ -84,7 +85,7 @@ def test_shipped_search_spaces_load_with_their_parameters() -> None:
             "unknown key 'sampeler'; did you mean 'sampler'",
         ),
         ({"params": {"lamb": {"low": 0, "high": 1}}}, "cannot search over 'lamb'; did you mean 'lam'"),
-        ({"params": {"lam": {"low": 1, "high": 1}}}, "low (1.0) must be below high (1.0)"),
+        ({"params": {"lam": {"low": 2, "high": 1}}}, "low (2.0) must not be above high (1.0)"),
         ({"params": {"q": {"low": 0.5, "high": 1.5}}}, "q must be in (0, 1]"),
         ({"params": {"method": ["ta", "tie"]}}, "unknown merge method 'tie'"),
         ({"params": {"trust_region": ["zero-shot", "exemplr"]}}, "unknown trust-region mode 'exemplr'"),
@@ -100,6 +101,84 @@ def test_bad_search_spaces_are_one_line_errors(tmp_path: Path, body: dict, messa
         load_search_space(path)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ("lam: {low: .nan, high: 1}", "params.lam: low must be finite"),
+        ("lam: {low: 0, high: .inf}", "params.lam: high must be finite"),
+        ("lam: {low: -.inf, high: 1}", "params.lam: low must be finite"),
+        ("lam: {low: 0, high: 1, step: .inf}", "params.lam: step must be finite"),
+        ("lam: {low: 0, high: 1, step: .nan}", "params.lam: step must be finite"),
+        ("lam: {low: 0, high: 1, step: 0}", "params.lam: step must be above 0"),
+        ("lam: {low: 0, high: 1, step: -0.1}", "params.lam: step must be above 0"),
+        ("lam: {low: 0, high: 1, log: true}", "params.lam: a log-scale range needs low > 0"),
+        ("lam: {low: -1, high: 1, log: true}", "params.lam: a log-scale range needs low > 0"),
+        ("lam: {low: 0.1, high: 1, log: true, step: 0.1}", "params.lam: a log-scale range cannot have a step"),
+        ("lam: {low: 0.1, high: 1, log: 'no'}", "params.lam: log must be true or false"),
+        ("lam: {low: true, high: 1}", "params.lam: low must be a number"),
+        ("lam: {low: abc, high: 1}", "params.lam: low must be a number"),
+        ("lam: {low: 0}", "params.lam: a range needs numeric 'low' and 'high'"),
+        ("lam: [0.1, .nan]", "params.lam: lam must be finite"),
+        ("lam: [0.1, .inf]", "params.lam: lam must be finite"),
+        ("lam: [0.1, '0.2']", "params.lam: expected a number"),
+        ("lam: [0.1, 0.1]", "params.lam: the list of choices repeats a value"),
+        ("lam: []", "params.lam: the list of choices is empty"),
+        ("q: {low: 0, high: 1}", "params.q: q must be in (0, 1], got 0.0"),
+        ("q: {low: 0.5, high: .nan}", "params.q: high must be finite"),
+        ("q: [0.9, 1.01]", "params.q: q must be in (0, 1], got 1.01"),
+        ("q: [.nan]", "params.q: q must be finite"),
+        ("ties_k: {low: 0, high: 50}", "params.ties_k: ties_k must be in (0, 100], got 0.0"),
+        ("ties_k: [20, 101]", "params.ties_k: ties_k must be in (0, 100], got 101"),
+    ],
+)
+def test_every_number_of_a_search_space_is_checked_at_the_door(tmp_path: Path, params: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"params:\n  {params}\n")
+    with pytest.raises(TatrError) as err:
+        load_search_space(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("merge", "message"),
+    [
+        ("{lam: .nan}", "merge.lam: lam must be finite"),
+        ("{lam: -.inf}", "merge.lam: lam must be finite"),
+        ("{q: 0}", "merge.q: q must be in (0, 1]"),
+        ("{q: 1.5}", "merge.q: q must be in (0, 1]"),
+        ("{ties_k: 0}", "merge.ties_k: ties_k must be in (0, 100]"),
+        ("{ties_k: 100.5}", "merge.ties_k: ties_k must be in (0, 100]"),
+    ],
+)
+def test_fixed_merge_numbers_of_a_search_space_are_checked(tmp_path: Path, merge: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"merge: {merge}\nparams:\n  lam: [0.1]\n")
+    with pytest.raises(TatrError, match=re.escape(message)):
+        load_search_space(path)
+
+
+def test_edge_values_that_are_valid_load() -> None:
+    """low = high is a fixed value, negative λ is task negation, q = 1 and ties_k = 100 are in range."""
+    import tempfile
+
+    body = "params:\n  lam: {low: -1, high: -1}\n  q: [1.0]\n  ties_k: {low: 100, high: 100, step: 1}\n"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "edge.yaml"
+        path.write_text(body)
+        space = load_search_space(path)
+    assert space.param("lam") is not None and space.param("lam").low == space.param("lam").high == -1.0
+    assert space.param("ties_k").grid_values() == [100.0]
+
+
+def test_a_grid_with_a_tiny_step_is_refused_before_listing_it(tmp_path: Path) -> None:
+    path = write_space(tmp_path, params={"lam": {"low": 0, "high": 1, "step": 1e-9}}, sampler="grid")
+    start = time.perf_counter()
+    with pytest.raises(TatrError, match=re.escape(f"{path}: grid sampler: parameter 'lam' has 1,000,000,000 points")):
+        load_search_space(path)
+    assert time.perf_counter() - start < 5
 
 
 def test_storage_urls() -> None:
@@ -347,6 +426,18 @@ def test_seeded_tpe_is_reproducible(env: Path) -> None:
         (["--sweep", str(SWEEPS / "tatr.yaml"), "--workers", "0"], "--workers must be at least 1"),
         (["--sweep", str(SWEEPS / "tatr.yaml"), "--storage", "x.txt"], "neither a URL"),
         (["--sweep", str(SWEEPS / "tatr.yaml"), "split=test"], "refusing to tune on the test split"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "merge.lam=.nan"], "merge.lam"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "merge.lam=nan"], "merge.lam"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "merge.lam=inf"], "merge.lam"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "merge.lam=-.inf"], "merge.lam"),
+        (["--sweep", str(SWEEPS / "ta.yaml"), "merge.q=0"], "merge.q"),
+        (["--sweep", str(SWEEPS / "ta.yaml"), "merge.q=1.5"], "merge.q"),
+        (["--sweep", str(SWEEPS / "ta.yaml"), "merge.q=.nan"], "merge.q"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "merge.ties_k=0"], "merge.ties_k"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "merge.ties_k=101"], "merge.ties_k"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "--study", "../evil"], "--study '../evil' is not a safe name"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "--study", "a/b"], "--study 'a/b' is not a safe name"),
+        (["--sweep", str(SWEEPS / "tatr.yaml"), "--workers", "100000"], "--workers 100000 is more than"),
     ],
 )
 def test_cli_errors_are_one_line_and_write_nothing(
@@ -374,8 +465,8 @@ def test_plan_cache_key_changes_with_the_checkpoints(env: Path) -> None:
     ("space", "overrides", "expect"),
     [
         ("ta", [], {"method": "ta", "trust_region": "off"}),
-        ("ties", [], {"method": "ties", "trust_region": "off"}),
-        ("ties_tatr", [], {"method": "ties", "trust_region": "zero-shot", "ties_k": 20.0}),
+        ("ties", [], {"method": "ties-sum", "trust_region": "off"}),
+        ("ties_tatr", [], {"method": "ties-sum", "trust_region": "zero-shot", "ties_k": 20.0}),
         (
             "tatr",
             ["merge.trust_region=exemplar", "merge.components=[orthogonal, positive]", "exemplars.n=8"],
@@ -395,3 +486,15 @@ def test_every_shipped_space_sweeps(env: Path, space: str, overrides: list[str],
         assert trials.groupby("run_id")[name].first().nunique() == 2
     if "components" in " ".join(overrides):
         assert all(c == ["orthogonal", "positive"] for c in rows.components)
+
+
+def test_an_unsafe_default_study_name_is_one_line(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default study name is `<experiment>-<space file stem>`: a stem that is no safe name is refused."""
+    from tatr.cli import main
+
+    space = env / "my sweep.yaml"
+    space.write_text((SWEEPS / "ta.yaml").read_text())
+    assert main(["sweep", str(write_experiment(env)), "--sweep", str(space), "--root", str(env / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tatr: error: study name 'toy-my sweep' is not a safe name") and "--study" in err
+    assert err.count("\n") == 1 and not (env / "r").exists()

@@ -4,11 +4,15 @@ and the reconciliation of trials whose worker died after Optuna recorded them.""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import socket
 import sys
+import time
 import types
 import warnings
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +101,8 @@ def test_one_wandb_run_per_trial_and_final_with_group_job_type_tags_config_table
         numel = sum(r[2] for r in mask.data)
         q = cfg["merge"]["q"]
         assert dropped == run["summary"]["mask/dropped"] and numel > 0
-        assert dropped == pytest.approx((1 - q) * numel, abs=1)  # ⌈(1−q)N⌉ coordinates
+        # exactly ⌈(1−q)N⌉ coordinates, q read as its decimal text (0.99 of 100 drops 1, not 2)
+        assert dropped == math.ceil((1 - Fraction(repr(float(q)))) * numel)
         assert run["summary"]["time/merge_seconds"] > 0 and run["summary"]["time/eval_seconds"] > 0
         assert run["finished"]
 
@@ -129,6 +134,37 @@ def test_wandb_unreachable_server_with_a_bad_key(env: Path, monkeypatch: pytest.
         sweep(env, trials=2, final=False)
     assert len([w for w in caught if "W&B logging failed" in str(w.message)]) == 1
     assert read_store(env / "results").run_id.nunique() == 2
+
+
+@pytest.mark.parametrize("server", ["refused", "silent"])
+def test_an_unreachable_wandb_server_costs_seconds_once_and_loses_nothing(
+    env: Path, monkeypatch: pytest.MonkeyPatch, server: str
+) -> None:
+    """The real client, online, W&B's own timeouts (90 s by default): a closed port, and a port that
+    accepts connections but never answers. One warning, W&B off for the sweep, every row stored."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        if server == "silent":
+            listener.listen(16)  # connections complete in the backlog; nothing is ever read or sent
+        else:
+            listener.close()
+        monkeypatch.setenv("WANDB_MODE", "online")
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+        start = time.monotonic()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = sweep(env, trials=3)
+        seconds = time.monotonic() - start
+    ours = [str(w.message) for w in caught if "W&B logging failed" in str(w.message)]
+    assert len(ours) == 1 and f"127.0.0.1:{port}" in ours[0] and "unreachable" in ours[0], ours
+    assert seconds < 20, seconds  # the probe's few seconds, not wandb.init's 90 per trial
+    rows = read_store(env / "results")
+    assert rows.run_id.nunique() == 4 and (rows.job_type == "final").any()  # 3 trials + final
+    assert "W&B failed" in result.table()
 
 
 def test_real_offline_runs_land_under_results(env: Path) -> None:
