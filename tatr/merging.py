@@ -1,8 +1,9 @@
 """Streaming TATR merges: one pass over the tasks, tensor by tensor, then cheap trials.
 
 `plan_merge` does everything that does not depend on (q, λ): it streams the T task vectors once,
-key by key, keeping only running sums — Σ_t τ_t and Ω as float32 arenas over the merged
-coordinates — and never T task vectors. `MergePlan.merged(q, λ)` then costs, for the linear
+key by key, keeping only running sums — Σ_t τ_t and Ω as arenas over the merged coordinates
+(`tatr.passes`: float64 when the model has float64 tensors, else float32) — and never T task
+vectors. `MergePlan.merged(q, λ)` then costs, for the linear
 methods (TA, averaging), one multiply-add plus O(|Δk|) writes to move the mask from the last q:
     θ(q, λ) = θ_0 + λ·c·(m_q ⊙ Σ_t τ_t),  c = 1 (sum) or 1/T (mean).
 Non-linear configurations (TIES, component selection) need the per-task vectors after masking,
@@ -15,39 +16,20 @@ Every result is computed from θ_0 afresh: trying λ₁ then λ₂ gives θ_0 + 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tatr.components import check_components, select_components
 from tatr.errors import TatrError
-from tatr.methods import MergeMethod, SignedSums, get_method
-from tatr.trust_region import (
-    NEEDS_GRADIENTS,
-    ConflictAccumulator,
-    bin_of_rank,
-    check_mode,
-    conflict_terms,
-    drop_count,
-    drop_order,
-    float_from_bits,
-    high_histogram,
-    keep_count,
-    low_histogram,
-)
-from tatr.vectors import (
-    ParamSpace,
-    TaskSet,
-    all_finite,
-    check_finite,
-    gradient_tensor,
-    open_task_set,
-    pretrained_tensor,
-    task_vector,
-)
+from tatr.methods import MergeMethod, get_method
+from tatr.passes import arena_dtype, first_pass, reduce_tasks, trim_thresholds
+from tatr.trust_region import NEEDS_GRADIENTS, check_mode, drop_count, drop_order
+from tatr.vectors import ParamSpace, TaskSet, gradient_tensor, open_task_set, pretrained_tensor
 
 StateInput = str | Path | Mapping[str, Tensor]
 
@@ -65,6 +47,7 @@ class MergePlan:
         cache_pretrained: bool = False,
         progress: bool = False,
     ) -> None:
+        check_numbers(ties_k=ties_k)
         self.task_set = task_set
         self.method = method
         self.mode = trust_region
@@ -72,7 +55,7 @@ class MergePlan:
         self.components = components
         self.progress = progress
         self._theta0: dict[str, Tensor] | None = {} if cache_pretrained else None
-        self.space, self.tau_sum, self.omega = _first_pass(task_set, trust_region, progress)
+        self.space, self.tau_sum, self.omega = first_pass(task_set, trust_region, progress)
         self._order = torch.empty(0, dtype=torch.int64)  # coordinates ranked by Ω, highest first
         self._masked: Tensor | None = None  # Σ τ with the first `_k` ranked coordinates zeroed
         self._k = 0
@@ -146,10 +129,13 @@ class MergePlan:
 
     # --- merging -------------------------------------------------------------------------------
     def merged(self, q: float = 0.99, lam: float | None = None) -> dict[str, Tensor]:
-        """θ_0 + λ·M(q) as a full state dict (every key of θ_0, in its dtype).
+        """θ_0 + λ·M(q) as a full state dict: every key of θ_0, each in its own dtype.
 
-        For TA/averaging this is one multiply-add per tensor on the masked sum.
+        For TA/averaging this is one multiply-add per tensor on the masked sum. A coordinate the
+        merge does not move (dropped, never changed, Σ exactly 0, or λ = 0) keeps θ_0's bits,
+        −0.0 included; a moved one is rounded once, from the arena's precision to its dtype.
         """
+        check_numbers(q=q, lam=lam)
         lam = self.method.default_lam if lam is None else float(lam)
         ts, space = self.task_set, self.space
         if self.method.linear and self.components is None:
@@ -165,11 +151,11 @@ class MergePlan:
             if i is None:
                 out[key] = theta0.clone() if isinstance(ts.pretrained, Mapping) else theta0
                 continue
-            out[key] = torch.add(theta0.float(), space.view(reduced, i), alpha=alpha).to(theta0.dtype)
+            out[key] = _apply(key, theta0, space.view(reduced, i), alpha)
         return out
 
     def merged_task_vector(self, q: float) -> Tensor:
-        """M(q) as a float32 arena over the merged coordinates (cached for the last q)."""
+        """M(q) as an arena over the merged coordinates (cached for the last q)."""
         if self.method.linear and self.components is None:
             scale = 1.0 / self.task_set.num_tasks if self.method.reduce == "mean" else 1.0
             return self.masked_sum(q) * scale
@@ -207,11 +193,14 @@ class MergePlan:
         """Rebuild a plan saved by `save` for the same inputs, skipping the streaming pass."""
         from safetensors.torch import load_file
 
+        check_numbers(ties_k=ties_k)
         folder = Path(folder)
         layout = json.loads((folder / "plan.json").read_text())
         if layout["mode"] != trust_region:
             raise ValueError(f"saved plan is for mode {layout['mode']}, not {trust_region}")
         arrays = load_file(str(folder / "plan.safetensors"))
+        if arrays["tau_sum"].dtype != arena_dtype(task_set):
+            raise ValueError(f"saved plan is in {arrays['tau_sum'].dtype}, not {arena_dtype(task_set)}")
         plan = cls.__new__(cls)
         plan.task_set, plan.method, plan.mode = task_set, method, trust_region
         plan.ties_k, plan.components, plan.progress = ties_k, components, progress
@@ -245,117 +234,45 @@ class MergePlan:
         )
 
     def _stream_reduce(self, q: float) -> Tensor:
-        ts, space = self.task_set, self.space
         keep = None if self.mode == "off" else self.keep_mask(q)
-        thresholds = self._trim_thresholds(keep) if self.method.trim else None
-        reduced = torch.empty(space.numel)
-        for i, key in enumerate(tqdm(space.keys, desc="merge", disable=None if self.progress else True, leave=False)):
-            theta0 = self._pretrained(key).float()
-            admissible = self._task_filter(i, keep)
-            sums = SignedSums(theta0.shape)
-            for t in range(ts.num_tasks):
-                tau = admissible(t, task_vector(ts, t, key, theta0))
-                if thresholds is not None:
-                    tau = torch.where(tau.abs() >= thresholds[t], tau, torch.zeros((), dtype=tau.dtype))
-                sums.add(tau)
-            space.view(reduced, i).copy_(sums.finish(self.method))
-        return reduced
+        dtype = self.tau_sum.dtype
 
-    def _trim_thresholds(self, keep: Tensor | None) -> list[float]:
-        """Per task, the ⌈k%·N⌉-th largest |admissible τ_t| over all merged coordinates (2 passes)."""
+        def admissible_for(i: int) -> Callable[[int, Tensor], Tensor]:
+            return self._task_filter(i, keep)
+
         ts, space = self.task_set, self.space
-        k = keep_count(self.ties_k, space.numel)
-        if k >= space.numel:
-            return [0.0] * ts.num_tasks
-
-        def magnitudes() -> object:
-            for i, key in enumerate(space.keys):
-                theta0 = self._pretrained(key).float()
-                admissible = self._task_filter(i, keep)
-                yield [admissible(t, task_vector(ts, t, key, theta0)).abs().reshape(-1) for t in range(ts.num_tasks)]
-
-        high = torch.zeros(ts.num_tasks, 1 << 15, dtype=torch.int64)
-        for per_task in magnitudes():
-            for t, values in enumerate(per_task):
-                high[t] += high_histogram([values])
-        bins = [bin_of_rank(high[t], k) for t in range(ts.num_tasks)]
-        low = torch.zeros(ts.num_tasks, 1 << 16, dtype=torch.int64)
-        for per_task in magnitudes():
-            for t, values in enumerate(per_task):
-                low[t] += low_histogram([values], bins[t][0])
-        return [float_from_bits(b, bin_of_rank(low[t], k - above)[0]) for t, (b, above) in enumerate(bins)]
+        thresholds = (
+            trim_thresholds(ts, space, self.ties_k, admissible_for, self._pretrained, dtype)
+            if self.method.trim
+            else None
+        )
+        return reduce_tasks(ts, space, self.method, thresholds, admissible_for, self._pretrained, dtype, self.progress)
 
 
-def _first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpace, Tensor, Tensor | None]:
-    """Stream θ_t key by key, accumulating Σ_t τ_t and Ω straight into their arenas.
-
-    Per task and tensor this is one read and a handful of element-wise passes; values are
-    validated on the per-tensor sums (`all_finite`), and a task's "did it change anything" test
-    stops as soon as one changed tensor is seen. A key no task changed is overwritten by the next
-    one (the write cursor does not advance), so it never enters Ω or N.
-    """
-    ts = task_set
-    capacity = sum(torch.Size(ts.shapes[k]).numel() for k in ts.candidate_keys)
-    tau_arena = torch.empty(capacity)
-    omega_arena = None if mode == "off" else torch.empty(capacity)
-    changed = [False] * ts.num_tasks
-    kept: list[str] = []
-    cursor = 0
-    for key in tqdm(ts.candidate_keys, desc="task vectors", disable=None if progress else True, leave=False):
-        theta0 = pretrained_tensor(ts, key).float()
-        n = theta0.numel()
-        tau_sum = tau_arena[cursor : cursor + n].view(theta0.shape)
-        out = None if omega_arena is None else omega_arena[cursor : cursor + n].view(theta0.shape)
-        acc = None if mode == "off" else ConflictAccumulator(theta0.shape, out=out)
-        key_changed, missing_gradient = False, None
-        scratch = torch.empty_like(theta0)  # one buffer per tensor, reused by every task
-        for t in range(ts.num_tasks):
-            tau = task_vector(ts, t, key, theta0, out=scratch)
-            if not (changed[t] and key_changed) and bool(tau.any()):
-                changed[t] = key_changed = True
-            if t == 0:
-                tau_sum.copy_(tau)
-            else:
-                tau_sum += tau
-            if acc is None:
-                continue
-            magnitude = tau.abs_()  # τ itself is no longer needed: |τ| in place
-            grad = None
-            if mode in NEEDS_GRADIENTS:
-                assert ts.gradient_keys is not None
-                if key not in ts.gradient_keys[t]:
-                    missing_gradient = t
-                    continue
-                grad = gradient_tensor(ts, t, key)
-            acc.add(*conflict_terms(mode, magnitude, grad))
-        if not all_finite(tau_sum, acc.sum_s if acc is not None else None):
-            check_finite(ts, key, gradients=mode in NEEDS_GRADIENTS)
-        if not key_changed:
-            continue  # no task changed it: copied from θ_0, its arena slot is reused
-        if missing_gradient is not None:
-            gradient_tensor(ts, missing_gradient, key)  # raises the one-line error
-        if acc is not None:
-            acc.omega()  # finalises Ω into its arena slot
-        kept.append(key)
-        cursor += n
-    for t, flag in enumerate(changed):
-        if not flag:
-            raise TatrError(
-                f"{_describe(ts.finetuned[t])}: identical to the pretrained model (its task vector is zero)"
-            )
-    space = ParamSpace.build(kept, ts.shapes)
-    return space, _trim(tau_arena, cursor), None if omega_arena is None else _trim(omega_arena, cursor)
+def _apply(key: str, theta0: Tensor, m: Tensor, alpha: float) -> Tensor:
+    """θ_0 + α·M for one tensor, in θ_0's dtype, θ_0's bits wherever α·M is 0."""
+    step = m * alpha
+    moved = step != 0
+    result = torch.where(moved, (theta0.to(step.dtype) + step).to(theta0.dtype), theta0)
+    if not bool(torch.isfinite(result.sum())) and not bool(torch.isfinite(result).all()):
+        raise TatrError(f"key '{key}': λ={alpha:g} overflows {theta0.dtype} (the merged values are infinite)")
+    return result
 
 
-def _trim(arena: Tensor, size: int) -> Tensor:
-    """The used part of an arena; copied only when unchanged keys left much of it unused."""
-    return arena if size == arena.numel() else (arena[:size].clone() if size < arena.numel() // 2 else arena[:size])
+def check_numbers(q: float | None = None, lam: float | None = None, ties_k: float | None = None) -> None:
+    """Refuse a bad q, λ or TIES k at the door, with one line naming the value."""
+    if q is not None:
+        if not _real(q):
+            raise TatrError(f"q must be a number in (0, 1], got {q!r}")
+        drop_count(float(q), 1)
+    if lam is not None and not (_real(lam) and math.isfinite(float(lam))):
+        raise TatrError(f"λ (lam) must be a finite number (negative is allowed), got {lam!r}")
+    if ties_k is not None and not (_real(ties_k) and 0 < float(ties_k) <= 100):
+        raise TatrError(f"ties_k must be in (0, 100], got {ties_k!r}")
 
 
-def _describe(source: object) -> str:
-    from tatr.checkpoints import describe
-
-    return describe(source)  # type: ignore[arg-type]
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def plan_merge(
@@ -375,8 +292,7 @@ def plan_merge(
     merge_method = get_method(method)
     check_mode(trust_region)
     chosen = check_components(components)
-    if not 0 < ties_k <= 100:
-        raise TatrError(f"ties_k must be in (0, 100], got {ties_k}")
+    check_numbers(ties_k=ties_k)
     if trust_region in NEEDS_GRADIENTS and gradients is None:
         raise TatrError(f"trust-region mode '{trust_region}' needs exemplar gradients (--gradients, one file per task)")
     if chosen is not None:
@@ -403,7 +319,7 @@ def merge(
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Merge once: θ_0 + λ·M with the trust region at q. Returns every key of θ_0."""
-    drop_count(q, 1)  # validates q before any work
+    check_numbers(q=q, lam=lam, ties_k=ties_k)  # before any work
     plan = plan_merge(
         pretrained,
         finetuned,

@@ -26,7 +26,7 @@ and q=1 indexes past the end. Here the count is always exact and q=1 drops nothi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import torch
@@ -35,8 +35,6 @@ from torch import Tensor
 MODES = ("off", "zero-shot", "exemplar", "gradient-only", "magnitude-only")
 NEEDS_GRADIENTS = ("exemplar", "gradient-only")
 CHUNK = 1 << 22
-_HI_BINS = 1 << 15  # sign bit is 0 for non-negative floats
-_LO_BINS = 1 << 16
 
 
 def check_mode(mode: str) -> str:
@@ -57,9 +55,17 @@ def drop_count(q: float, n: int) -> int:
     return math.ceil((1 - Fraction(repr(float(q)))) * n)
 
 
-def keep_count(percent: float, n: int) -> int:
-    """⌈percent/100 · n⌉ on the decimal value (TIES' top-k%)."""
-    return min(n, math.ceil(Fraction(repr(float(percent))) / 100 * n))
+def ties_keep_rank(percent: float, n: int) -> int | None:
+    """TIES' trim as AdaMerging's `topk_values_mask` computes it, or None to keep everything.
+
+    The reference keeps |v| ≥ the k-th smallest |v| with k = n − int(n·K), K = percent/100 in
+    binary floating point (so 29% of 100 is int(28.999…) = 28). That threshold is the
+    (int(n·K) + 1)-th largest |v|: int(n·K) + 1 entries are kept when no magnitudes tie there, and
+    every entry tied with the threshold is kept too. k = 0 (K = 100%) is an error in the reference;
+    here it keeps every entry.
+    """
+    m = int(n * (float(percent) / 100))
+    return None if n - m <= 0 else m + 1
 
 
 class ConflictAccumulator:
@@ -135,25 +141,60 @@ def pairwise_conflict(s: list[Tensor], a: list[Tensor]) -> Tensor:
 # --- exact selection --------------------------------------------------------------------------
 
 
-def _bits(values: Tensor) -> Tensor:
-    return values.contiguous().view(torch.int32)
+class RadixSelect:
+    """Exact k-th largest of non-negative float32/float64 values streamed in several passes.
 
+    Non-negative floats order like their integer bit patterns, so the k-th largest is found digit
+    by digit from the top: 15 bits (the sign bit is 0), then 16 bits per pass. Each pass histograms
+    only the values whose higher digits match the prefix chosen so far: float32 takes 2 passes,
+    float64 takes 4, with memory O(2¹⁶) and no copy of the values. Call `feed` (and `feed_zeros`
+    for values known to be +0.0) for every value, then `advance`, once per pass.
+    """
 
-def high_histogram(chunks: Iterable[Tensor]) -> Tensor:
-    """Histogram of the high 15 bits of non-negative float32 values."""
-    hist = torch.zeros(_HI_BINS, dtype=torch.int64)
-    for c in chunks:
-        hist += torch.bincount(_bits(c) >> 16, minlength=_HI_BINS)
-    return hist
+    def __init__(self, k: int, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"radix select needs float32 or float64 values, got {dtype}")
+        self.k, self.dtype = k, dtype
+        self.int_dtype = torch.int32 if dtype == torch.float32 else torch.int64
+        width = 32 if dtype == torch.float32 else 64
+        self.digits = [(width - 16, 15)] + [(s, 16) for s in range(width - 32, -1, -16)]
+        self.step, self.prefix, self.total = 0, 0, 0
+        self.hist = torch.zeros(1 << 15, dtype=torch.int64)
 
+    @property
+    def passes(self) -> int:
+        return len(self.digits)
 
-def low_histogram(chunks: Iterable[Tensor], high: int) -> Tensor:
-    hist = torch.zeros(_LO_BINS, dtype=torch.int64)
-    for c in chunks:
-        b = _bits(c)
-        sel = b[(b >> 16) == high]
-        hist += torch.bincount(sel & 0xFFFF, minlength=_LO_BINS)
-    return hist
+    def feed(self, values: Tensor) -> None:
+        bits = values.contiguous().view(self.int_dtype).reshape(-1)
+        shift, width = self.digits[self.step]
+        if self.step > 0:
+            bits = bits[(bits >> (shift + width)) == self.prefix]
+        else:
+            self.total += bits.numel()
+        self.hist += torch.bincount(((bits >> shift) & ((1 << width) - 1)).long(), minlength=1 << width)
+
+    def feed_zeros(self, count: int) -> None:
+        """Account for `count` values equal to +0.0 without materialising them."""
+        if self.step == 0:
+            self.total += count
+        if self.prefix == 0:
+            self.hist[0] += count
+
+    def advance(self) -> None:
+        if self.step == 0 and not 1 <= self.k <= self.total:
+            raise ValueError(f"k={self.k} outside 1..{self.total}")
+        digit, above = bin_of_rank(self.hist, self.k)
+        self.k -= above
+        self.prefix = (self.prefix << self.digits[self.step][1]) | digit
+        self.step += 1
+        if self.step < len(self.digits):
+            self.hist = torch.zeros(1 << self.digits[self.step][1], dtype=torch.int64)
+
+    def value(self) -> float:
+        if self.step != len(self.digits):
+            raise RuntimeError("radix select: not every pass was run")
+        return torch.tensor([self.prefix], dtype=self.int_dtype).view(self.dtype).item()
 
 
 def bin_of_rank(hist: Tensor, k: int) -> tuple[int, int]:
@@ -164,19 +205,14 @@ def bin_of_rank(hist: Tensor, k: int) -> tuple[int, int]:
     return b, int(above[i - 1].item()) if i > 0 else 0
 
 
-def kth_largest(chunks: Callable[[], Iterator[Tensor]], k: int) -> float:
-    """Exact k-th largest of non-negative float32 values given as re-iterable chunks (two passes)."""
-    hist = high_histogram(chunks())
-    total = int(hist.sum())
-    if not 1 <= k <= total:
-        raise ValueError(f"k={k} outside 1..{total}")
-    high, above = bin_of_rank(hist, k)
-    low, _ = bin_of_rank(low_histogram(chunks(), high), k - above)
-    return float_from_bits(high, low)
-
-
-def float_from_bits(high: int, low: int) -> float:
-    return torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item()
+def kth_largest(chunks: Callable[[], Iterator[Tensor]], k: int, dtype: torch.dtype = torch.float32) -> float:
+    """Exact k-th largest of non-negative values given as re-iterable chunks (2 passes, 4 for float64)."""
+    select = RadixSelect(k, dtype)
+    for _ in range(select.passes):
+        for c in chunks():
+            select.feed(c)
+        select.advance()
+    return select.value()
 
 
 def arena_chunks(arena: Tensor, size: int = CHUNK) -> Callable[[], Iterator[Tensor]]:

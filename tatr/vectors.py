@@ -16,8 +16,10 @@ from torch import Tensor
 
 from tatr.checkpoints import Source, as_source, describe, header, read_tensor, source_error
 from tatr.errors import TatrError
+from tatr.outputs import same_file
 
-FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # merged
+PASSED_THROUGH = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)  # copied from θ_0
 
 
 @dataclass(frozen=True)
@@ -84,20 +86,31 @@ def open_task_set(
         raise TatrError("no fine-tuned models given: need at least two")
     if len(finetuned) < 2:
         raise TatrError(f"{_src(finetuned[0])}: only one fine-tuned model given; merging needs at least two")
+    _distinct(finetuned, "--finetuned")
     base = _open(pretrained)
     tasks = tuple(_open(f) for f in finetuned)
-    base_header = header(base)
-    first_header = header(tasks[0])
+    base_header = _checked_header(base)
+    first_header = _checked_header(tasks[0])
     candidates = sorted(k for k, (_, dtype) in first_header.items() if dtype in FLOATING)
+    if not candidates:
+        raise source_error(
+            tasks[0], None, "has no floating-point tensors (only integer or bool ones): there is nothing to merge"
+        )
+    candidate_set = set(candidates)
     for key in candidates:
         if key not in base_header:
             raise source_error(tasks[0], key, f"not in the pretrained model {describe(base)}")
     for src in tasks:
-        h = first_header if src is tasks[0] else header(src)
+        h = first_header if src is tasks[0] else _checked_header(src)
         _same_keys(src, h, tasks[0], first_header)
-        for key in candidates:
-            shape, dtype = h[key]
-            base_shape, base_dtype = base_header[key]
+        for key in h:
+            dtype = h[key][1]
+            base_dtype = base_header[key][1] if key in base_header else None
+            if key not in candidate_set and dtype not in FLOATING and base_dtype not in FLOATING:
+                continue  # a non-floating key (buffer) is copied from θ_0
+            if key not in base_header:
+                raise source_error(src, key, f"not in the pretrained model {describe(base)}")
+            shape, (base_shape, base_dtype) = h[key][0], base_header[key]
             if shape != base_shape:
                 raise source_error(src, key, f"shape {list(shape)} differs from the pretrained {list(base_shape)}")
             if dtype != base_dtype:
@@ -119,11 +132,12 @@ def open_task_set(
 
 
 def task_vector(task_set: TaskSet, t: int, key: str, theta0: Tensor, out: Tensor | None = None) -> Tensor:
-    """τ_t[key] in fp32 (into `out` if given, to reuse one buffer across tasks).
+    """τ_t[key] in θ_0's (arena) dtype, given θ_0 already in it (into `out` if given, to reuse one
+    buffer across tasks).
 
     Finiteness is checked per tensor on the running sums (see `all_finite`).
     """
-    return torch.sub(read_tensor(task_set.finetuned[t], key).float(), theta0, out=out)
+    return torch.sub(read_tensor(task_set.finetuned[t], key).to(theta0.dtype), theta0, out=out)
 
 
 def pretrained_tensor(task_set: TaskSet, key: str) -> Tensor:
@@ -150,7 +164,11 @@ def check_finite(task_set: TaskSet, key: str, gradients: bool = False) -> None:
 
 
 def gradient_tensor(task_set: TaskSet, t: int, key: str, signed: bool = False) -> Tensor:
-    """Task t's gradient statistic for `key` in fp32; a key the task vectors change must be there."""
+    """Task t's gradient statistic for `key` in fp32; a key the task vectors change must be there.
+
+    Mean |∇ℓ| is ≥ 0 by definition, and Ω's exact selection relies on it: a negative value, −0.0
+    included (its sign bit is set), means a signed statistic was given as `--gradients`.
+    """
     sources = task_set.signed_gradients if signed else task_set.gradients
     keys = task_set.signed_gradient_keys if signed else task_set.gradient_keys
     if sources is None or keys is None:
@@ -158,7 +176,17 @@ def gradient_tensor(task_set: TaskSet, t: int, key: str, signed: bool = False) -
     if key not in keys[t]:
         kind = "signed-gradient" if signed else "gradient"
         raise source_error(sources[t], key, f"missing from the {kind} file, but the task vectors change it")
-    return read_tensor(sources[t], key).float()
+    value = read_tensor(sources[t], key).float()
+    if not signed and bool(torch.signbit(value).any()):
+        if not bool(torch.isfinite(value).all()):
+            raise source_error(sources[t], key, "contains NaN or infinite values")
+        raise source_error(
+            sources[t],
+            key,
+            "has negative values (−0.0 included): --gradients takes mean |∇ℓ| ≥ 0; "
+            "signed gradients go to --signed-gradients",
+        )
+    return value
 
 
 def _open(src: str | Path | Mapping[str, Tensor]) -> Source:
@@ -167,6 +195,28 @@ def _open(src: str | Path | Mapping[str, Tensor]) -> Source:
             raise TatrError("an in-memory state dict is empty")
         return src
     return as_source(src)
+
+
+def _checked_header(src: Source, kind: str = "checkpoint") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The header, refusing an empty file and dtypes tatr cannot merge or copy (fp8, uint16, complex…)."""
+    h = header(src)
+    if not h:
+        raise source_error(src, None, f"the {kind} file is empty (it holds no tensors)")
+    for key, (_, dtype) in h.items():
+        if dtype not in FLOATING and dtype not in PASSED_THROUGH:
+            raise source_error(
+                src, key, f"unsupported dtype {dtype} (tatr merges float16, bfloat16, float32 and float64)"
+            )
+    return h
+
+
+def _distinct(sources: Sequence[str | Path | Mapping[str, Tensor]], flag: str) -> None:
+    """The same file twice would silently count a task twice: refuse it (by inode/resolved path)."""
+    paths = [(i, Path(s)) for i, s in enumerate(sources) if not isinstance(s, Mapping)]
+    for n, (i, a) in enumerate(paths):
+        for j, b in paths[n + 1 :]:
+            if same_file(a, b):
+                raise TatrError(f"{b}: given twice as {flag} (positions {i + 1} and {j + 1}); give each task once")
 
 
 def _src(src: object) -> str:
@@ -193,19 +243,18 @@ def _open_gradients(
         return None, None
     if len(sources) != len(tasks):
         raise TatrError(f"{len(sources)} {kind} files for {len(tasks)} fine-tuned models: give one per task, in order")
+    _distinct(sources, f"--{kind}s")
     opened = tuple(_open(s) for s in sources)
     allowed = set(candidates)
     keys = []
     for src in opened:
-        h = header(src)
+        h = _checked_header(src, kind)
         keys.append(frozenset(h))
         unknown = sorted(set(h) - allowed)
         if unknown:
             raise source_error(
                 src, unknown[0], f"not a floating-point key of the fine-tuned files ({kind} keys must match)"
             )
-        if not h:
-            raise source_error(src, None, f"the {kind} file is empty")
         for key, (shape, dtype) in h.items():
             if shape != base_header[key][0]:
                 raise source_error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -140,7 +141,7 @@ def test_plan_mask_matches_reference_over_all_keys(q: float) -> None:
     plan = plan_merge(pre, tasks, trust_region="zero-shot")
     keep = plan.keep_mask(q)
     assert torch.equal(keep, reference_mask(plan.omega, q))
-    assert int((~keep).sum()) == math.ceil((1 - q) * plan.num_coordinates - 1e-9)
+    assert int((~keep).sum()) == math.ceil((1 - Fraction(repr(q))) * plan.num_coordinates)
     stats = plan.mask_stats(q)
     assert sum(d for d, _ in stats.values()) == int((~keep).sum())
     assert sum(n for _, n in stats.values()) == plan.num_coordinates

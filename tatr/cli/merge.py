@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
-from tatr.checkpoints import save_state_dict
+from tatr.checkpoints import as_source, header, save_state_dict
 from tatr.components import COMPONENTS
-from tatr.errors import TatrError
-from tatr.merging import plan_merge
-from tatr.methods import METHODS
-from tatr.trust_region import MODES, drop_count
+from tatr.merging import check_numbers, plan_merge
+from tatr.methods import METHODS, get_method
+from tatr.outputs import check_output
+from tatr.trust_region import MODES
 
 
 def _components(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -32,7 +32,14 @@ def _components(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option(
     "--finetuned", "-f", required=True, multiple=True, type=click.Path(path_type=Path), help="θ_t checkpoints."
 )
-@click.option("--method", default="ta", show_default=True, type=click.Choice(METHODS.names()))
+@click.option(
+    "--method",
+    default="ta",
+    show_default=True,
+    help="Merge method: "
+    + "; ".join(f"{n} = {METHODS.get(n).label}" for n in METHODS.names())
+    + " (ties-sum is TIES as published: K=20, λ=0.3).",
+)
 @click.option("--trust-region", "trust_region", default="zero-shot", show_default=True, type=click.Choice(MODES))
 @click.option(
     "--gradients", multiple=True, type=click.Path(path_type=Path), help="Per-task mean |∇ℓ| files (exemplar modes)."
@@ -72,11 +79,10 @@ def command(
       tatr merge -p pre.safetensors -f a.safetensors -f b.safetensors --q 0.99 --lam 0.3 -o merged.safetensors
     Flags taking files may also be given once with several paths: --finetuned a.pt b.pt.
     """
-    if out.suffix != ".safetensors":
-        raise TatrError(f"{out}: --out must end in .safetensors")
-    if not out.parent.exists():
-        raise TatrError(f"{out.parent}: output folder does not exist")
-    drop_count(q, 1)  # validates q before reading anything
+    get_method(method)  # an unknown name gets "did you mean" before any work
+    check_numbers(q=q, lam=lam, ties_k=ties_k)
+    inputs = [pretrained, *finetuned, *gradients, *signed_gradients]
+    check_output(out, inputs, suffix=".safetensors", need_bytes=_output_bytes(pretrained))
     start = time.perf_counter()
     plan = plan_merge(
         pretrained,
@@ -104,6 +110,17 @@ def command(
             f"time: {seconds:.2f}s  peak memory: {peak:,.0f} MiB",
             err=False,
         )
+
+
+def _output_bytes(pretrained: Path) -> int:
+    """The merged file's size, from θ_0's header: it has every key of θ_0 in its dtype."""
+    total = 0
+    for shape, dtype in header(as_source(pretrained)).values():
+        n = 1
+        for s in shape:
+            n *= int(s)
+        total += n * dtype.itemsize
+    return total + (1 << 20)  # the safetensors header and some slack
 
 
 def _expand_multi(argv: list[str]) -> list[str]:

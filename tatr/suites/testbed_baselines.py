@@ -7,7 +7,7 @@ For each seed the testbed is built (or read from the cache), then every row of t
 tuned on the validation split by a small grid and reported on test:
 
 * pretrained, individual: no tuning (θ_0; each θ_t on its own task);
-* TA: λ; TIES (k = 20%): λ;
+* TA: λ; TIES (dis-mean, k = 20%): λ;
 * TATR (zero-shot), TATR (exemplar, n = 32 exemplars drawn with the seed), TIES+TATR (zero-shot):
   q × λ.
 
@@ -51,8 +51,8 @@ ROWS = (
     Row("TA", "ta"),
     Row("TATR (zero-shot)", "ta", "zero-shot"),
     Row("TATR (exemplar)", "ta", "exemplar"),
-    Row("TIES", "ties"),
-    Row("TIES+TATR", "ties", "zero-shot"),
+    Row("TIES (dis-mean)", "ties-mean"),
+    Row("TIES (dis-mean)+TATR", "ties-mean", "zero-shot"),
 )
 
 
@@ -191,10 +191,12 @@ def write_markdown(runs: list[dict], path: Path, command: str) -> None:
     for name in ("TATR (zero-shot)", "TATR (exemplar)"):
         diffs = [mean(r["test"]) - t for r, t in zip(by_row[name], ta, strict=True)]
         lines.append(f"- {name}: " + ", ".join(f"{d:+.2f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.2f})")
-    ties = [mean(r["test"]) for r in by_row["TIES"]]
-    diffs = [mean(r["test"]) - t for r, t in zip(by_row["TIES+TATR"], ties, strict=True)]
+    ties = [mean(r["test"]) for r in by_row["TIES (dis-mean)"]]
+    diffs = [mean(r["test"]) - t for r, t in zip(by_row["TIES (dis-mean)+TATR"], ties, strict=True)]
     lines.append(
-        "- TIES+TATR − TIES: " + ", ".join(f"{d:+.2f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.2f})"
+        "- TIES (dis-mean)+TATR − TIES (dis-mean): "
+        + ", ".join(f"{d:+.2f}" for d in diffs)
+        + f" (mean {statistics.mean(diffs):+.2f})"
     )
     lines += [
         "",
