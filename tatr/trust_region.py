@@ -18,9 +18,12 @@ bit patterns (non-negative floats order like their integer bits): a 2¹⁵-bin h
 bits, then a 2¹⁶-bin histogram of the low bits inside the one bin that holds the boundary. That is
 O(N) with no copy of Ω, no full sort, and no 2²⁴ limit (unlike `torch.quantile`).
 
-Relation to "keep Ω < sorted(Ω)[⌊qN⌋]" (FusionBench): without ties both drop N−⌊qN⌋ = ⌈(1−q)N⌉
-coordinates. With ties at that value it drops every tied coordinate, so more than ⌈(1−q)N⌉;
-and q=1 indexes past the end. Here the count is always exact and q=1 drops nothing.
+Relation to FusionBench's "keep Ω < sorted(Ω)[min(int(N·q), N−1)]": without ties, and where N·q
+rounds the way its decimal does, both drop ⌈(1−q)N⌉ coordinates. Otherwise that rule drops more:
+every coordinate tied at the threshold value; at q=1 (the index clamped to N−1) every coordinate
+tied at the maximum, at least one; and one extra where `int(N*q)` truncates a binary product just
+below an integer (N=100, q=0.29: 28.999… → 28, so 72 dropped, not 71). Here the count is always
+exactly ⌈(1−q)N⌉ and q=1 drops nothing (tests/test_fusionbench_convention.py transcribes that rule).
 """
 
 from __future__ import annotations
