@@ -38,10 +38,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tatr import tables as T
@@ -54,8 +53,11 @@ from tatr.config import (
     TrustRegionMode,
     apply_override,
     config_dict,
+    override_value,
+    read_yaml_mapping,
 )
 from tatr.errors import TatrError
+from tatr.methods import uses_ties_k
 from tatr.store import append_rows, git_commit, new_run_id, read_store
 from tatr.trust_region import NEEDS_GRADIENTS
 
@@ -67,7 +69,9 @@ Log = Callable[[str], None]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Frozen, typo-proof, and no NaN or ±inf in any float (a λ grid with NaN would store NaN rows)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Variant(_Frozen):
@@ -81,8 +85,8 @@ class Variant(_Frozen):
 
 class AblationSpec(_Frozen):
     kind: Kind
-    seeds: tuple[int, ...] = (0,)
-    lam: tuple[float, ...] = DEFAULT_LAMS
+    seeds: tuple[Annotated[int, Field(ge=0)], ...] = (0,)
+    lam: tuple[float, ...] = DEFAULT_LAMS  # finite (allow_inf_nan=False); negative λ is task negation
     q: tuple[float, ...] = (0.99,)
     variants: tuple[Variant, ...] = ()
     drops: tuple[float, ...] = ()
@@ -162,13 +166,8 @@ class PointResult:
 def load_ablation(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, AblationSpec]:
     """Read an ablation file; `ablation.x=…` overrides the block, anything else the experiment."""
     path = Path(path)
-    if not path.is_file():
-        raise TatrError(f"{path}: no such ablation file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TatrError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("ablation"), dict):
+    raw = read_yaml_mapping(path, "ablation file")
+    if not isinstance(raw.get("ablation"), dict):
         raise TatrError(f"{path}: an ablation file needs an `ablation:` block with at least `kind`")
     block = raw.pop("ablation")
     for item in overrides:
@@ -199,7 +198,7 @@ def _set_ablation(block: dict[str, Any], item: str, path: Path) -> None:
         close = difflib.get_close_matches(key, list(AblationSpec.model_fields), n=1)
         hint = f"; did you mean 'ablation.{close[0]}'?" if close else ""
         raise TatrError(f"{path}: unknown ablation key '{key}'{hint}")
-    block[key] = yaml.safe_load(value)
+    block[key] = override_value(value)
 
 
 def _one_line(exc: ValidationError, path: Path, prefix: str = "") -> str:
@@ -400,7 +399,7 @@ def point_rows(
         "model": suite_model(config),
         "method": m.method,
         "trust_region": m.trust_region,
-        "ties_k": m.ties_k if m.method == "ties" else None,
+        "ties_k": m.ties_k if uses_ties_k(m.method) else None,
         "components": list(m.components) if m.components is not None else None,
         "exemplars": point.exemplars if point.uses_exemplars else None,
         "seed": point.seed,

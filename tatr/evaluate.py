@@ -7,7 +7,9 @@ benchmarks classify with the same rule and cache gradients the same way:
   (`argmax normalize(f) @ head.T`; the logit scale does not change the argmax).
 * `normalized_accuracy`: merged accuracy ÷ the task's individual fine-tuned accuracy, in percent,
   the paper's headline metric.
-* `evaluate_merged`: both at once, as an `Evaluation` with averages and a printable table.
+* `evaluate_merged`: both at once, as an `Evaluation` with averages and a printable table. A merged
+  model with a NaN or infinite parameter (λ = 1e30 overflows float32) is refused first: its
+  accuracies would look like numbers and reach the store.
 * `exemplar_gradients`: per-task mean |∇ℓ| and mean ∇ℓ at θ_0 (`tatr.gradients`), cached per task
   in a content-addressed folder whose key hashes θ_0's file, the head, the logit scale and the
   exemplar tensors themselves, so a changed loader or checkpoint can never reuse stale gradients.
@@ -135,6 +137,8 @@ def evaluate_merged(
 ) -> Evaluation:
     """Accuracy and normalized accuracy of a (merged) state dict; uses `suite.evaluate`."""
     chosen = check_tasks(suite, tasks)
+    if state_dict is not None:
+        check_finite(state_dict)
     if state_dict is None:
         acc = accuracy(suite, None, split, chosen, on_task)
     else:
@@ -142,6 +146,16 @@ def evaluate_merged(
     individual = suite.individual_accuracy(split)
     chosen_individual = {t: individual[t] for t in chosen}
     return Evaluation(split, dict(acc), chosen_individual, normalized_accuracy(acc, individual))
+
+
+def check_finite(state_dict: Mapping[str, Tensor]) -> None:
+    """One line if a floating parameter of a merged model is NaN or ±inf (nothing is evaluated)."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TatrError(
+                f"the merged model has NaN or infinite values in '{key}' (is λ too large?); "
+                "it is not evaluated and nothing is stored"
+            )
 
 
 def tensor_digest(*tensors: Tensor) -> str:

@@ -8,16 +8,17 @@ Output (under `<out>/<benchmark>/`, default `results/<benchmark>/`):
     tables/<name>.{md,tex,csv}   the paper-layout table, each ablation, the published reference
     figures/<name>.{png,pdf}     λ × q heatmap, mask-ratio curve, component bars, exemplar curve, …
     index.html                   everything above on one page that works offline
-The `tables/` and `figures/` folders and `index.html` are built in a temporary folder and moved
-into place only once complete; other files in the benchmark folder are left alone.
+The `tables/` and `figures/` folders and `index.html` are built as `.tatr-tmp-*` siblings
+(`tatr.outputs.atomic_dir`/`atomic_write`) and renamed into place only once all are complete;
+other files in the benchmark folder are left alone, and nothing this report did not write is
+deleted. The benchmark names a folder, so it must be a safe name, and `<out>/<benchmark>` must
+not lead out of `<out>` through a symlink; the store and the published CSV must not lie among the
+outputs. Each is one line, checked before anything is written.
 """
 
 from __future__ import annotations
 
 import html
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,11 @@ import pandas as pd
 from tatr import figures as F
 from tatr import tables as T
 from tatr.errors import TatrError
-from tatr.store import COLUMNS, read_store, store_dir
+from tatr.outputs import atomic_dir, atomic_write, inside, safe_name, same_file
+from tatr.report_wandb import rows_from_wandb, wandb_run_rows
+from tatr.store import read_store, store_dir
+
+__all__ = ["generate", "rows_from_wandb", "wandb_run_rows", "write_report"]
 
 DEFAULT_PUBLISHED = Path("results/reference/published.csv")
 
@@ -147,25 +152,39 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
 
 
 def write_report(
-    rows: pd.DataFrame, benchmark: str, out: Path, published: pd.DataFrame | None, figures: bool = True
+    rows: pd.DataFrame,
+    benchmark: str,
+    out: Path,
+    published: pd.DataFrame | None,
+    figures: bool = True,
+    inputs: Iterable[Path] = (),
 ) -> Written:
-    """Render one benchmark's report into `out/<benchmark>/`, replacing the previous report whole."""
+    """Render one benchmark's report into `out/<benchmark>/`, replacing the previous report whole.
+
+    `benchmark` comes from the store's rows, so it must be a safe name and `out/<benchmark>` must
+    stay inside `out` (a symlink leading out is refused). `tables/`, `figures/` and `index.html`
+    are built as `.tatr-tmp-*` siblings and renamed into place only when all are complete; nothing
+    else in the folder is touched, and nothing is deleted that this report did not write. `inputs`
+    (the store, the published CSV) must not lie among the outputs.
+    """
+    final = report_folder(out, benchmark)
+    outputs = [final / "tables", final / "figures", final / "index.html"]
+    _refuse_overwriting(outputs, inputs)
     prepared = T.prepare(rows)
     sections = build_sections(prepared, benchmark, published)
-    final = out / benchmark
-    final.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=final))
-    try:
-        written_tables, written_figures, skipped = [], [], []
-        (tmp / "tables").mkdir()
-        (tmp / "figures").mkdir()
+    written_tables, written_figures, skipped = [], [], []
+    with (
+        atomic_dir(outputs[0]) as tables_dir,
+        atomic_dir(outputs[1]) as figures_dir,
+        atomic_write(outputs[2], suffix=".html") as page,
+    ):
         shown: dict[int, list[str]] = {}
         for i, section in enumerate(sections):
             for table in section.tables:
                 if table.empty:
                     continue
                 for ext, text in (("md", table.to_markdown()), ("tex", table.to_latex()), ("csv", table.to_csv())):
-                    (tmp / "tables" / f"{table.name}.{ext}").write_text(text, encoding="utf-8")
+                    (tables_dir / f"{table.name}.{ext}").write_text(text, encoding="utf-8")
                 written_tables.append(table.name)
             nothing = bool(section.missing) and all(t.empty for t in section.tables)
             if nothing:
@@ -176,30 +195,26 @@ def write_report(
                     if not nothing:
                         skipped.append(f"figure {spec.name}: no data in the store")
                     continue
-                F.save(fig, tmp / "figures" / spec.name)
+                F.save(fig, figures_dir / spec.name)
                 written_figures.append(spec.name)
                 shown.setdefault(i, []).append(spec.name)
-        page = render_index(benchmark, prepared, sections, shown)
-        (tmp / "index.html").write_text(page, encoding="utf-8")
-        _install(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        page.write_text(render_index(benchmark, prepared, sections, shown), encoding="utf-8")
     return Written(final, written_tables, written_figures, sorted(set(skipped), key=skipped.index))
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Swap the new `tables/`, `figures/` and `index.html` in; the old ones go only after."""
-    for name in ("tables", "figures"):
-        target = final / name
-        old = None
-        if target.exists():
-            old = final / f".old-{name}-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp / name, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp / "index.html", final / "index.html")
+def report_folder(out: Path, benchmark: object) -> Path:
+    """`out/<benchmark>`, refused with one line when the name is unsafe or the folder leads out."""
+    return inside(Path(out), safe_name(benchmark, "benchmark"))
+
+
+def _refuse_overwriting(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """One line when an input of the report (the store, the published CSV) is, or is in, an output."""
+    for item in inputs:
+        resolved = Path(item).resolve()
+        for output in outputs:
+            target = output.resolve()
+            if same_file(item, output) or target in resolved.parents:
+                raise TatrError(f"{item}: an input of the report lies in its output {output}; choose another --out")
 
 
 def generate(
@@ -211,15 +226,19 @@ def generate(
     figures: bool = True,
 ) -> list[Written]:
     """Write a report for each benchmark (all in the store by default); `rows` replaces the store."""
+    chosen = [safe_name(b, "benchmark") for b in benchmarks] if benchmarks else None
     rows = load_store(root) if rows is None else rows
     if rows.empty:
         raise TatrError("no results to report")
-    chosen = list(benchmarks) if benchmarks else benchmarks_in(rows)
+    chosen = chosen or [safe_name(b, "benchmark in the store") for b in benchmarks_in(rows)]
     if not chosen:
         raise TatrError("the store's rows name no benchmark")
     reference = load_published(published)
     target = Path(out) if out is not None else Path(root)
-    return [write_report(select_benchmark(rows, b), b, target, reference, figures) for b in chosen]
+    inputs = [store_dir(root)] + ([Path(published)] if published is not None else [])
+    for b in chosen:  # every folder is checked before any is written
+        _refuse_overwriting([report_folder(target, b) / n for n in ("tables", "figures", "index.html")], inputs)
+    return [write_report(select_benchmark(rows, b), b, target, reference, figures, inputs) for b in chosen]
 
 
 # --- the page ------------------------------------------------------------------------------------------
@@ -271,146 +290,3 @@ def render_index(benchmark: str, rows: pd.DataFrame, sections: list[Section], sh
             parts.append("<p class='missing'>Not available: no data for this figure in the store.</p>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
-
-
-# --- W&B ---------------------------------------------------------------------------------------------
-def rows_from_wandb(path: str, api: object | None = None) -> pd.DataFrame:
-    """Rebuild store rows from the runs of W&B project `ENTITY/PROJECT` (see `wandb_run_rows`)."""
-    if path.count("/") != 1 or not all(path.split("/")):
-        raise TatrError(f"--from-wandb wants ENTITY/PROJECT, got '{path}'")
-    if api is None:
-        try:
-            import wandb
-        except ImportError:
-            raise TatrError("--from-wandb needs the wandb package (pip install wandb)") from None
-        try:
-            api = wandb.Api(timeout=60)
-        except Exception as exc:  # wandb raises its own types for auth/network problems
-            raise TatrError(f"cannot reach W&B ({type(exc).__name__}: {exc}); run `wandb login` first") from None
-    try:
-        runs = list(api.runs(path))  # type: ignore[attr-defined]
-    except Exception as exc:
-        raise TatrError(f"cannot list the runs of W&B project '{path}' ({type(exc).__name__}: {exc})") from None
-    with tempfile.TemporaryDirectory(prefix="tatr-wandb-") as tmp:
-        records = [row for run in runs for row in wandb_run_rows(run, Path(tmp))]
-    if not records:
-        raise TatrError(f"W&B project '{path}' has no runs with per-task accuracies (<split>/accuracy/<task>)")
-    return pd.DataFrame.from_records(records, columns=list(COLUMNS))
-
-
-_GRADIENT_MODES = ("exemplar", "gradient-only")
-
-
-def wandb_run_rows(run: object, scratch: Path) -> list[dict]:
-    """The store rows one W&B run mirrors (the layout `tatr.tracking` logs).
-
-    The run's config is the resolved experiment (`merge.*`, `exemplars.*`, `seed`, `benchmark`,
-    `name`) plus `study`, `trial`, `config_hash` and, for ablations, `experiment`; its summary has
-    `<split>/accuracy/<task>`, and normalized accuracies either as `<split>/normalized_accuracy/<task>`
-    or in the logged `accuracy_table` (fetched from the run's files when needed).
-    """
-    summary = _as_dict(getattr(run, "summary", {}))
-    config = _flatten(_as_dict(getattr(run, "config", {})))
-    accuracy: dict[tuple[str, str], float] = {}
-    normalized: dict[tuple[str, str], float] = {}
-    for key, value in summary.items():
-        parts = str(key).split("/")
-        if len(parts) == 3 and parts[1] == "accuracy":
-            accuracy[(parts[0], parts[2])] = value
-        elif len(parts) == 3 and parts[1] == "normalized_accuracy":
-            normalized[(parts[0], parts[2])] = value
-    if not accuracy:
-        return []
-    if len(normalized) < len(accuracy):
-        normalized = {**_table_normalized(run, summary.get("accuracy_table"), scratch), **normalized}
-    merge = {k.removeprefix("merge."): v for k, v in config.items() if k.startswith("merge.")}
-    mode, method = merge.get("trust_region"), merge.get("method")
-    components = merge.get("components")
-    uses_exemplars = mode in _GRADIENT_MODES or components is not None
-    timing = {"merge_seconds": summary.get("time/merge_seconds"), "eval_seconds": summary.get("time/eval_seconds")}
-    base = {
-        "run_id": getattr(run, "id", None) or getattr(run, "name", None),
-        "study": config.get("study", getattr(run, "group", None)),
-        "trial": config.get("trial"),
-        "job_type": getattr(run, "job_type", None),
-        "experiment": config.get("experiment", config.get("name")),
-        "benchmark": config.get("benchmark"),
-        "model": config.get("model", config.get("suite.model")),
-        "method": method,
-        "trust_region": mode,
-        "q": None if mode == "off" else merge.get("q"),
-        "lam": merge.get("lam"),
-        "ties_k": merge.get("ties_k") if method == "ties" else None,
-        "components": list(components) if components is not None else None,
-        "exemplars": config.get("exemplars.n") if uses_exemplars else None,
-        "seed": config.get("seed"),
-        "git_commit": getattr(run, "commit", None),
-        "config_hash": config.get("config_hash"),
-        "timestamp": _epoch(getattr(run, "created_at", None)),
-        **timing,
-    }
-    return [
-        {**base, "split": split, "task": task, "accuracy": acc, "normalized_accuracy": normalized.get((split, task))}
-        for (split, task), acc in accuracy.items()
-    ]
-
-
-def _table_normalized(run: object, ref: object, scratch: Path) -> dict[tuple[str, str], float]:
-    """(split, task) → normalized accuracy from a logged `accuracy_table` (a table-file reference)."""
-    import json
-
-    ref = _as_dict(ref) if ref is not None else {}
-    path = ref.get("path")
-    if not path or not hasattr(run, "file"):
-        return {}
-    try:
-        folder = scratch / str(getattr(run, "id", "run"))
-        run.file(path).download(root=str(folder), replace=True)  # type: ignore[attr-defined]
-        table = json.loads((folder / path).read_text())
-    except Exception:  # a missing or unreadable file leaves the column empty, as the store allows
-        return {}
-    cols = table.get("columns", [])
-    if not {"task", "split", "normalized_accuracy"} <= set(cols):
-        return {}
-    at = {c: i for i, c in enumerate(cols)}
-    return {(r[at["split"]], r[at["task"]]): r[at["normalized_accuracy"]] for r in table.get("data", [])}
-
-
-def _epoch(value: object) -> float | None:
-    """W&B's `created_at` (ISO text, UTC) as seconds since the epoch, for "latest run wins"."""
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    stamp = pd.Timestamp(str(value))
-    if stamp.tzinfo is None:
-        stamp = stamp.tz_localize("UTC")
-    return stamp.timestamp()
-
-
-def _as_dict(obj: object) -> dict:
-    if isinstance(obj, dict):
-        return obj
-    for attr in ("_json_dict", "as_dict"):
-        value = getattr(obj, attr, None)
-        if callable(value):
-            value = value()
-        if isinstance(value, dict):
-            return value
-    try:
-        return dict(obj)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return {}
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and set(value) == {"value"}:
-            value = value["value"]
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from tatr.methods import METHODS
+
 AVERAGE = "Average"
 NORMALIZED = "Normalized"
 
@@ -35,9 +37,8 @@ _METHOD_LABELS = {
     "individual": "Individual",
     "finetuned": "Individual",
     "fine-tuned": "Individual",
-    "average": "Averaging",
-    "ta": "TA",
-    "ties": "TIES",
+    **{name: METHODS.get(name).label for name in METHODS},  # the one place a method's label lives
+    "ties": METHODS.get("ties-mean").label,  # rows stored before the split: they were the disjoint mean
 }
 _METHOD_ORDER = [
     "pretrained",
@@ -48,6 +49,8 @@ _METHOD_ORDER = [
     "fine-tuned",
     "average",
     "ta",
+    "ties-sum",
+    "ties-mean",
     "ties",
 ]
 _TR_SUFFIX = {
@@ -523,19 +526,25 @@ def ablation_tables(df: pd.DataFrame) -> list[Table]:
 
 
 # --- the published reference -----------------------------------------------------------------------
+_TIES_SUM = METHODS.get("ties-sum").label
 _REFERENCE_ALIASES = {
     "task arithmetic": "TA",
     "task-arithmetic": "TA",
     "ta": "TA",
-    "ties": "TIES",
-    "ties-merging": "TIES",
-    "ties merging": "TIES",
+    # published TIES rows come from AdaMerging's script: the disjoint sum (`ties-sum`)
+    "ties": _TIES_SUM,
+    "ties-merging": _TIES_SUM,
+    "ties merging": _TIES_SUM,
+    "ties-sum": _TIES_SUM,
+    "ties (dis-sum)": _TIES_SUM,
+    "ties-mean": METHODS.get("ties-mean").label,
+    "ties (dis-mean)": METHODS.get("ties-mean").label,
     "tatr": "TA+TR",
     "ta+tatr": "TA+TR",
     "ta+tr": "TA+TR",
     "task arithmetic+tatr": "TA+TR",
-    "ties+tatr": "TIES+TR",
-    "ties+tr": "TIES+TR",
+    "ties+tatr": _TIES_SUM + "+TR",
+    "ties+tr": _TIES_SUM + "+TR",
     "weight averaging": "Averaging",
     "averaging": "Averaging",
     "average": "Averaging",

@@ -133,7 +133,7 @@ def make_store(root: Path, seeds: tuple[int, ...] = (0, 1, 2), parts: tuple[str,
                     seed=seed,
                 )
     if want("mask-ratio"):
-        for method in ("ta", "ties"):
+        for method in ("ta", "ties-sum"):
             for q in (1.0, 0.9999, 0.999, 0.99, 0.9, 0.8):
                 _run(
                     root,
@@ -164,7 +164,7 @@ def make_store(root: Path, seeds: tuple[int, ...] = (0, 1, 2), parts: tuple[str,
                     exemplars=count,
                 )
     if want("plugin"):
-        for method, tr in (("ta", "off"), ("ta", "zero-shot"), ("ties", "off"), ("ties", "zero-shot")):
+        for method, tr in (("ta", "off"), ("ta", "zero-shot"), ("ties-sum", "off"), ("ties-sum", "zero-shot")):
             _run(
                 root,
                 rng,

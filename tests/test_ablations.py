@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
-from tatr import ablations, report
+from tatr import ablations
 from tatr.cli import ablate
 from tatr.errors import TatrError
 from tatr.evaluate import evaluate_merged
@@ -65,7 +65,7 @@ def test_every_committed_ablation_file_loads() -> None:
     }
     # mask ratio: log-spaced drops from 0.01% to 20%, q fixed at each point, for TA+TR and TIES+TR
     mask = kinds["mask-ratio"]
-    assert {p.merge.method for p in mask} == {"ta", "ties"}
+    assert {p.merge.method for p in mask} == {"ta", "ties-mean"}
     drops = sorted({round(1 - p.qs[0], 10) for p in mask})
     assert drops[1] == pytest.approx(1e-4) and drops[-1] == pytest.approx(0.2) and drops[0] == 0.0
     # exemplar count: 1 … 256 exemplars with 3 seeds
@@ -80,8 +80,8 @@ def test_every_committed_ablation_file_loads() -> None:
     assert [(p.merge.method, p.merge.trust_region) for p in plugin] == [
         ("ta", "off"),
         ("ta", "zero-shot"),
-        ("ties", "off"),
-        ("ties", "zero-shot"),
+        ("ties-mean", "off"),
+        ("ties-mean", "zero-shot"),
     ]
     assert plugin[0].qs == (1.0,)  # no trust region: only λ is tuned
 
@@ -263,7 +263,8 @@ def test_gradient_correlation_rows(tmp_path: Path) -> None:
 def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
     folder = tmp_path / "abl"
     folder.mkdir()
-    write(folder, "a", {"kind": "plugin", "lam": [0.4], "q": [0.9], "variants": [{"method": "ta"}, {"method": "ties"}],
+    methods = ("ta", "ties-sum")
+    write(folder, "a", {"kind": "plugin", "lam": [0.4], "q": [0.9], "variants": [{"method": m} for m in methods],
                         "baselines": True}, merge={"trust_region": "zero-shot"})  # fmt: skip
     write(folder, "b", {"kind": "gradient-correlation", "seeds": [0]})
     result = CliRunner().invoke(
@@ -283,9 +284,14 @@ def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
     assert "== " in result.output and "index.html" in result.output
     tables = tmp_path / "res" / "sweep-toy" / "tables"
     plugin = pd.read_csv(tables / "ablation_plugin.csv", index_col=0)
-    assert list(plugin.index) == ["TA+TR", "TIES+TR"]
+    assert list(plugin.index) == ["TA+TR", "TIES (dis-sum)+TR"]
     main = pd.read_csv(tables / "main.csv", index_col=0)
-    assert list(main.index) == ["Pretrained", "Individual", "TA+TR", "TIES+TR"]  # plug-in rows fill the main table
+    assert list(main.index) == [
+        "Pretrained",
+        "Individual",
+        "TA+TR",
+        "TIES (dis-sum)+TR",
+    ]  # plug-in rows fill the main table
     suite = get_suite("sweep-toy", TOY)
     assert main.loc["Individual", ["task0", "task1", "task2"]].tolist() == pytest.approx(
         list(suite.individual_accuracy("test").values())
@@ -293,8 +299,30 @@ def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
     assert main.at["Individual", "Normalized"] == pytest.approx(100.0)
     pretrained = evaluate_merged(suite, None, "test")
     assert main.at["Pretrained", "Average"] == pytest.approx(pretrained.mean_accuracy)
-    assert (tables / "ablation_gradient_correlation.csv").exists()
-    assert (tmp_path / "res" / "sweep-toy" / "figures" / "plugin.png").exists()
+    # the plug-in table holds the store's test accuracies of each variant, one row per variant
+    store = read_store(tmp_path / "res")
+    tasks = ["task0", "task1", "task2"]
+    test = store[(store["experiment"] == "plugin") & (store["split"] == "test") & (store["job_type"] == "ablation")]
+    assert len(test) == len(methods) * len(tasks) and test["run_id"].nunique() == len(methods)
+    assert len(plugin) == len(methods)
+    for label, method in zip(plugin.index, methods, strict=True):
+        mine = test[test["method"] == method].set_index("task")["accuracy"]
+        assert plugin.loc[label, tasks].tolist() == pytest.approx(mine[tasks].tolist(), abs=1e-5), label
+        assert plugin.at[label, "Average"] == pytest.approx(mine.mean(), abs=1e-5), label
+        assert main.loc[label, tasks].tolist() == pytest.approx(mine[tasks].tolist(), abs=1e-5), label
+    # the correlation table is the store's ρ per pair, symmetric, with 1 on the diagonal
+    corr = pd.read_csv(tables / "ablation_gradient_correlation.csv", index_col=0)
+    pairs = store[store["experiment"] == "gradient-correlation"]
+    assert len(pairs) == 3 and list(corr.index) == tasks
+    assert list(corr.columns) == [*(c for t in tasks for c in (t, f"{t}_std")), "seeds"]
+    for pair in pairs.itertuples():
+        a, b = pair.task.split("|")
+        assert corr.at[a, b] == corr.at[b, a] == pytest.approx(pair.accuracy, abs=1e-5)
+    assert [corr.at[t, t] for t in tasks] == [1.0, 1.0, 1.0]
+    # the figure is a real PNG and the page shows it
+    png = tmp_path / "res" / "sweep-toy" / "figures" / "plugin.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "figures/plugin.png" in (tmp_path / "res" / "sweep-toy" / "index.html").read_text()
 
 
 def test_cli_refuses_bad_files_before_running_any(tmp_path: Path) -> None:
@@ -303,4 +331,3 @@ def test_cli_refuses_bad_files_before_running_any(tmp_path: Path) -> None:
     result = CliRunner().invoke(ablate.command, [str(good), str(bad), "--root", str(tmp_path / "res"), "--no-wandb"])
     assert isinstance(result.exception, TatrError) and "needs `variants`" in str(result.exception)
     assert not (tmp_path / "res").exists()
-    assert report  # imported for the end-to-end test above

@@ -40,15 +40,17 @@ def test_evaluate_json_matches_the_suite(tiny_testbed, tiny_testbed_cache: Path,
 
     os.environ["TATR_CACHE"] = str(tiny_testbed_cache)
     try:
-        code = main(["evaluate", CONFIG, *TINY, "merge.method=ties", "merge.lam=0.5", "split=test", "--json"])
+        code = main(["evaluate", CONFIG, *TINY, "merge.method=ties-sum", "merge.lam=0.5", "split=test", "--json"])
     finally:
         del os.environ["TATR_CACHE"]
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
     ckpts = tiny_testbed.checkpoints()
-    merged = merge(ckpts.pretrained, [ckpts.finetuned[t] for t in tiny_testbed.tasks], method="ties", q=0.99, lam=0.5)
+    merged = merge(
+        ckpts.pretrained, [ckpts.finetuned[t] for t in tiny_testbed.tasks], method="ties-sum", q=0.99, lam=0.5
+    )
     assert payload["accuracy"] == tiny_testbed.evaluate(merged, "test")
-    assert payload["split"] == "test" and payload["config"]["merge"]["method"] == "ties"
+    assert payload["split"] == "test" and payload["config"]["merge"]["method"] == "ties-sum"
     individual = tiny_testbed.individual_accuracy("test")
     for task, norm in payload["normalized_accuracy"].items():
         assert norm == pytest.approx(100 * payload["accuracy"][task] / individual[task])
@@ -70,7 +72,7 @@ def test_evaluate_exemplar_mode_and_reference_models(tiny_testbed, tiny_testbed_
     ("override", "message"),
     [
         ("merge.lamda=0.3", "unknown config key 'merge.lamda'; did you mean 'merge.lam'?"),
-        ("merge.method=tie", "unknown merge method 'tie'; did you mean 'ties'"),
+        ("merge.method=tie", "unknown merge method 'tie'; did you mean 'ties-sum'"),
         ("merge.trust_region=exemplars", "merge.trust_region"),
         ("merge.q=1.5", "merge.q"),
         ("split=tset", "split"),

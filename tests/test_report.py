@@ -83,14 +83,22 @@ def test_every_table_and_figure_is_written(full: Path) -> None:
     for name in FIGURES:
         assert f"figures/{name}.png" in page
     assert page.count("<table") == len(TABLES)
-    assert not list(folder.glob(".report-*")) and not list(folder.glob(".old-*"))
+    assert sorted(p.name for p in folder.iterdir()) == ["figures", "index.html", "tables"]  # no temporaries left
 
 
 def test_main_table_equals_pandas(full: Path) -> None:
     store = read_store(full)
     test = store[store["split"] == "test"]
     got = read_table(full, "main")
-    assert list(got.index) == ["Pretrained", "Individual", "TA", "TA+TR", "TA+TR (exemplar)", "TIES", "TIES+TR"]
+    assert list(got.index) == [
+        "Pretrained",
+        "Individual",
+        "TA",
+        "TA+TR",
+        "TA+TR (exemplar)",
+        "TIES (dis-sum)",
+        "TIES (dis-sum)+TR",
+    ]
     finals = test[test["job_type"] == "final"]
     cases = {
         "TA": finals[finals["trust_region"] == "off"],
@@ -105,8 +113,8 @@ def test_main_table_equals_pandas(full: Path) -> None:
                 assert got.at[label, f"{col}_std"] == pytest.approx(std[col], abs=1e-5), (label, col)
     assert got.at["TA", "seeds"] == 3 and got.at["Pretrained", "seeds"] == 1
     # TIES comes from the plug-in ablation (no sweep final for it)
-    plugin = test[(test["experiment"] == "plugin") & (test["method"] == "ties") & (test["trust_region"] == "off")]
-    assert got.at["TIES", "Average"] == pytest.approx(plugin["accuracy"].mean(), abs=1e-5)
+    plugin = test[(test["experiment"] == "plugin") & (test["method"] == "ties-sum") & (test["trust_region"] == "off")]
+    assert got.at["TIES (dis-sum)", "Average"] == pytest.approx(plugin["accuracy"].mean(), abs=1e-5)
     # TA+TR with exemplars comes from the trust-region ablation, over its 3 seeds
     tr = test[(test["experiment"] == "trust-region") & (test["trust_region"] == "exemplar")]
     mean, std = expected_row(tr)
@@ -140,8 +148,8 @@ def test_ablation_tables_equal_pandas(full: Path) -> None:
     assert comp.at["positive", "Average_std"] == pytest.approx(std["Average"], abs=1e-5)
 
     mask = read_table(full, "ablation_mask_ratio")
-    point = abl[(abl["experiment"] == "mask-ratio") & (abl["method"] == "ties") & np.isclose(abl["q"], 0.99)]
-    assert mask.at["1%", "TIES+TR"] == pytest.approx(point["accuracy"].mean(), abs=1e-5)
+    point = abl[(abl["experiment"] == "mask-ratio") & (abl["method"] == "ties-sum") & np.isclose(abl["q"], 0.99)]
+    assert mask.at["1%", "TIES (dis-sum)+TR"] == pytest.approx(point["accuracy"].mean(), abs=1e-5)
     assert "0%" in mask.index  # q = 1: the trust region drops nothing
 
     count = read_table(full, "ablation_exemplar_count")

@@ -19,7 +19,7 @@ from tatr.config import ExperimentConfig, config_dict, config_hash, load_config
 from tatr.errors import TatrError
 from tatr.evaluate import Evaluation, evaluate_merged, normalized_accuracy
 from tatr.merging import merge
-from tatr.methods import get_method
+from tatr.methods import get_method, uses_ties_k
 from tatr.registry import unknown_name
 from tatr.suites import Suite, get_suite
 from tatr.trust_region import NEEDS_GRADIENTS
@@ -79,7 +79,7 @@ def describe(config: ExperimentConfig, model: str) -> str:
     if m.trust_region != "off":
         parts.append(f"q={m.q:g}")
     parts.append(f"λ={lam:g}")
-    if m.method == "ties":
+    if uses_ties_k(m.method):
         parts.append(f"k={m.ties_k:g}%")
     if m.trust_region in NEEDS_GRADIENTS:
         parts.append(f"exemplars n={config.exemplars.n} seed={config.exemplars.seed}")
@@ -123,7 +123,7 @@ def command(config_path: Path, overrides: tuple[str, ...], model: str, as_json: 
     Examples:
       tatr evaluate experiments/testbed.yaml
       tatr evaluate experiments/testbed.yaml merge.trust_region=exemplar merge.q=0.95 merge.lam=0.4
-      tatr evaluate experiments/testbed.yaml merge.method=ties split=test
+      tatr evaluate experiments/testbed.yaml merge.method=ties-sum split=test
       tatr evaluate experiments/testbed.yaml --model pretrained
     """
     config = load_config(config_path, overrides)
