@@ -87,11 +87,12 @@ EUROSAT_FOLDERS = (
 
 
 def write_eurosat(
-    root: Path, classes: tuple[str, ...] = EUROSAT_FOLDERS[:3], n_train: int = 4, n_test: int = 2
+    root: Path, classes: tuple[str, ...] = EUROSAT_FOLDERS[:3], n_train: int = 4, n_test: int = 2, n_val: int = 1
 ) -> None:
-    """EuroSAT_splits/{train,test}/<class>/ as task_vectors prepares it."""
+    """EuroSAT_splits/{train,val,test}/<class>/ as task_vectors prepares it (issue #1)."""
     for c, cls in enumerate(classes):
         write_images(root / "EuroSAT_splits" / "train" / cls, n_train, seed=100 + c)
+        write_images(root / "EuroSAT_splits" / "val" / cls, n_val, seed=150 + c, prefix="val")
         write_images(root / "EuroSAT_splits" / "test" / cls, n_test, seed=200 + c)
 
 
@@ -107,14 +108,19 @@ def write_dtd_task_vectors(root: Path, classes: tuple[str, ...] = ("banded", "zi
         write_images(root / "dtd" / "test" / cls, 2, seed=600 + c)
 
 
-def write_dtd_torchvision(root: Path, classes: tuple[str, ...] = ("banded", "zigzagged")) -> None:
+def write_dtd_torchvision(root: Path, classes: tuple[str, ...] = ("banded", "zigzagged"), n: int = 6) -> None:
+    """torchvision's dtd/dtd/{images,labels}: per class, the first half of the files split between
+    train1 (listed in reverse) and val1 (every file i with i % 3 == 1), the second half in test1;
+    so train1 + val1 in list order is not ImageFolder order. n=6: train1 = 2, 0; val1 = 1."""
     base = root / "dtd" / "dtd"
     lines: dict[str, list[str]] = {"train1": [], "test1": [], "val1": []}
     for c, cls in enumerate(classes):
-        paths = write_images(base / "images" / cls, 5, seed=700 + c, prefix=cls)
+        paths = write_images(base / "images" / cls, n, seed=700 + c, prefix=cls)
         names = [f"{cls}/{p.name}" for p in paths]
-        lines["train1"] += names[:3]
-        lines["test1"] += names[3:]
+        half = n // 2
+        lines["train1"] += [names[i] for i in reversed(range(half)) if i % 3 != 1]
+        lines["val1"] += [names[i] for i in range(half) if i % 3 == 1]
+        lines["test1"] += names[half:]
     (base / "labels").mkdir(parents=True)
     for split, rows in lines.items():
         (base / "labels" / f"{split}.txt").write_text("\n".join(rows) + "\n")
@@ -136,16 +142,17 @@ def write_resisc45(root: Path, classes: tuple[str, ...] = RESISC45_CLASSES, n: i
     (base / "resisc45-test.txt").write_text("\n".join(test) + "\n")
 
 
-def write_gtsrb(root: Path, labels: tuple[int, ...] = (0, 14)) -> None:
+def write_gtsrb(root: Path, labels: tuple[int, ...] = (0, 14), sep: str = ";") -> None:
+    """torchvision's GTSRB layout; `sep="; "` writes the test CSV with spaces after each ';'."""
     base = root / "gtsrb"
-    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId".replace(";", sep)]
     for c, label in enumerate(labels):
         write_images(base / "GTSRB" / "Training" / f"{label:05d}", 3, seed=900 + c, suffix=".ppm")
         for i, img in enumerate(random_images(2, seed=950 + c)):
             name = f"{c:02d}{i:03d}.ppm"
             (base / "GTSRB" / "Final_Test" / "Images").mkdir(parents=True, exist_ok=True)
             img.save(base / "GTSRB" / "Final_Test" / "Images" / name)
-            rows.append(f"{name};8;8;0;0;7;7;{label}")
+            rows.append(sep.join([name, "8", "8", "0", "0", "7", "7", str(label)]))
     (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
 
 

@@ -23,7 +23,7 @@ from tatr.cli import main as cli_main
 from tatr.errors import TatrError
 from tatr.gradients import gradient_stats_loop
 from tatr.merging import merge, plan_merge
-from tatr.suites import Suite, get_suite
+from tatr.suites import get_suite
 from tatr.suites.clip8 import Clip8
 from tests.clip_fixtures import (
     EUROSAT_FOLDERS,
@@ -100,10 +100,16 @@ def _visual_keys() -> set[str]:
     return {k for k in _base() if k.startswith("visual.")}
 
 
-def test_suite_implements_the_protocol(suite: Clip8):
-    assert isinstance(suite, Suite)
+def test_suite_hands_out_the_tasks_scale_and_splits(suite: Clip8, bench: dict):
     assert suite.tasks == TASKS
     assert suite.logit_scale() == pytest.approx(math.exp(_base()["logit_scale"].item()))
+    # EuroSAT as task_vectors' EuroSAT/EuroSATVal: validation is the val folder, train all of train/
+    sizes = {s: sum(len(y) for _, y in suite.loader("EuroSAT", s, batch_size=3)) for s in ("train", "validation")}
+    assert sizes == {"train": 10, "validation": 2}
+    x, y = next(iter(suite.loader("EuroSAT", "validation")))
+    assert x.shape == (2, 3, 224, 224) and y.tolist() == [0, 1]
+    val_images = sorted((bench["data"] / "EuroSAT_splits" / "val").rglob("*.jpg"))
+    assert [p.name for p, _ in suite.task_data("EuroSAT").split("validation").samples] == [p.name for p in val_images]
 
 
 def test_checkpoints_hold_only_the_image_tower(suite: Clip8, bench: dict):
@@ -310,7 +316,7 @@ def test_wrong_layout_and_missing_class_folders(bench: dict, tmp_path: Path):
     data = tmp_path / "data"
     (data / "eurosat" / "2750" / "Forest").mkdir(parents=True)  # torchvision's unsplit EuroSAT
     suite = get_suite("clip8", _options(bench, data_root=str(data), tasks=["EuroSAT"]), tmp_path / "c")
-    with pytest.raises(TatrError, match=r"EuroSAT: expected the layout EuroSAT_splits/\{train,test\}/<class>/"):
+    with pytest.raises(TatrError, match=r"EuroSAT: expected the layout EuroSAT_splits/\{train,val,test\}/<class>/"):
         suite.head("EuroSAT")
     write_eurosat(data)
     import shutil

@@ -53,8 +53,19 @@ def _published() -> pd.DataFrame:
 
 def test_published_numbers_are_the_paper_numbers():
     pub = _published()
-    assert list(pub.columns) == ["benchmark", "model", "method", "task", "accuracy", "source"]
+    assert list(pub.columns) == ["benchmark", "model", "method", "setting", "task", "accuracy", "source"]
     assert set(pub["benchmark"]) == {"clip8"} and pub["source"].str.contains("2501.15065").all()
+    # every row names its method setting; the ViT-B/32 rows name their table
+    assert pub["setting"].notna().all() and (pub["setting"].str.len() > 10).all()
+    b32 = pub[pub["model"] == "ViT-B/32"]
+    assert (b32["source"] == "TATR paper (arXiv 2501.15065), Table 1").all()
+    ties = pub[pub["method"].str.startswith("TIES")]["setting"]
+    assert len(ties) == 5 and ties.str.contains("dis-sum").all() and ties.str.contains("k=20").all()
+    assert (
+        pub.set_index(["model", "method", "task"])
+        .at[("ViT-B/32", "TIES", "average"), "setting"]
+        .startswith("TIES dis-sum, k=20, λ=0.3")
+    )
     avg = pub[pub["task"] == "average"].set_index(["model", "method"])["accuracy"]
     expected = {
         ("ViT-B/32", "Pretrained"): 48.0,
@@ -77,7 +88,7 @@ def test_published_numbers_are_the_paper_numbers():
     assert per_task["accuracy"].tolist() == [62.7, 59.3, 72.3, 82.3, 80.5, 72.6, 97.0, 55.4]
     assert round(per_task["accuracy"].mean(), 1) == 72.8  # consistent with the published average
     labels = {reference_label(m) for m in pub["method"]}
-    assert labels == {"Pretrained", "Individual", "TA", "TIES", "TA+TR", "TIES+TR"}
+    assert labels == {"Pretrained", "Individual", "TA", "TIES (dis-sum)", "TA+TR", "TIES (dis-sum)+TR"}
 
 
 def test_report_places_a_reproduced_run_beside_the_published_numbers(tmp_path: Path):

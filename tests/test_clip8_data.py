@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from torch.utils.data import Subset
 
 from tatr.errors import TatrError
 from tatr.suites.clip_data import TASKS, load_task, train_val_indices
@@ -49,16 +49,37 @@ def test_templates_and_constants_cover_the_eight_tasks():
     assert len(EUROSAT_FOLDERS) == NUM_CLASSES["EuroSAT"]
 
 
-def test_eurosat(tmp_path: Path):
-    write_eurosat(tmp_path, classes=EUROSAT_FOLDERS)
+def test_eurosat_validation_is_the_val_folder_and_train_is_all_of_train(tmp_path: Path):
+    """task_vectors' `EuroSATVal` reads EuroSAT_splits/val; `EuroSAT` trains on all of train/."""
+    write_eurosat(tmp_path, classes=EUROSAT_FOLDERS, n_train=4, n_test=2, n_val=1)
     data = load_task("EuroSAT", tmp_path)
     assert data.classnames[:3] == ("annual crop land", "forest", "brushland or shrubland")
     assert data.classnames[-1] == "lake or sea"
     assert len(data.train) == 40 and len(data.test) == 20
     assert _labels(data.test) == [c for c in range(10) for _ in range(2)]
     image, label = data.train[0]
-    assert isinstance(image, Image.Image) and image.mode == "RGB" and label == 0
-    assert len(data.split("validation")) == 4 and len(data.split("train")) == 36
+    assert image.mode == "RGB" and image.size == (8, 8) and label == 0
+    train, val = data.split("train"), data.split("validation")
+    base = tmp_path / "EuroSAT_splits"
+    # ImageFolder order over the val folder, labels from the train folder's classes
+    assert [(p.relative_to(base).as_posix(), y) for p, y in val.samples] == [
+        (f"val/{cls}/val_000.jpg", c) for c, cls in enumerate(EUROSAT_FOLDERS)
+    ]
+    # train is every file of train/, nothing carved out
+    expected = [(f"train/{cls}/img_{i:03d}.jpg", c) for c, cls in enumerate(EUROSAT_FOLDERS) for i in range(4)]
+    assert [(p.relative_to(base).as_posix(), y) for p, y in train.samples] == expected
+    assert train is data.train and data.split("test") is data.test
+
+
+def test_eurosat_without_its_val_folder_is_a_layout_error(tmp_path: Path):
+    write_eurosat(tmp_path)
+    shutil.rmtree(tmp_path / "EuroSAT_splits" / "val")
+    with pytest.raises(TatrError, match=r"^EuroSAT: validation folder .*EuroSAT_splits/val not found .*EuroSATVal"):
+        load_task("EuroSAT", tmp_path)
+    write_eurosat(tmp_path)
+    shutil.rmtree(tmp_path / "EuroSAT_splits" / "val" / "Forest")
+    with pytest.raises(TatrError, match=r"EuroSAT: class folder 'Forest' is missing from .*EuroSAT_splits/val"):
+        load_task("EuroSAT", tmp_path)
 
 
 def test_sun397_names_drop_the_letter_prefix_and_val_is_the_test_split(tmp_path: Path):
@@ -74,8 +95,63 @@ def test_dtd_in_both_layouts(tmp_path: Path):
     a, b = load_task("DTD", tmp_path / "a"), load_task("DTD", tmp_path / "b")
     assert a.classnames == b.classnames == ("banded", "zigzagged")
     assert "torchvision" in b.layout and "torchvision" not in a.layout
-    assert (len(b.train), len(b.test)) == (6, 4)
-    assert _labels(b.test) == [0, 0, 1, 1]
+    assert (len(b.train), len(b.test)) == (6, 6)
+    assert _labels(b.test) == [0, 0, 0, 1, 1, 1]
+
+
+def test_dtd_torchvision_train_is_train1_plus_val1_and_test_is_test1(tmp_path: Path):
+    write_dtd_torchvision(tmp_path)  # per class: train1 = files 2, 0; val1 = file 1; test1 = 3, 4, 5
+    data = load_task("DTD", tmp_path)
+    # train1 + val1, in ImageFolder order (class, then file name), as task_vectors' dtd/train holds them
+    assert [(p.name, y) for p, y in data.train.samples] == [
+        (f"{cls}_{i:03d}.jpg", c) for c, cls in enumerate(("banded", "zigzagged")) for i in (0, 1, 2)
+    ]
+    assert [(p.name, y) for p, y in data.test.samples] == [
+        (f"{cls}_{i:03d}.jpg", c) for c, cls in enumerate(("banded", "zigzagged")) for i in (3, 4, 5)
+    ]
+
+
+def test_dtd_torchvision_splits_equal_the_prepared_folders(tmp_path: Path):
+    """The same images moved into task_vectors' dtd/{train,val} (issue #1) give the same splits."""
+    write_dtd_torchvision(tmp_path / "tv", n=30)
+    tv = tmp_path / "tv" / "dtd" / "dtd"
+    labels = {s: (tv / "labels" / f"{s}1.txt").read_text().split() for s in ("train", "val", "test")}
+    for split, rows in (("train", labels["train"] + labels["val"]), ("val", labels["test"])):
+        for row in rows:
+            target = tmp_path / "folders" / "dtd" / split / row
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tv / "images" / row, target)
+    a, b = load_task("DTD", tmp_path / "tv"), load_task("DTD", tmp_path / "folders")
+    for split in ("train", "validation", "test"):
+        assert _named(a.split(split)) == _named(b.split(split)), split
+    assert len(a.split("validation")) == 3  # ⌊0.1 · 30⌋ carved out with task_vectors' seed
+
+
+def _named(dataset) -> list[tuple[str, int]]:
+    """(file name, label) of each sample, through a `Subset`'s indices when there is one."""
+    if isinstance(dataset, Subset):
+        return [(dataset.dataset.samples[i][0].name, dataset.dataset.samples[i][1]) for i in dataset.indices]
+    return [(p.name, y) for p, y in dataset.samples]
+
+
+def test_dtd_and_sun397_refuse_both_a_test_and_a_val_folder(tmp_path: Path):
+    write_dtd_task_vectors(tmp_path)
+    shutil.copytree(tmp_path / "dtd" / "test", tmp_path / "dtd" / "val")
+    with pytest.raises(TatrError, match=r"^DTD: both .*dtd/test and .*dtd/val exist; task_vectors tests on"):
+        load_task("DTD", tmp_path)
+    write_sun397(tmp_path)
+    shutil.copytree(tmp_path / "sun397" / "val", tmp_path / "sun397" / "test")
+    with pytest.raises(TatrError, match=r"^SUN397: both .*sun397/test and .*sun397/val exist"):
+        load_task("SUN397", tmp_path)
+
+
+def test_dtd_label_lines_must_be_class_slash_file(tmp_path: Path):
+    write_dtd_torchvision(tmp_path)
+    labels = tmp_path / "dtd" / "dtd" / "labels" / "val1.txt"
+    for bad in ("banded_000.jpg", "banded/../../secret.jpg", "banded/sub/x.jpg"):
+        labels.write_text(f"{bad}\n")
+        with pytest.raises(TatrError, match=r"DTD: .*val1\.txt line 1 is not '<class>/<file>'"):
+            load_task("DTD", tmp_path)
 
 
 def test_resisc45_uses_the_split_files(tmp_path: Path):
@@ -92,6 +168,19 @@ def test_gtsrb_labels_are_the_folder_numbers(tmp_path: Path):
     assert data.classnames == GTSRB_CLASSNAMES  # 43 names even when few folders are present
     assert sorted(set(_labels(data.train))) == [0, 14] and _labels(data.test) == [0, 0, 14, 14]
     assert data.classnames[14] == "stop"
+
+
+def test_gtsrb_test_csv_is_read_with_skipinitialspace(tmp_path: Path):
+    """task_vectors reads GT-final_test.csv with `skipinitialspace=True`: '; ' separates fields too."""
+    write_gtsrb(tmp_path, labels=(3, 14), sep="; ")
+    data = load_task("GTSRB", tmp_path)
+    test_dir = tmp_path / "gtsrb" / "GTSRB" / "Final_Test" / "Images"
+    assert data.test.samples == [
+        (test_dir / "00000.ppm", 3),
+        (test_dir / "00001.ppm", 3),
+        (test_dir / "01000.ppm", 14),
+        (test_dir / "01001.ppm", 14),
+    ]
 
 
 def test_mnist_and_svhn_arrays(tmp_path: Path):
@@ -112,6 +201,13 @@ def test_cars_from_the_devkit(tmp_path: Path):
     assert data.classnames == ("AM General Hummer SUV 2000", "Acura RL Sedan 2012")
     assert (len(data.train), len(data.test)) == (8, 4)
     assert _labels(data.test) == [0, 1, 0, 1]
+
+
+def test_cars_class_names_replace_underscores_with_spaces(tmp_path: Path):
+    """task_vectors' `Cars.classnames` is `idx_to_class[i].replace('_', ' ')`."""
+    write_cars(tmp_path, classes=("Ram_C/V_Cargo_Van_Minivan_2012", "smart fortwo Convertible 2012"))
+    data = load_task("Cars", tmp_path)
+    assert data.classnames == ("Ram C/V Cargo Van Minivan 2012", "smart fortwo Convertible 2012")
 
 
 def test_transform_is_applied_and_identity_tracks_the_files(tmp_path: Path):

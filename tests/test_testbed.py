@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from tatr.checkpoints import load_state_dict
 from tatr.errors import TatrError
 from tatr.merging import merge
-from tatr.suites import Suite, get_suite
+from tatr.suites import get_suite
 from tatr.suites import testbed as testbed_mod
 from tatr.suites import testbed_build as tb
 from tatr.suites import testbed_data as data
@@ -76,6 +78,26 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     assert a["pretrained.safetensors"] != c["pretrained.safetensors"]
 
 
+def test_built_bytes_do_not_depend_on_the_callers_thread_count(tmp_path: Path) -> None:
+    """Without pinning, the icon heads (5–11-row matrix products) and the fine-tunes differ."""
+    spec = testbed_mod.spec_from_options({"preset": "tiny"})
+    before = torch.get_num_threads()
+    digests = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            folder = tmp_path / f"t{threads}"
+            folder.mkdir()
+            tb.build(spec, folder)
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+            assert json.loads((folder / "build_log.json").read_text())["threads"] == tb.BUILD_THREADS == 1
+            digests[threads] = {k: hashlib.sha256(v).hexdigest() for k, v in _files(folder).items()}
+    finally:
+        torch.set_num_threads(before)
+    assert "heads.safetensors" in digests[1] and len(digests[1]) == 11
+    assert digests[1] == digests[2]
+
+
 def test_cache_hit_miss_and_corruption(tiny_testbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cache"
     shutil.copytree(tiny_testbed.cache_root / "testbed", root / "testbed")
@@ -122,7 +144,6 @@ def test_unknown_options_are_one_line_errors(tmp_path: Path) -> None:
 # --- the Suite interface ------------------------------------------------------------------------
 def test_suite_interface(tiny_testbed) -> None:
     suite = tiny_testbed
-    assert isinstance(suite, Suite)
     assert suite.tasks == ("digits", "shapes", "counts", "flags")
     ckpts = suite.checkpoints()
     pre = load_state_dict(ckpts.pretrained)
@@ -137,6 +158,17 @@ def test_suite_interface(tiny_testbed) -> None:
         x, y = next(iter(suite.loader(task, "validation", batch_size=16)))
         assert x.shape == (16, 3, data.SIZE, data.SIZE) and x.dtype == torch.float32 and y.dtype == torch.long
         assert sum(len(b[1]) for b in suite.loader(task, "test")) == suite.spec.n_test
+        # the loaders hand out exactly the stored split, in order, normalised like the build
+        stored = tb.load_split(suite.folder, task)
+        xs, ys = zip(*suite.loader(task, "validation", batch_size=16), strict=True)
+        assert torch.equal(torch.cat(ys), stored["y_validation"])
+        assert torch.equal(torch.cat(xs), tb.preprocess(stored["x_validation"]))
+        # a known input: θ_0 classifies each class's gray icon (the head row built from it) as that class
+        icons, labels = data.icons(task)
+        gray = icons.float().mean(1, keepdim=True).round().to(torch.uint8).expand_as(icons).contiguous()
+        with torch.no_grad():
+            feats = suite.encoder(None)(tb.preprocess(gray))
+        assert torch.equal((torch.nn.functional.normalize(feats, dim=-1) @ head.T).argmax(-1), labels)
     # encoder(None) is θ_0; the encoder's parameters are exactly the checkpoint keys
     enc = suite.encoder()
     assert dict(enc.named_parameters()).keys() == pre.keys()

@@ -1,26 +1,32 @@
 """The eight paper datasets, read from a local root in the task_vectors layout (or torchvision's).
 
-Nothing is downloaded: a researcher points `data_root` at a folder prepared as in task_vectors'
-`datasets.md`. Every loader checks the layout first and fails with one line that names the folder
-it looked at and the layouts it accepts, instead of torchvision's generic "Dataset not found".
+Nothing is downloaded: a researcher points `data_root` at a folder prepared as described in
+task_vectors' issue #1 ("Split definition of DTD, EuroSAT and SUN397",
+https://github.com/mlfoundations/task_vectors/issues/1; the repository has no `datasets.md`).
+Every loader checks the layout first and fails with one line that names the folder it looked at
+and the layouts it accepts, instead of torchvision's generic "Dataset not found".
 
-Layouts, relative to `data_root` (the test split is the official one; see `SPLIT_NOTES`):
+Layouts, relative to `data_root`, and the splits task_vectors' `src/datasets/*.py` read from them:
 
-    SUN397    sun397/{train,test|val}/<class>/*.jpg            class 'a_abbey' -> 'abbey'
+    SUN397    sun397/{train,val}/<class>/*.jpg (or test/)      class 'a_abbey' -> 'abbey'
     Cars      stanford_cars/devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, cars_test/,
               stanford_cars/cars_test_annos_withlabels.mat     (torchvision's layout)
+              class names from cars_meta.mat with '_' -> ' ' (as task_vectors' `Cars`)
     RESISC45  resisc45/NWPU-RESISC45/<class>/*.jpg, resisc45/resisc45-{train,test}.txt
-    EuroSAT   EuroSAT_splits/{train,test}/<class>/*.jpg
+    EuroSAT   EuroSAT_splits/{train,val,test}/<class>/*.jpg   validation = the val folder
     SVHN      svhn/{train,test}_32x32.mat                     (torchvision's layout)
     GTSRB     gtsrb/GTSRB/Training/<00000..00042>/*.ppm, gtsrb/GTSRB/Final_Test/Images/*.ppm,
-              gtsrb/GT-final_test.csv                          (torchvision's layout)
+              gtsrb/GT-final_test.csv (';' separated, read with skipinitialspace, as task_vectors)
     MNIST     MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte   (torchvision's layout)
-    DTD       dtd/{train,test|val}/<class>/*.jpg   or torchvision's dtd/dtd/{images,labels}
+    DTD       dtd/{train,val|test}/<class>/*.jpg   or torchvision's dtd/dtd/{images,labels}, where
+              train = train1 + val1 (in ImageFolder order) and test = test1
 
-Validation is carved out of the official training split exactly as task_vectors does it
-(`split_train_into_train_val`): `random_split` of the training set into (n − v, v) with
-v = min(⌊0.1·n⌋, 5000) and a generator seeded with 0. Our "train" split is the n − v part, so
-exemplars for the gradients never overlap the validation images that tune q and λ.
+Validation, for every task but EuroSAT, is carved out of the training split exactly as
+task_vectors does it (`split_train_into_train_val`): `random_split` of the training set into
+(n − v, v) with v = min(⌊0.1·n⌋, 5000) and a generator seeded with 0. Our "train" split is the
+n − v part, so exemplars for the gradients never overlap the validation images that tune q and λ.
+EuroSAT is the exception because task_vectors registers its own `EuroSATVal` class: validation is
+the `EuroSAT_splits/val` folder and train is all of `EuroSAT_splits/train`.
 """
 
 from __future__ import annotations
@@ -30,91 +36,41 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset, Subset, random_split
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tatr.cache import content_hash
 from tatr.errors import TatrError
+from tatr.suites.clip_splits import (
+    MAX_VAL,
+    TASKS,
+    VAL_FRACTION,
+    VAL_SEED,
+    ArrayImages,
+    ImageFiles,
+    TaskData,
+    Transform,
+    file_stats,
+    identity_of,
+    require_files,
+    task_data,
+    train_val_indices,
+)
 from tatr.suites.clip_templates import DIGITS, EUROSAT_CLASSNAMES, GTSRB_CLASSNAMES, NUM_CLASSES
 
-TASKS: tuple[str, ...] = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
-VAL_FRACTION = 0.1
-MAX_VAL = 5000
-VAL_SEED = 0
-
-Transform = Callable[[Image.Image], Any] | None
-
-
-class ImageFiles(Dataset):
-    """(path, label) pairs read as RGB PIL images, like torchvision's `ImageFolder` loader."""
-
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Transform = None) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-        return (self.transform(image) if self.transform else image), label
-
-
-class ArrayImages(Dataset):
-    """Images held in one uint8 array ([N,H,W] grey or [N,H,W,3] RGB): MNIST and SVHN."""
-
-    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Transform = None) -> None:
-        self.images = images
-        self.labels = [int(y) for y in labels]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(np.ascontiguousarray(self.images[index]))
-        return (self.transform(image) if self.transform else image), self.labels[index]
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """One task's official splits, its class names and a content key of what was read."""
-
-    task: str
-    layout: str
-    classnames: tuple[str, ...]
-    train: Dataset  # the official training split, before validation is carved out of it
-    test: Dataset
-    identity: str  # hash of the sample list (or data-file stats): keys caches of evaluations
-
-    def split(self, split: str) -> Dataset:
-        """'train' (the 90% part), 'validation' (10%, at most 5000) or 'test' (official)."""
-        if split == "test":
-            return self.test
-        train_idx, val_idx = train_val_indices(len(self.train))
-        if split == "train":
-            return Subset(self.train, train_idx)
-        if split == "validation":
-            return Subset(self.train, val_idx)
-        raise TatrError(f"unknown split '{split}' (known: train, validation, test)")
-
-
-def train_val_indices(n: int, seed: int = VAL_SEED) -> tuple[list[int], list[int]]:
-    """task_vectors' split: `random_split(range(n), [n - v, v], Generator().manual_seed(seed))`."""
-    val = min(int(n * VAL_FRACTION), MAX_VAL)
-    if n < 2 or val < 1:
-        raise TatrError(f"a training split of {n} images is too small to carve a validation split from")
-    train_part, val_part = random_split(range(n), [n - val, val], generator=torch.Generator().manual_seed(seed))
-    return list(train_part.indices), list(val_part.indices)
+__all__ = [
+    "MAX_VAL",
+    "TASKS",
+    "VAL_FRACTION",
+    "VAL_SEED",
+    "ArrayImages",
+    "ImageFiles",
+    "TaskData",
+    "load_task",
+    "train_val_indices",
+]
 
 
 def load_task(task: str, root: str | Path, transform: Transform = None) -> TaskData:
@@ -170,39 +126,28 @@ def _folder_samples(folder: Path, classes: Sequence[str], task: str) -> list[tup
 def _image_folders(
     task: str, base: Path, test_names: Sequence[str], layout_hint: str
 ) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]], str]:
+    """`base/train/<class>` and the first of `base/<test_names>` that exists, in ImageFolder order.
+
+    task_vectors tests SUN397 and DTD on their `val` folder; `test` is accepted as its alias, but a
+    root holding both is ambiguous and refused rather than silently read the other way round.
+    """
     train_dir = base / "train"
-    test_dir = next((base / n for n in test_names if (base / n).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
+    present = [base / n for n in test_names if (base / n).is_dir()]
+    if not train_dir.is_dir() or not present:
         looked = ", ".join(str(base / n) for n in ("train", *test_names))
         raise TatrError(f"{task}: expected the layout {layout_hint} (looked for {looked})")
+    if len(present) > 1:
+        raise TatrError(
+            f"{task}: both {present[0]} and {present[1]} exist; task_vectors tests on "
+            f"{base / test_names[-1]}, so keep one of them as the test split"
+        )
+    test_dir = present[0]
     classes = _listdir_classes(train_dir)
     if not classes:
         raise TatrError(f"{task}: {train_dir} has no class folders (expected {layout_hint})")
     train = _folder_samples(train_dir, classes, task)
     test = _folder_samples(test_dir, classes, task)
     return classes, train, test, f"{base.name}/{{train,{test_dir.name}}}/<class>"
-
-
-def _identity(task: str, layout: str, root: Path, *lists: Sequence[tuple[Path, int]]) -> str:
-    rel = [[(str(p.relative_to(root)), y) for p, y in samples] for samples in lists]
-    return content_hash("clip8-data", task, layout, rel)
-
-
-def _file_stats(*paths: Path) -> list[tuple[str, int, int]]:
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-
-
-def _task_data(
-    task: str, layout: str, root: Path, classnames: Sequence[str], train: list, test: list, transform: Transform
-) -> TaskData:
-    return TaskData(
-        task,
-        layout,
-        tuple(classnames),
-        ImageFiles(train, transform),
-        ImageFiles(test, transform),
-        _identity(task, layout, root, train, test),
-    )
 
 
 def _sun397(root: Path, transform: Transform) -> TaskData:
@@ -216,7 +161,7 @@ def _sun397(root: Path, transform: Transform) -> TaskData:
         name = folder[2:] if re.match(r"^([a-z])_\1", folder) else folder
         return name.replace("_", " ")
 
-    return _task_data("SUN397", layout, root, [pretty(c) for c in classes], train, test, transform)
+    return task_data("SUN397", layout, root, [pretty(c) for c in classes], train, test, transform)
 
 
 def _eurosat(root: Path, transform: Transform) -> TaskData:
@@ -228,9 +173,24 @@ def _eurosat(root: Path, transform: Transform) -> TaskData:
                 f"EuroSAT: unknown class folder '{unknown[0]}' in {base / 'train'} "
                 f"(expected the EuroSAT folders: {', '.join(EUROSAT_CLASSNAMES)})"
             )
-    classes, train, test, layout = _image_folders("EuroSAT", base, ("test",), "EuroSAT_splits/{train,test}/<class>/")
+    hint = "EuroSAT_splits/{train,val,test}/<class>/"
+    classes, train, test, layout = _image_folders("EuroSAT", base, ("test",), hint)
+    if not (base / "val").is_dir():
+        raise TatrError(
+            f"EuroSAT: validation folder {base / 'val'} not found (expected {hint}; task_vectors' "
+            "EuroSATVal reads it instead of carving validation out of train)"
+        )
+    val = _folder_samples(base / "val", classes, "EuroSAT")
     names = [EUROSAT_CLASSNAMES[c] for c in classes]
-    return _task_data("EuroSAT", layout, root, names, train, test, transform)
+    return TaskData(
+        "EuroSAT",
+        "EuroSAT_splits/{train,val,test}/<class>",
+        tuple(names),
+        ImageFiles(train, transform),
+        ImageFiles(test, transform),
+        identity_of("EuroSAT", layout, root, train, val, test),
+        validation=ImageFiles(val, transform),
+    )
 
 
 def _dtd(root: Path, transform: Transform) -> TaskData:
@@ -240,19 +200,31 @@ def _dtd(root: Path, transform: Transform) -> TaskData:
     classes, train, test, layout = _image_folders(
         "DTD", root / "dtd", ("test", "val"), "dtd/{train,test or val}/<class>/ or dtd/dtd/{images,labels}/"
     )
-    return _task_data("DTD", layout, root, [c.replace("_", " ") for c in classes], train, test, transform)
+    return task_data("DTD", layout, root, [c.replace("_", " ") for c in classes], train, test, transform)
 
 
 def _dtd_torchvision(root: Path, tv: Path, transform: Transform, partition: int = 1) -> TaskData:
-    """torchvision's DTD: images/<class>/<file>, labels/{train,test}<partition>.txt."""
+    """torchvision's DTD: images/<class>/<file>, labels/{train,val,test}<partition>.txt.
+
+    task_vectors' prepared `dtd/train` folder holds train1 + val1 and its test folder test1, so
+    train here is train1 + val1 in ImageFolder order (class, then file name): the order its
+    validation carve-out (`random_split` with seed 0) indexes, so both layouts give the same split.
+    """
 
     def read(split: str) -> list[tuple[str, str]]:
         path = tv / "labels" / f"{split}{partition}.txt"
         if not path.is_file():
             raise TatrError(f"DTD: missing split file {path} (torchvision layout dtd/dtd/{{images,labels}})")
-        return [tuple(line.strip().split("/", 1)) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            parts = line.strip().split("/")
+            if line.strip() and (len(parts) != 2 or not all(parts) or ".." in parts):
+                raise TatrError(f"DTD: {path} line {n} is not '<class>/<file>': {line.strip()[:80]!r}")
+            if line.strip():
+                rows.append((parts[0], parts[1]))
+        return rows
 
-    train_rows, test_rows = read("train"), read("test")
+    train_rows, test_rows = sorted(set(read("train") + read("val"))), read("test")
     classes = sorted({c for c, _ in train_rows})
     index = {c: i for i, c in enumerate(classes)}
     for cls in sorted({c for c, _ in train_rows + test_rows}):
@@ -261,17 +233,14 @@ def _dtd_torchvision(root: Path, tv: Path, transform: Transform, partition: int 
     if any(c not in index for c, _ in test_rows):
         bad = next(c for c, _ in test_rows if c not in index)
         raise TatrError(f"DTD: test class '{bad}' does not occur in the training split")
-    train = [(tv / "images" / c / f, index[c]) for c, f in train_rows]
-    test = [(tv / "images" / c / f, index[c]) for c, f in test_rows]
-    _require_files("DTD", train + test)
+
+    def image_folder_order(rows: list[tuple[str, str]]) -> list[tuple[Path, int]]:
+        return sorted(((tv / "images" / c / f, index[c]) for c, f in rows), key=lambda s: (s[1], s[0]))
+
+    train, test = image_folder_order(train_rows), image_folder_order(test_rows)
+    require_files("DTD", train + test)
     layout = "dtd/dtd/{images,labels} (torchvision)"
-    return _task_data("DTD", layout, root, [c.replace("_", " ") for c in classes], train, test, transform)
-
-
-def _require_files(task: str, samples: Sequence[tuple[Path, int]]) -> None:
-    missing = [p for p, _ in samples if not p.is_file()]
-    if missing:
-        raise TatrError(f"{task}: {len(missing)} listed images do not exist (first: {missing[0]})")
+    return task_data("DTD", layout, root, [c.replace("_", " ") for c in classes], train, test, transform)
 
 
 def _resisc45(root: Path, transform: Transform) -> TaskData:
@@ -308,7 +277,7 @@ def _resisc45(root: Path, transform: Transform) -> TaskData:
 
     train, test = read("train"), read("test")
     names = [c.replace("_", " ") for c in classes]
-    return _task_data("RESISC45", "resisc45/NWPU-RESISC45 + split files", root, names, train, test, transform)
+    return task_data("RESISC45", "resisc45/NWPU-RESISC45 + split files", root, names, train, test, transform)
 
 
 def _gtsrb(root: Path, transform: Transform) -> TaskData:
@@ -329,8 +298,8 @@ def _gtsrb(root: Path, transform: Transform) -> TaskData:
                 train.append((path, int(folder)))
     if not train:
         raise TatrError(f"GTSRB: no .ppm images under {train_dir} (expected {hint})")
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter=";"))
+    with open(csv_path, newline="") as fh:  # task_vectors reads it with skipinitialspace=True
+        rows = list(csv.DictReader(fh, delimiter=";", skipinitialspace=True))
     if rows and not {"Filename", "ClassId"} <= set(rows[0]):
         raise TatrError(f"GTSRB: {csv_path} lacks the Filename;ClassId columns")
     test = [(test_dir / r["Filename"], int(r["ClassId"])) for r in rows]
@@ -338,8 +307,8 @@ def _gtsrb(root: Path, transform: Transform) -> TaskData:
     absent = sorted({y for _, y in test} - have)
     if absent:
         raise TatrError(f"GTSRB: class folder '{absent[0]:05d}' is missing from {train_dir}")
-    _require_files("GTSRB", test)
-    return _task_data("GTSRB", "gtsrb/GTSRB (torchvision)", root, GTSRB_CLASSNAMES, train, test, transform)
+    require_files("GTSRB", test)
+    return task_data("GTSRB", "gtsrb/GTSRB (torchvision)", root, GTSRB_CLASSNAMES, train, test, transform)
 
 
 def _cars(root: Path, transform: Transform) -> TaskData:
@@ -355,7 +324,8 @@ def _cars(root: Path, transform: Transform) -> TaskData:
             raise TatrError(f"Cars: {path} not found (expected torchvision's layout {hint})")
     from scipy.io import loadmat  # scipy comes with scikit-learn; only Cars and SVHN need it
 
-    classes = [str(c) for c in np.atleast_1d(loadmat(str(meta), squeeze_me=True)["class_names"]).tolist()]
+    raw_names = np.atleast_1d(loadmat(str(meta), squeeze_me=True)["class_names"]).tolist()
+    classes = [str(c).replace("_", " ") for c in raw_names]  # as task_vectors' `Cars.classnames`
 
     def read(path: Path, folder: Path) -> list[tuple[Path, int]]:
         annos = np.atleast_1d(loadmat(str(path), squeeze_me=True)["annotations"])
@@ -366,8 +336,8 @@ def _cars(root: Path, transform: Transform) -> TaskData:
         return samples
 
     train, test = read(train_annos, base / "cars_train"), read(test_annos, base / "cars_test")
-    _require_files("Cars", train + test)
-    return _task_data("Cars", "stanford_cars (torchvision)", root, classes, train, test, transform)
+    require_files("Cars", train + test)
+    return task_data("Cars", "stanford_cars (torchvision)", root, classes, train, test, transform)
 
 
 def _svhn(root: Path, transform: Transform) -> TaskData:
@@ -387,7 +357,7 @@ def _svhn(root: Path, transform: Transform) -> TaskData:
         return ArrayImages(np.transpose(mat["X"], (3, 0, 1, 2)), labels.tolist(), transform)
 
     train, test = read(files[0]), read(files[1])
-    identity = content_hash("clip8-data", "SVHN", _file_stats(*files))
+    identity = content_hash("clip8-data", "SVHN", file_stats(*files))
     return TaskData("SVHN", "svhn/*_32x32.mat (torchvision)", DIGITS, train, test, identity)
 
 
@@ -413,7 +383,7 @@ def _mnist(root: Path, transform: Transform) -> TaskData:
         return ArrayImages(x.numpy(), y.tolist(), transform)
 
     train, test = read(files[0], files[1]), read(files[2], files[3])
-    identity = content_hash("clip8-data", "MNIST", _file_stats(*files))
+    identity = content_hash("clip8-data", "MNIST", file_stats(*files))
     return TaskData("MNIST", "MNIST/raw (torchvision)", DIGITS, train, test, identity)
 
 

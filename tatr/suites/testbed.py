@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
@@ -31,7 +32,8 @@ from tatr.suites import testbed_build as tb
 from tatr.suites.base import SPLITS, SUITES, Checkpoints, ExemplarGradients
 
 # Bump whenever the build code changes its output, so stale cache folders are not reused.
-BUILD_VERSION = 2
+# 3: the build always runs on one torch thread; a version-2 folder may hold a multi-thread build.
+BUILD_VERSION = 3
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -79,7 +81,23 @@ def spec_from_options(options: Mapping[str, Any]) -> tb.TestbedSpec:
         raise TatrError(f"bad testbed options: {exc}") from None
     if spec.head not in ("icons", "pretrain"):
         raise TatrError(f"suite.head must be 'icons' or 'pretrain', got '{spec.head}'")
+    check_numbers(spec)
     return spec
+
+
+def check_numbers(spec: tb.TestbedSpec) -> None:
+    """Sizes, steps and batches positive integers, rates positive and finite: one line before a build."""
+    defaults = tb.TestbedSpec()
+    for f in fields(spec):
+        value, default = getattr(spec, f.name), getattr(defaults, f.name)
+        if isinstance(default, bool) or not isinstance(default, int | float):
+            continue
+        integer = isinstance(default, int)
+        if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+            raise TatrError(f"suite.{f.name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        least_zero = f.name in ("seed", "weight_decay")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not least_zero):
+            raise TatrError(f"suite.{f.name} must be {'≥ 0' if least_zero else 'positive'} and finite, got {value!r}")
 
 
 def spec_key(spec: tb.TestbedSpec) -> str:

@@ -14,12 +14,23 @@ Why it is built this way (the regime the paper studies; see the README's "Testbe
 * Fine-tuning moves the whole encoder towards the frozen heads in 150 small AdamW steps
   (lr 5e-4, warmup + cosine), so it mostly re-aligns features (individual ~91%).
 
-Everything random is drawn from generators seeded from `spec.seed`, so the same spec gives the
-same bytes on the same machine and thread count.
+Everything random is drawn from generators seeded from `spec.seed`, and the whole build runs on
+exactly one torch thread (`BUILD_THREADS`, whatever `torch.get_num_threads()` says outside), so
+the same spec gives the same bytes on the same machine, however busy it is. Why one thread:
+* The bytes depend on the thread count otherwise. Measured (torch 2.x with MKL, x86): a matrix
+  product with 5–11 rows (the icon heads, per-class gradients) and layer norm's weight gradient
+  round differently with 1 and 2 threads, so a build's files changed with the machine's load
+  while the cache key (which has no thread count) stayed the same. `tests/test_testbed.py`
+  builds the tiny preset with 1 and 2 threads set outside and compares every file's digest.
+* It is never slower than one thread, the bound the issue asks for. On a quiet 2-core machine two
+  threads would be ~1.5× faster (19 vs 12.9 steps/s), but with one other busy process they are
+  ~1.8× slower (7.5 vs 13.2) and at load 5–6 about 10× slower (1.3), because torch's threads spin
+  and wait on each other. `benchmarks/bench_build_threads.py` measures this on your machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +48,18 @@ from tatr.checkpoints import save_state_dict
 from tatr.suites import testbed_data as data
 
 MEAN, STD = 0.5, 0.25  # fixed input normalisation, like CLIP's preprocess constants
+BUILD_THREADS = 1  # see the module docstring: the bytes depend on it, and 1 is never the slow case
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op torch threads, restoring the caller's count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -264,7 +287,13 @@ def accuracy_of(spec: TestbedSpec, state: Mapping[str, Tensor], head: Tensor, x:
 
 # --- the whole build --------------------------------------------------------------------------
 def build(spec: TestbedSpec, folder: Path, progress: bool = False, log: Callable[[str], None] | None = None) -> None:
-    """Write data, θ_0, heads, θ_t and their accuracies into `folder` (a temporary cache dir)."""
+    """Write data, θ_0, heads, θ_t and their accuracies into `folder` (a temporary cache dir),
+    on `BUILD_THREADS` torch threads whatever the caller's setting (the bytes depend on it)."""
+    with torch_threads(BUILD_THREADS):
+        _build(spec, folder, progress, log)
+
+
+def _build(spec: TestbedSpec, folder: Path, progress: bool, log: Callable[[str], None] | None) -> None:
     timings: dict[str, float] = {"threads": torch.get_num_threads()}
     start, cpu_start = time.perf_counter(), time.process_time()
     pools = build_data(spec)
