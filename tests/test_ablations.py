@@ -65,7 +65,7 @@ def test_every_committed_ablation_file_loads() -> None:
     }
     # mask ratio: log-spaced drops from 0.01% to 20%, q fixed at each point, for TA+TR and TIES+TR
     mask = kinds["mask-ratio"]
-    assert {p.merge.method for p in mask} == {"ta", "ties-mean"}
+    assert {p.merge.method for p in mask} == {"ta", "ties-sum"}
     drops = sorted({round(1 - p.qs[0], 10) for p in mask})
     assert drops[1] == pytest.approx(1e-4) and drops[-1] == pytest.approx(0.2) and drops[0] == 0.0
     # exemplar count: 1 … 256 exemplars with 3 seeds
@@ -80,6 +80,8 @@ def test_every_committed_ablation_file_loads() -> None:
     assert [(p.merge.method, p.merge.trust_region) for p in plugin] == [
         ("ta", "off"),
         ("ta", "zero-shot"),
+        ("ties-sum", "off"),
+        ("ties-sum", "zero-shot"),
         ("ties-mean", "off"),
         ("ties-mean", "zero-shot"),
     ]

@@ -51,6 +51,8 @@ ROWS = (
     Row("TA", "ta"),
     Row("TATR (zero-shot)", "ta", "zero-shot"),
     Row("TATR (exemplar)", "ta", "exemplar"),
+    Row("TIES (dis-sum)", "ties-sum"),
+    Row("TIES (dis-sum)+TATR", "ties-sum", "zero-shot"),
     Row("TIES (dis-mean)", "ties-mean"),
     Row("TIES (dis-mean)+TATR", "ties-mean", "zero-shot"),
 )
@@ -191,13 +193,14 @@ def write_markdown(runs: list[dict], path: Path, command: str) -> None:
     for name in ("TATR (zero-shot)", "TATR (exemplar)"):
         diffs = [mean(r["test"]) - t for r, t in zip(by_row[name], ta, strict=True)]
         lines.append(f"- {name}: " + ", ".join(f"{d:+.2f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.2f})")
-    ties = [mean(r["test"]) for r in by_row["TIES (dis-mean)"]]
-    diffs = [mean(r["test"]) - t for r, t in zip(by_row["TIES (dis-mean)+TATR"], ties, strict=True)]
-    lines.append(
-        "- TIES (dis-mean)+TATR − TIES (dis-mean): "
-        + ", ".join(f"{d:+.2f}" for d in diffs)
-        + f" (mean {statistics.mean(diffs):+.2f})"
-    )
+    for ties_name in ("TIES (dis-sum)", "TIES (dis-mean)"):
+        ties = [mean(r["test"]) for r in by_row[ties_name]]
+        diffs = [mean(r["test"]) - t for r, t in zip(by_row[f"{ties_name}+TATR"], ties, strict=True)]
+        lines.append(
+            f"- {ties_name}+TATR − {ties_name}: "
+            + ", ".join(f"{d:+.2f}" for d in diffs)
+            + f" (mean {statistics.mean(diffs):+.2f})"
+        )
     lines += [
         "",
         "Regime targets per seed (test): individual ≥ 85; pretrained ≤ individual − 25;",
