@@ -11,26 +11,22 @@ Three sources of fine-tuned CLIP image encoders exist in the wild:
 `load_any` reads all three and returns the visual tower under open_clip's names; `tatr convert`
 writes it once to safetensors so that every later read is memory-mapped and free of pickle.
 
-Pickles are read with `SafeUnpickler`: it resolves only the globals that
-`torch.load(weights_only=True)` allows (tensor rebuilders, storages, dtypes, OrderedDict, set)
-and replaces every other class or function the file names with an inert stand-in that records
-its arguments and state. No code of the file's classes runs (no `__init__`, no `__setstate__`,
-no `__reduce__` callable), and `nn.Module` parameters are collected from the recorded
-`_parameters`/`_buffers`/`_modules` dictionaries. Residual risk: the bytes still go through
-Python's unpickler and torch's tensor rebuilders (the same surface as `weights_only=True`), and a
-file that stores its tensors through its own reduce functions cannot be read this way; only then
-is `trust_pickle=True` (`--trust-pickle`) needed, which runs `torch.load(weights_only=False)`, i.e.
-arbitrary code from the file, and needs the file's classes importable.
+Pickles are read by `tatr.pickled_modules` over `tatr.torchfile`, never by `torch.load`: it resolves only an explicit
+allowlist (tensor rebuilders, which it checks, storages, dtypes, OrderedDict, set) and replaces
+every other class or function the file names with an inert stand-in that records its arguments
+and state. No code of the file's classes runs (no `__init__`, no `__setstate__`, no `__reduce__`
+callable), and `nn.Module` parameters are collected from the recorded
+`_parameters`/`_buffers`/`_modules` dictionaries. TorchScript archives, legacy tar files and
+damaged files are refused by their bytes, and crafted tensors before anything is allocated.
+Residual risk: the bytes still go through Python's unpickler. A file that stores its tensors
+through its own reduce functions cannot be read this way; only then is `--trust-pickle`
+suggested, which runs `torch.load(weights_only=False)`, i.e. arbitrary code from the file
+(after the same checks), and needs the file's classes importable.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
-import io
-import json
-import pickle
 import re
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +36,19 @@ import torch
 from torch import Tensor
 
 from tatr.checkpoints import load_state_dict, save_state_dict
-from tatr.errors import PickledObjectError, TatrError
+from tatr.errors import PickledObjectError, PickleNeedsTrust, TatrError
+from tatr.hf_folder import read_hf_dir
+from tatr.outputs import check_output
+from tatr.pickled_modules import load_pickled_module, module_state_dict
+
+__all__ = [  # re-exported: the pickle and folder readers live in their own modules
+    "PickleNeedsTrust",
+    "convert",
+    "load_any",
+    "load_pickled_module",
+    "module_state_dict",
+    "read_hf_dir",
+]
 
 VISUAL = "visual."
 FORMATS = ("auto", "state-dict", "task-vectors", "hf")
@@ -65,181 +73,6 @@ class Converted:
             "tatr.source": source.name,
             FROM_PRETRAINED: ",".join(self.from_pretrained),
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# safe unpickling of whole-module checkpoints
-
-
-class _Inert:
-    """Stand-in for a class or function named by a pickle: records, never executes."""
-
-    _qualname = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "_args", args)
-        object.__setattr__(obj, "_state", None)
-        object.__setattr__(obj, "_items", [])
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
-        return _Inert(*args)
-
-    def __setstate__(self, state: Any) -> None:
-        object.__setattr__(self, "_state", state)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._items.append((key, value))
-
-    def append(self, value: Any) -> None:
-        self._items.append(value)
-
-    def extend(self, values: Any) -> None:
-        self._items.extend(values)
-
-    def __repr__(self) -> str:
-        return f"<inert {self._qualname}>"
-
-
-def _allowed_globals() -> dict[str, Any]:
-    """The globals torch's own weights-only unpickler resolves (tensors, storages, dtypes, ...)."""
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed = dict(_get_allowed_globals())
-    except Exception:  # pragma: no cover - private API moved; fall back to the essentials
-        import collections
-
-        import torch._utils
-
-        allowed = {
-            "collections.OrderedDict": collections.OrderedDict,
-            "builtins.set": set,
-            "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
-            "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
-            "torch._tensor._rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2,
-            "torch.Tensor": torch.Tensor,
-            "torch.nn.parameter.Parameter": torch.nn.Parameter,
-            "torch.Size": torch.Size,
-            "torch.device": torch.device,
-        }
-    allowed["builtins.frozenset"] = frozenset
-    return allowed
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """Resolve only allowlisted globals; everything else becomes an `_Inert` subclass."""
-
-    _allowed: dict[str, Any] | None = None
-    _standins: dict[str, type] = {}  # noqa: RUF012 - shared cache of generated stand-in types
-
-    def find_class(self, module: str, name: str) -> Any:
-        if SafeUnpickler._allowed is None:
-            SafeUnpickler._allowed = _allowed_globals()
-        # protocol-2 pickles spell Python 3 names the Python 2 way (__builtin__.set); undo that
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        qualname = f"{module}.{name}"
-        obj = SafeUnpickler._allowed.get(qualname)
-        if obj is not None:
-            return obj
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if qualname not in SafeUnpickler._standins:
-            SafeUnpickler._standins[qualname] = type(name, (_Inert,), {"_qualname": qualname})
-        return SafeUnpickler._standins[qualname]
-
-
-def _safe_pickle_module() -> types.ModuleType:
-    """A `pickle_module` for `torch.load` whose Unpickler is `SafeUnpickler`."""
-    module = types.ModuleType("tatr_safe_pickle")
-    module.Unpickler = SafeUnpickler  # type: ignore[attr-defined]
-    module.load = lambda fh, **kw: SafeUnpickler(fh, **kw).load()  # type: ignore[attr-defined]
-    module.loads = lambda data, **kw: SafeUnpickler(io.BytesIO(data), **kw).load()  # type: ignore[attr-defined]
-    module.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
-    return module
-
-
-class PickleNeedsTrust(TatrError):
-    """The file's tensors cannot be recovered without running its pickled code."""
-
-
-def _state_of(obj: _Inert) -> dict[str, Any] | None:
-    state = obj._state
-    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict | type(None)):
-        state = state[0]  # (dict state, slot state)
-    return state if isinstance(state, dict) else None
-
-
-def _is_module(obj: Any) -> bool:
-    state = _state_of(obj) if isinstance(obj, _Inert) else None
-    return state is not None and "_parameters" in state and "_modules" in state
-
-
-def module_state_dict(obj: Any, path: Path, prefix: str = "") -> dict[str, Tensor]:
-    """`nn.Module.state_dict()` of a pickled module, rebuilt from its recorded attributes."""
-    state = _state_of(obj)
-    assert state is not None
-    out: dict[str, Tensor] = {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    entries = list((state.get("_parameters") or {}).items())
-    entries += [(k, v) for k, v in (state.get("_buffers") or {}).items() if k not in skip]
-    for name, value in entries:
-        if value is None:
-            continue
-        if not isinstance(value, Tensor):
-            raise PickleNeedsTrust(
-                f"{path}: '{prefix}{name}' is stored as {value!r}, which cannot be rebuilt without running "
-                "code from the file; if you trust it, rerun with --trust-pickle (see README, 'Checkpoint formats')"
-            )
-        out[prefix + name] = value.detach()  # a plain tensor sharing the storage: no copy of the model
-    for name, child in (state.get("_modules") or {}).items():
-        if child is None:
-            continue
-        if not _is_module(child):
-            raise PickleNeedsTrust(
-                f"{path}: submodule '{prefix}{name}' ({child!r}) is not stored as a plain module; "
-                "if you trust the file, rerun with --trust-pickle"
-            )
-        out.update(module_state_dict(child, path, f"{prefix}{name}."))
-    return out
-
-
-def load_pickled_module(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
-    """State dict of a `torch.save`d whole module (or a pickled mapping of tensors)."""
-    path = Path(path)
-    if trust_pickle:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except (ModuleNotFoundError, AttributeError) as exc:
-            raise TatrError(
-                f"{path}: --trust-pickle needs the classes the file names to be importable ({exc}); "
-                "e.g. put the task_vectors repository on PYTHONPATH"
-            ) from None
-        if isinstance(obj, torch.nn.Module):
-            return dict(obj.state_dict())
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_safe_pickle_module())
-        except (pickle.UnpicklingError, TypeError, AttributeError, ValueError, EOFError, RuntimeError) as exc:
-            raise PickleNeedsTrust(
-                f"{path}: cannot read this pickle without running its code ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:100]}); if you trust the file, rerun with --trust-pickle"
-            ) from None
-        if _is_module(obj):
-            return module_state_dict(obj, path)
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return {str(k): v for k, v in obj.items()}
-    kind = getattr(obj, "_qualname", type(obj).__name__)
-    raise TatrError(f"{path}: the pickle holds a {kind}, neither a module nor a mapping of tensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,26 +188,6 @@ def open_clip_visual(sd: Mapping[str, Tensor], source: str = "<state dict>") -> 
     return Converted(out, fmt, dropped)
 
 
-def read_hf_dir(folder: Path) -> dict[str, Tensor]:
-    """Weights of a `save_pretrained` folder: model.safetensors, shards, or pytorch_model.bin."""
-    config = folder / "config.json"
-    if config.is_file():
-        model_type = json.loads(config.read_text()).get("model_type", "")
-        if model_type not in ("clip_vision_model", "clip"):
-            raise TatrError(f"{config}: model_type '{model_type}' is not a CLIP vision model")
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return load_state_dict(folder / name)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        out: dict[str, Tensor] = {}
-        for shard in shards:
-            out.update(load_state_dict(folder / shard))
-        return out
-    raise TatrError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
 def load_any(path: str | Path, fmt: str = "auto", trust_pickle: bool = False, allow_pickle: bool = True) -> Converted:
     """Read a fine-tuned image encoder in any supported format as open_clip `visual.*` tensors.
 
@@ -466,6 +279,14 @@ def convert(
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if out.suffix != ".safetensors":
         raise TatrError(f"{out}: the output must be a .safetensors file")
+    if not src.exists():
+        raise TatrError(f"{src}: no such file or folder")
+    # before any reading: OUT must not be SRC (by inode, so `./x`, symlinks and hard links count)
+    # nor inside a SRC folder, and must not be a folder, read-only or without a parent folder
+    if src.is_dir() and src.resolve() in out.resolve().parents:
+        raise TatrError(f"{out}: OUT is inside the folder being converted ({src}); choose a file outside it")
+    inputs = [src]
+    check_output(out, inputs, suffix=".safetensors", flag="OUT")
     converted = load_any(src, fmt, trust_pickle)
     if not converted.state_dict:
         raise TatrError(f"{src}: no image-encoder tensors found")
@@ -476,5 +297,7 @@ def convert(
         check_architecture(
             converted.state_dict, visual_shapes(model), str(src), model, tuple(converted.from_pretrained)
         )
+    need = sum(v.numel() * v.element_size() for v in converted.state_dict.values())
+    check_output(out, inputs, suffix=".safetensors", need_bytes=need + 2**20, flag="OUT")
     save_state_dict(converted.state_dict, out, metadata=converted.metadata(src))
     return converted

@@ -19,3 +19,13 @@ def input_error(source: object, key: str | None, problem: str) -> TatrError:
 
 class PickledObjectError(TatrError):
     """A torch file that pickles Python objects (e.g. whole modules) rather than a plain state dict."""
+
+
+class PickleNeedsTrust(TatrError):
+    """A well-formed pickle whose tensors are stored through its own reduce functions: only running
+    its code (`--trust-pickle`) can rebuild them. Raised for nothing else, so that the suggestion
+    to run a file's code is never made for a file that is merely damaged."""
+
+
+class UnreadableCheckpoint(TatrError):
+    """A damaged, truncated, empty or foreign file: no flag can make it readable."""

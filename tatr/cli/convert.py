@@ -24,13 +24,15 @@ from tatr.convert import FORMATS, FROM_PRETRAINED, convert
     "--trust-pickle",
     is_flag=True,
     help="Run the pickle's own code (torch.load weights_only=False) when the safe reader cannot "
-    "recover the tensors. Only for files you trust.",
+    "recover the tensors. Only for files you trust. The file is still checked first, without running "
+    "anything: damaged files, crafted tensors and TorchScript archives are refused even with this flag.",
 )
 def command(src: str, out: str, fmt: str, model: str | None, trust_pickle: bool) -> None:
     """Convert SRC (a checkpoint file or HF folder) to OUT.safetensors with open_clip `visual.*` keys.
 
     Only the image encoder is kept: it is the only tower the CLIP benchmark merges. Pickled
     task_vectors checkpoints are read without running their code; see README, 'Checkpoint formats'.
+    OUT must not be SRC (or inside a SRC folder); it is written atomically, after every check.
     """
     converted = convert(src, out, fmt=fmt, model=model, trust_pickle=trust_pickle)
     n = len(converted.state_dict)
