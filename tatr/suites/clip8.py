@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from tatr import evaluate as ev
 from tatr.cache import cached_dir, content_hash, default_cache_root
-from tatr.checkpoints import header, load_state_dict, save_state_dict
+from tatr.checkpoints import header, load_state_dict, read_tensor, save_state_dict
 from tatr.convert import FROM_PRETRAINED, VISUAL, check_architecture, load_any
 from tatr.errors import TatrError
 from tatr.suites import clip_heads as ch
@@ -230,8 +230,7 @@ class Clip8:
             )
             visual = {k: v.to(expected[k][1]) for k, v in converted.state_dict.items()}
             if converted.from_pretrained:
-                with safe_open(str(pretrained), "pt") as fh:
-                    visual.update({k: fh.get_tensor(k) for k in converted.from_pretrained})
+                visual.update({k: read_tensor(pretrained, k) for k in converted.from_pretrained})
             meta = {"task": task, "source": str(src), "source_format": converted.source_format}
             save_state_dict(visual, folder / "visual.safetensors", metadata=meta)
 
@@ -417,7 +416,7 @@ class _GradientView:
 def _usable_in_place(path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> bool:
     """A safetensors file with exactly θ_0's keys, shapes and dtypes and nothing to fill in."""
     try:
-        with safe_open(str(path), "pt") as fh:
+        with safe_open(str(path), "numpy") as fh:  # the header only: no mapping of the whole file
             if (fh.metadata() or {}).get(FROM_PRETRAINED):
                 return False
         found = header(path)
