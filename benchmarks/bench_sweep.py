@@ -2,11 +2,11 @@
 
 Three measurements, in one run on the same machine:
 
-1. `tatr sweep` itself (`tatr.sweep.run_sweep`, sweeps/tatr.yaml, TPE, median pruner, W&B
+1. `tatr sweep` itself (`tatr.runs.sweep.study.run_sweep`, sweeps/tatr.yaml, TPE, median pruner, W&B
    offline unless --no-wandb) with a cold plan cache: wall time and trials per minute. The plan
    cache is cold because TATR_CACHE points at a fresh folder that links only the suite's own
    build (testbed/, gradients/) from the real cache.
-2. The naive loop over the same (λ, q) in the same order: per trial `tatr.merging.merge` from the
+2. The naive loop over the same (λ, q) in the same order: per trial `tatr.core.merging.merge` from the
    checkpoint files (task vectors streamed again, Ω and the exact selection recomputed), then the
    full validation evaluation (no pruning), then one final test evaluation like the sweep's.
    Reported as naive wall / sweep wall. Also the sweep rerun with --pruner none, so the ratio
@@ -65,7 +65,7 @@ def experiment_file(path: Path | None, work: Path) -> Path:
 
 
 def run_sweep_timed(exp: Path, overrides: list[str], trials: int, root: Path, study: str, **kw) -> tuple[float, object]:
-    from tatr.sweep import run_sweep
+    from tatr.runs.sweep.study import run_sweep
 
     start, cpu = time.perf_counter(), time.process_time()
     result = run_sweep(exp, ROOT / "sweeps" / "tatr.yaml", overrides, trials=trials, study=study, results=root,
@@ -76,7 +76,7 @@ def run_sweep_timed(exp: Path, overrides: list[str], trials: int, root: Path, st
 
 def naive_loop(config, params: list[dict]) -> tuple[float, list[float]]:
     """Every trial from scratch: stream the checkpoints, recompute Ω and the selection, merge, evaluate."""
-    from tatr.merging import merge
+    from tatr.core.merging import merge
     from tatr.suites import get_suite
 
     start, cpu = time.perf_counter(), time.process_time()
@@ -97,7 +97,7 @@ def naive_loop(config, params: list[dict]) -> tuple[float, list[float]]:
 def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
     """Per trial, the naive trial and the cached trial back to back (same λ, q): the load of a
     shared machine drifts over minutes, so alternating cancels most of it out of the ratio."""
-    from tatr.merging import MergePlan, merge, plan_merge
+    from tatr.core.merging import MergePlan, merge, plan_merge
     from tatr.suites import get_suite
 
     suite = get_suite(config.benchmark, config.suite)
@@ -124,7 +124,7 @@ def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
 
 def merge_costs(config, repeats: int = 20) -> dict[str, float]:
     """Min-of-repeats seconds: trial merge, plain TA merge (same cached inputs), naive merge."""
-    from tatr.merging import MergePlan, merge, plan_merge
+    from tatr.core.merging import MergePlan, merge, plan_merge
     from tatr.suites import get_suite
 
     suite = get_suite(config.benchmark, config.suite)
@@ -175,11 +175,11 @@ def main() -> None:
 
     import torch
 
-    from tatr.cache import default_cache_root
-    from tatr.config import load_config
-    from tatr.store import read_store
+    from tatr.core.cache import default_cache_root
+    from tatr.runs.config import load_config
+    from tatr.runs.store import read_store
+    from tatr.runs.sweep.study import load_search_space
     from tatr.suites import get_suite
-    from tatr.sweep import load_search_space
 
     work = Path(tempfile.mkdtemp(prefix="tatr-bench-sweep-"))
     exp = experiment_file(args.experiment, work)

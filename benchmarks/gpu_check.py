@@ -7,8 +7,8 @@
 Why random weights: the timings and the bf16 error do not depend on what the weights learned, and a
 lent GPU machine has no checkpoints or datasets. Shapes are the real ones (open_clip's image tower
 for the named model, 224×224 inputs, 10-class heads), and every number comes from the project's own
-code: `tatr.gradients.gradient_stats` (the exemplar gradients, as `tatr.suites.clip8` runs them,
-through its `ImageEncoder`) and `tatr.merging.plan_merge` (the merges).
+code: `tatr.core.gradients.gradient_stats` (the exemplar gradients, as `tatr.suites.clip8` runs them,
+through its `ImageEncoder`) and `tatr.core.merging.plan_merge` (the merges).
 
 Per model it reports:
 * exemplar gradients: seconds for `--exemplars` exemplars × `--tasks` tasks, in fp32 and bf16;
@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tatr.gradients import gradient_stats
-from tatr.merging import plan_merge
+from tatr.core.gradients import gradient_stats
+from tatr.core.merging import plan_merge
 from tatr.suites.clip8 import ImageEncoder
 
 BF16_TOLERANCE = 0.05

@@ -5,15 +5,23 @@ state dict (CLIP, an LLM, a toy MLP):
 
     from tatr import merge
     merged = merge("pre.safetensors", ["a.safetensors", "b.safetensors"], trust_region="zero-shot", q=0.99, lam=0.3)
+
+The package is laid out by layer; imports point down only (checked by import-linter):
+
+    tatr/cli/      the `tatr` command                       (imports everything below)
+    tatr/report/   tables, figures, the HTML page           (reads the store's schema)
+    tatr/runs/     plan → tune → record, sweeps, ablations  (configs, suites, core)
+    tatr/suites/   testbed, clip8: data, heads, scoring     (core)
+    tatr/core/     task vectors, trust region, merges, files (torch and safetensors only)
 """
 
-from tatr.checkpoints import load_state_dict, save_state_dict
-from tatr.components import COMPONENTS, select_components
-from tatr.errors import TatrError
-from tatr.merging import MergePlan, merge, plan_merge
-from tatr.methods import METHODS, MergeMethod, get_method
-from tatr.trust_region import MODES, drop_count, drop_order, kth_largest, pairwise_conflict
-from tatr.vectors import ParamSpace, TaskSet, open_task_set
+from tatr.core.checkpoints import load_state_dict, save_state_dict
+from tatr.core.components import COMPONENTS, select_components
+from tatr.core.errors import TatrError
+from tatr.core.merging import MergePlan, merge, plan_merge
+from tatr.core.methods import METHODS, MergeMethod, get_method
+from tatr.core.trust_region import MODES, drop_count, drop_order, kth_largest, pairwise_conflict
+from tatr.core.vectors import ParamSpace, TaskSet, open_task_set
 
 __all__ = [
     "COMPONENTS",

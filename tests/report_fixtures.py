@@ -1,7 +1,7 @@
 """A synthetic results store with every kind of row the report reads (no model, no testbed).
 
 Accuracies are drawn from a seeded generator, so tests can recompute the expected tables with
-plain pandas and compare. `make_store` writes through `tatr.store.append_rows`, the same path the
+plain pandas and compare. `make_store` writes through `tatr.runs.store.append_rows`, the same path the
 sweep and the ablations use.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tatr.store import append_rows
+from tatr.runs.store import append_rows
 
 TASKS = ("digits", "shapes", "textures", "signs")
 BENCHMARK = "synthetic"
@@ -174,7 +174,7 @@ def make_store(root: Path, seeds: tuple[int, ...] = (0, 1, 2), parts: tuple[str,
                 method=method,
                 trust_region=tr,
                 lam=0.3,
-                q=None if tr == "off" else 0.99,  # as tatr.tracking and tatr.ablations write it
+                q=None if tr == "off" else 0.99,  # as tatr.runs.tracking and tatr.runs.ablations write it
                 seed=0,
             )
     if want("gradient-correlation"):

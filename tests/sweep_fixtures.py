@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tatr import evaluate as ev
-from tatr.cache import cached_dir, content_hash, default_cache_root
-from tatr.checkpoints import save_state_dict
+from tatr.core.cache import cached_dir, content_hash, default_cache_root
+from tatr.core.checkpoints import save_state_dict
+from tatr.suites import scoring as ev
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,13 +17,13 @@ import torch
 from click.testing import CliRunner
 
 import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
-from tatr import ablations
 from tatr.cli import ablate
-from tatr.errors import TatrError
-from tatr.evaluate import evaluate_merged
-from tatr.merging import plan_merge
-from tatr.store import read_store
+from tatr.core.errors import TatrError
+from tatr.core.merging import plan_merge
+from tatr.runs import ablations
+from tatr.runs.store import read_store
 from tatr.suites import get_suite
+from tatr.suites.scoring import evaluate_merged
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = sorted((REPO / "experiments" / "ablations").glob("*.yaml"))
@@ -195,7 +195,7 @@ def test_mask_ratio_fixes_q_and_q_one_is_no_trust_region(tmp_path: Path) -> None
     plan = plan_merge(ckpt.pretrained, [ckpt.finetuned[t] for t in suite.tasks], method="ta", trust_region="off")
     assert results[0].test == pytest.approx(evaluate_merged(suite, plan.merged(1.0, results[0].lam), "test").accuracy)
     # without a sweep in the store, the report's λ × q heatmap shows this validation grid
-    from tatr import figures, tables
+    from tatr.report import figures, tables
 
     grid, source = figures.sweep_grid(tables.prepare(read_store(tmp_path / "results")))
     assert source == "grid of ablation 'mask-ratio' (TA+TR)"

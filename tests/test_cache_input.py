@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tatr.cache import MANIFEST, cached_dir, default_cache_root, verify_dir
-from tatr.errors import TatrError
+from tatr.core.cache import MANIFEST, cached_dir, default_cache_root, verify_dir
+from tatr.core.errors import TatrError
 
 REPO = Path(__file__).resolve().parents[1]
 

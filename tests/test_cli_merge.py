@@ -296,13 +296,13 @@ def test_full_disk_and_unwritable_folder_are_refused_before_the_work(
     import shutil as _shutil
 
     import tatr.cli.merge as cli_merge
-    import tatr.outputs
+    import tatr.core.outputs
 
     started = []
     monkeypatch.setattr(cli_merge, "plan_merge", lambda *a, **k: started.append(1))
     argv = ["-p", files["pre"], "-f", *files["ft"], "-o", tmp_path / "m.safetensors"]
     usage = _shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(tatr.outputs.shutil, "disk_usage", lambda p: usage._replace(free=100))
+    monkeypatch.setattr(tatr.core.outputs.shutil, "disk_usage", lambda p: usage._replace(free=100))
     code, _, err = run(argv, capsys)
     assert code == 2 and "MiB free, but the output needs about" in err and not started
     monkeypatch.undo()
@@ -311,7 +311,7 @@ def test_full_disk_and_unwritable_folder_are_refused_before_the_work(
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tatr.outputs.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tatr.core.outputs.tempfile, "mkstemp", refuse)
     before = _snapshot(tmp_path)
     code, _, err = run(argv, capsys)
     assert code == 2 and "cannot write here (Permission denied)" in err and not started

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tatr import evaluate as ev
-from tatr.checkpoints import header, load_state_dict, save_state_dict
 from tatr.cli import main as cli_main
-from tatr.errors import TatrError
-from tatr.gradients import gradient_stats_loop
-from tatr.merging import merge, plan_merge
+from tatr.core.checkpoints import header, load_state_dict, save_state_dict
+from tatr.core.errors import TatrError
+from tatr.core.gradients import gradient_stats_loop
+from tatr.core.merging import merge, plan_merge
 from tatr.suites import get_suite
+from tatr.suites import scoring as ev
 from tatr.suites.clip8 import Clip8
 from tests.clip_fixtures import (
     EUROSAT_FOLDERS,

@@ -7,14 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tatr import report
-from tatr.config import load_config
-from tatr.errors import TatrError
-from tatr.store import append_rows
+from tatr.core.errors import TatrError
+from tatr.report import build as report
+from tatr.report.tables import reference_label
+from tatr.runs.config import load_config
+from tatr.runs.store import append_rows
 from tatr.suites import get_suite
 from tatr.suites.clip8 import parse_options
 from tatr.suites.clip_data import TASKS
-from tatr.tables import reference_label
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO / "results" / "reference" / "published.csv"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from tatr.errors import TatrError
+from tatr.core.errors import TatrError
 from tatr.suites.clip_data import TASKS, load_task, train_val_indices
 from tatr.suites.clip_templates import GTSRB_CLASSNAMES, NUM_CLASSES, TEMPLATES
 from tests.clip_fixtures import (

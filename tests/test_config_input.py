@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
-from tatr import ablations
 from tatr.cli import main
-from tatr.config import load_config, read_yaml_mapping
-from tatr.errors import TatrError
-from tatr.evaluate import evaluate_merged
+from tatr.core.errors import TatrError
+from tatr.runs import ablations
+from tatr.runs.config import load_config, read_yaml_mapping
+from tatr.runs.sweep.study import load_search_space
 from tatr.suites import get_suite
-from tatr.sweep import load_search_space
+from tatr.suites.scoring import evaluate_merged
 
 # "billion laughs": 9 levels of 10 aliases is 10^9 leaves from a file of under 1 kB
 BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
@@ -176,7 +176,7 @@ def test_a_merged_model_with_non_finite_values_is_not_evaluated(tmp_path: Path, 
     """Whatever produced it (a merge from outside, an overflow), a NaN model is refused, not scored."""
     monkeypatch.setenv("TATR_CACHE", str(tmp_path / "cache"))
     suite = get_suite("sweep-toy", {"tasks": 2, "n": 16})
-    from tatr.checkpoints import load_state_dict
+    from tatr.core.checkpoints import load_state_dict
 
     state = load_state_dict(suite.checkpoints().pretrained)
     key = sorted(state)[-1]

@@ -16,9 +16,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from tatr.checkpoints import load_state_dict, save_state_dict
 from tatr.cli import main as cli_main
-from tatr.convert import (
+from tatr.core.checkpoints import load_state_dict, save_state_dict
+from tatr.core.errors import TatrError
+from tatr.suites.clip_convert import (
     PickleNeedsTrust,
     check_architecture,
     convert,
@@ -27,7 +28,6 @@ from tatr.convert import (
     open_clip_visual,
     visual_shapes,
 )
-from tatr.errors import TatrError
 from tests.clip_fixtures import MODEL, forget_module, random_clip, save_task_vectors_pickle, throwaway_module
 
 transformers = pytest.importorskip("transformers")

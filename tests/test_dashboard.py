@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tatr.dashboard import default_storage, is_loopback
-from tatr.sweep import run_sweep
+from tatr.runs.sweep.dashboard import default_storage, is_loopback
+from tatr.runs.sweep.study import run_sweep
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 from tests.test_postgres import free_port
 

@@ -1,4 +1,4 @@
-"""The generic evaluation and gradient-cache helpers of `tatr.evaluate`, on a toy in-memory suite."""
+"""The generic evaluation and gradient-cache helpers of `tatr.suites.scoring`, on a toy in-memory suite."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tatr import evaluate as ev
-from tatr.checkpoints import load_state_dict, save_state_dict
-from tatr.errors import TatrError
-from tatr.gradients import gradient_stats_loop
+from tatr.core.checkpoints import load_state_dict, save_state_dict
+from tatr.core.errors import TatrError
+from tatr.core.gradients import gradient_stats_loop
+from tatr.suites import scoring as ev
 from tatr.suites.base import Checkpoints, Suite
 
 

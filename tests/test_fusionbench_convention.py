@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tatr.trust_region import drop_count, drop_order
+from tatr.core.trust_region import drop_count, drop_order
 
 
 def fusionbench_dropped(omega: torch.Tensor, q: float) -> int:

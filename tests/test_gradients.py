@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
-from tatr.gradients import gradient_stats, gradient_stats_loop
+from tatr.core.gradients import gradient_stats, gradient_stats_loop
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,7 +84,7 @@ def test_parameter_subset_and_errors(vit) -> None:
 
 
 def test_auto_chunk_bounds_memory() -> None:
-    from tatr.gradients import auto_chunk
+    from tatr.core.gradients import auto_chunk
 
     assert auto_chunk(237_216) == 32  # the testbed encoder: capped
     assert auto_chunk(87_849_216) == 3  # ViT-B/32: 3 × 88M fp32 gradients ≈ 1 GiB

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tatr import merge, pairwise_conflict, plan_merge
-from tatr.errors import TatrError
-from tatr.methods import METHODS
-from tatr.trust_region import ties_keep_rank
+from tatr.core.errors import TatrError
+from tatr.core.methods import METHODS
+from tatr.core.trust_region import ties_keep_rank
 
 
 def _delta(out: dict, pre: dict, keys: list[str]) -> torch.Tensor:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tatr.errors import TatrError
-from tatr.outputs import (
+from tatr.core.errors import TatrError
+from tatr.core.outputs import (
     TMP_PREFIX,
     atomic_dir,
     atomic_write,
@@ -98,7 +98,7 @@ def _writer(tmp_path: Path, hold: str) -> subprocess.Popen:
     code = textwrap.dedent(
         f"""
         import sys, time
-        from tatr.outputs import atomic_write, install_signal_handlers
+        from tatr.core.outputs import atomic_write, install_signal_handlers
         install_signal_handlers()
         with atomic_write({str(tmp_path / "out.bin")!r}) as tmp:
             tmp.write_bytes(b"x" * 1000)

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tatr import report
 from tatr.cli import main
-from tatr.errors import TatrError
-from tatr.store import append_rows, read_store
+from tatr.core.errors import TatrError
+from tatr.report import build as report
+from tatr.runs.store import append_rows, read_store
 from tests.report_fixtures import BENCHMARK, TASKS, make_store
 
 TABLES = (
@@ -54,7 +54,7 @@ def read_table(root: Path, name: str) -> pd.DataFrame:
 
 
 def latest_per_seed(rows: pd.DataFrame) -> pd.DataFrame:
-    """Independent of tatr.tables: the last-written run for each seed."""
+    """Independent of tatr.report.tables: the last-written run for each seed."""
     rows = rows.assign(seed=rows["seed"].fillna(-1))
     last = rows.sort_values("timestamp").groupby("seed")["run_id"].last()
     return rows[rows["run_id"].isin(last)]
@@ -309,7 +309,7 @@ class FakeFile:
 
 
 class FakeRun:
-    """What `wandb.Api().runs()` yields for a run logged by `tatr.tracking`."""
+    """What `wandb.Api().runs()` yields for a run logged by `tatr.runs.tracking`."""
 
     def __init__(self, run_id: str, rows: pd.DataFrame, table_file: bool) -> None:
         first = rows.iloc[0]
@@ -424,7 +424,7 @@ def test_index_html_renders_in_chromium(full: Path, tmp_path: Path) -> None:
 
 def test_sweep_heatmap_bins_continuous_samples() -> None:
     """Optuna samples λ and q continuously: the grid bins them and keeps the best trial per cell."""
-    from tatr import figures, tables
+    from tatr.report import figures, tables
 
     rng = np.random.default_rng(0)
     rows = []

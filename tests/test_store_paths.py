@@ -17,10 +17,12 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from tatr import figures, report, report_wandb
 from tatr.cli import main
-from tatr.errors import TatrError
-from tatr.store import append_rows, read_store, store_dir
+from tatr.core.errors import TatrError
+from tatr.report import build as report
+from tatr.report import figures
+from tatr.report import wandb_rows as report_wandb
+from tatr.runs.store import append_rows, read_store, store_dir
 from tests.report_fixtures import BENCHMARK, make_store
 
 GOOD_ROW = {

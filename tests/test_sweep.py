@@ -1,4 +1,4 @@
-"""`tatr.sweep` in-process: search spaces, the per-trial merge (exactness and cost), the study
+"""`tatr.runs.sweep.study` in-process: search spaces, the per-trial merge (exactness and cost), the study
 flow on the toy suite (trial count, paper default first, validation for tuning, final on test,
 plan cache reuse, pruning, grid), and the refusals."""
 
@@ -15,18 +15,18 @@ import optuna
 import pytest
 import torch
 
-import tatr.merging
-from tatr.errors import TatrError
-from tatr.evaluate import evaluate_merged
-from tatr.merging import MergePlan, merge, plan_merge
-from tatr.store import COLUMNS, read_store
-from tatr.suites import get_suite
-from tatr.sweep import (
+import tatr.core.merging
+from tatr.core.errors import TatrError
+from tatr.core.merging import MergePlan, merge, plan_merge
+from tatr.runs.store import COLUMNS, read_store
+from tatr.runs.sweep.study import (
     load_search_space,
     run_sweep,
     secured,
     storage_url,
 )
+from tatr.suites import get_suite
+from tatr.suites.scoring import evaluate_merged
 from tests.sweep_fixtures import NAME, REPO, write_experiment, write_space
 
 SWEEPS = REPO / "sweeps"
@@ -55,7 +55,7 @@ def sweep(tmp: Path, space: Path | str = SWEEPS / "tatr.yaml", trials: int = 4, 
 
 
 def load(result) -> optuna.Study:
-    from tatr.sweep import open_storage
+    from tatr.runs.sweep.study import open_storage
 
     return optuna.load_study(study_name=result.study, storage=open_storage(result.storage, heartbeat=False))
 
@@ -340,13 +340,13 @@ def test_trial_independent_work_is_done_once_and_reused_from_the_cache(
     env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real = tatr.merging.plan_merge
+    real = tatr.core.merging.plan_merge
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("trust_region"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tatr.merging, "plan_merge", counting)
+    monkeypatch.setattr(tatr.core.merging, "plan_merge", counting)
     sweep(env, trials=4)
     assert calls == ["zero-shot"]  # Σ τ, Ω and the ranking: once for 4 trials and the final run
     sweep(env, trials=4, study="second")

@@ -15,9 +15,9 @@ import psutil
 import pytest
 import torch
 
-from tatr.sweep import open_storage, run_sweep
-from tatr.sweep_storage import worker_identity
-from tatr.sweep_workers import fail_dead_trials, register_worker
+from tatr.runs.sweep.storage import worker_identity
+from tatr.runs.sweep.study import open_storage, run_sweep
+from tatr.runs.sweep.workers import fail_dead_trials, register_worker
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 
 TATR = REPO / "sweeps" / "tatr.yaml"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tatr.checkpoints import load_state_dict
-from tatr.errors import TatrError
-from tatr.merging import merge
+from tatr.core.checkpoints import load_state_dict
+from tatr.core.errors import TatrError
+from tatr.core.merging import merge
 from tatr.suites import get_suite
 from tatr.suites import testbed as testbed_mod
 from tatr.suites import testbed_build as tb
@@ -210,7 +210,7 @@ def test_build_time_accuracies_match_the_evaluation_path(tiny_testbed) -> None:
 
 
 def test_evaluation_of_a_merged_model(tiny_testbed) -> None:
-    from tatr.evaluate import evaluate_merged
+    from tatr.suites.scoring import evaluate_merged
 
     suite = tiny_testbed
     ckpts = suite.checkpoints()

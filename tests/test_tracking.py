@@ -20,9 +20,9 @@ import optuna
 import pytest
 import torch
 
-from tatr.store import read_store
-from tatr.sweep import open_storage, run_sweep
-from tatr.tracking import RunRecord, WandbLogger, reconcile, run_id_for, store_rows, wandb_mode
+from tatr.runs.store import read_store
+from tatr.runs.sweep.study import open_storage, run_sweep
+from tatr.runs.tracking import RunRecord, WandbLogger, reconcile, run_id_for, store_rows, wandb_mode
 from tests.sweep_fixtures import REPO, write_experiment
 
 TATR = REPO / "sweeps" / "tatr.yaml"

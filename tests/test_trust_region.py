@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tatr import pairwise_conflict, plan_merge
-from tatr.trust_region import ConflictAccumulator, arena_chunks, drop_count, drop_order, kth_largest
+from tatr.core.trust_region import ConflictAccumulator, arena_chunks, drop_count, drop_order, kth_largest
 
 EPS32 = 2.0**-24
 

@@ -13,8 +13,8 @@ import sys
 
 import click
 
-from tatr.errors import TatrError
-from tatr.outputs import install_signal_handlers
+from tatr.core.errors import TatrError
+from tatr.core.outputs import install_signal_handlers
 
 # subcommand name -> module defining a click command called `command`
 COMMANDS = {

@@ -27,7 +27,7 @@ def command(items: tuple[str, ...], root: Path, resume: bool, no_wandb: bool, th
     """
     import time
 
-    from tatr import ablations
+    from tatr.runs import ablations
 
     overrides = [i for i in items if "=" in i]
     paths = [i for i in items if "=" not in i]
@@ -44,7 +44,7 @@ def command(items: tuple[str, ...], root: Path, resume: bool, no_wandb: bool, th
         if config.benchmark not in benchmarks:
             benchmarks.append(config.benchmark)
     if then_report:
-        from tatr import report
+        from tatr.report import build as report
 
         for done in report.generate(root, benchmarks=benchmarks):
             click.echo(f"{done.folder}/index.html: {len(done.tables)} tables, {len(done.figures)} figures")

@@ -22,6 +22,6 @@ import click
 @click.option("--port", type=int, default=8080, show_default=True)
 def command(storage: str | None, root: Path, host: str, port: int) -> None:
     """Serve optuna-dashboard for the studies in a sweep storage (Ctrl-C stops it)."""
-    from tatr.dashboard import serve
+    from tatr.runs.sweep.dashboard import serve
 
     serve(storage, root, host, port, echo=click.echo)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import click
 
-from tatr.config import ExperimentConfig, config_dict, config_hash, load_config
-from tatr.errors import TatrError
-from tatr.evaluate import Evaluation, evaluate_merged, normalized_accuracy
-from tatr.merging import merge
-from tatr.methods import get_method, uses_ties_k
-from tatr.registry import unknown_name
+from tatr.core.errors import TatrError
+from tatr.core.merging import merge
+from tatr.core.methods import get_method, uses_ties_k
+from tatr.core.registry import unknown_name
+from tatr.core.trust_region import NEEDS_GRADIENTS
+from tatr.runs.config import ExperimentConfig, config_dict, config_hash, load_config
 from tatr.suites import Suite, get_suite
-from tatr.trust_region import NEEDS_GRADIENTS
+from tatr.suites.scoring import Evaluation, evaluate_merged, normalized_accuracy
 
 
 def merge_config(suite: Suite, config: ExperimentConfig, progress: bool = False) -> dict:

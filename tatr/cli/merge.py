@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
-from tatr.checkpoints import as_source, header, save_state_dict
-from tatr.components import COMPONENTS
-from tatr.merging import check_numbers, plan_merge
-from tatr.methods import METHODS, get_method
-from tatr.outputs import check_output
-from tatr.trust_region import MODES
+from tatr.core.checkpoints import as_source, header, save_state_dict
+from tatr.core.components import COMPONENTS
+from tatr.core.merging import check_numbers, plan_merge
+from tatr.core.methods import METHODS, get_method
+from tatr.core.outputs import check_output
+from tatr.core.trust_region import MODES
 
 
 def _components(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:

@@ -40,7 +40,7 @@ def command(
     wandb_path: str | None,
 ) -> None:
     """Write results/<benchmark>/{tables,figures,index.html} from the results store."""
-    from tatr import report
+    from tatr.report import build as report
 
     rows = report.rows_from_wandb(wandb_path) if wandb_path else None
     for done in report.generate(root, out, benchmarks or None, published, rows=rows, figures=not tables_only):

@@ -1,4 +1,4 @@
-"""`tatr sweep`: an Optuna study over a merging configuration; see `tatr.sweep`."""
+"""`tatr sweep`: an Optuna study over a merging configuration; see `tatr.runs.sweep.study`."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def command(
     Example (the testbed, TA + trust region):
       tatr sweep experiments/testbed.yaml --sweep sweeps/tatr.yaml --trials 50
     """
-    from tatr.sweep import run_sweep
+    from tatr.runs.sweep.study import run_sweep
 
     result = run_sweep(
         experiment,

@@ -10,8 +10,8 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from tatr.errors import TatrError
-from tatr.registry import unknown_name
+from tatr.core.errors import TatrError
+from tatr.core.registry import unknown_name
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, Suite
 
 _MODULES = {"testbed": "tatr.suites.testbed", "clip8": "tatr.suites.clip8"}

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from tatr.registry import Registry
+from tatr.core.registry import Registry
 
 SPLITS = ("train", "validation", "test")
 

@@ -7,7 +7,7 @@
   safetensors, so the text tower, the logit scale and the token embeddings never enter the task
   vectors, Ω or the threshold (they serve only to build the frozen zero-shot heads).
 * θ_t come from `suite.finetuned` (a pattern with `{task}` or a task → path mapping), in any format
-  `tatr.convert.load_any` reads except pickled whole modules, which `tatr convert` turns into
+  `tatr.suites.clip_convert.load_any` reads except pickled whole modules, which `tatr convert` turns into
   safetensors once. Files already in the right layout are used in place; others are normalised
   into the cache (content-addressed by the source file's identity and θ_0's).
 * heads: zero-shot classifiers from the pretrained text tower, the templates of
@@ -15,7 +15,7 @@
 * data: `tatr.suites.clip_data` (task_vectors / torchvision layouts, task_vectors' validation split).
 
 Evaluation runs in batches on the GPU when there is one (`suite.device`), with a progress bar;
-exemplar gradients use `tatr.evaluate.exemplar_gradients` (the vectorised per-sample estimator)
+exemplar gradients use `tatr.suites.scoring.exemplar_gradients` (the vectorised per-sample estimator)
 in `suite.gradient_precision` (fp32 or bf16).
 """
 
@@ -37,13 +37,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from tatr import evaluate as ev
-from tatr.cache import cached_dir, content_hash, default_cache_root
-from tatr.checkpoints import header, load_state_dict, read_tensor, save_state_dict
-from tatr.convert import FROM_PRETRAINED, VISUAL, check_architecture, load_any
-from tatr.errors import TatrError
+from tatr.core.cache import cached_dir, content_hash, default_cache_root
+from tatr.core.checkpoints import header, load_state_dict, read_tensor, save_state_dict
+from tatr.core.errors import TatrError
 from tatr.suites import clip_heads as ch
+from tatr.suites import scoring as ev
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients
+from tatr.suites.clip_convert import FROM_PRETRAINED, VISUAL, check_architecture, load_any
 from tatr.suites.clip_data import TASKS, TaskData, load_task
 from tatr.suites.clip_templates import TEMPLATES
 
@@ -382,7 +382,7 @@ class Clip8:
 
 
 class _GradientView:
-    """The suite as `tatr.evaluate.exemplar_gradients` sees it, in the gradient precision.
+    """The suite as `tatr.suites.scoring.exemplar_gradients` sees it, in the gradient precision.
 
     Exemplars and heads are moved to the suite's device up front, so the vmapped per-sample
     gradients never cross devices. The name carries the precision because the generic cache

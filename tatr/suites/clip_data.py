@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from tatr.cache import content_hash
-from tatr.errors import TatrError
+from tatr.core.cache import content_hash
+from tatr.core.errors import TatrError
 from tatr.suites.clip_splits import (
     MAX_VAL,
     TASKS,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tatr.errors import TatrError
+from tatr.core.errors import TatrError
 
 _TRUE = {"1", "on", "yes", "true"}
 

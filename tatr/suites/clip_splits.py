@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset, random_split
 
-from tatr.cache import content_hash
-from tatr.errors import TatrError
+from tatr.core.cache import content_hash
+from tatr.core.errors import TatrError
 
 TASKS: tuple[str, ...] = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
 VAL_FRACTION = 0.1

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from tatr import evaluate as ev
-from tatr.cache import cached_dir, content_hash, default_cache_root
-from tatr.checkpoints import load_state_dict
-from tatr.errors import TatrError
+from tatr.core.cache import cached_dir, content_hash, default_cache_root
+from tatr.core.checkpoints import load_state_dict
+from tatr.core.errors import TatrError
+from tatr.suites import scoring as ev
 from tatr.suites import testbed_build as tb
 from tatr.suites.base import SPLITS, SUITES, Checkpoints, ExemplarGradients
 

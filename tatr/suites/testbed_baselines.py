@@ -28,9 +28,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tatr.evaluate import normalized_accuracy
-from tatr.merging import plan_merge
+from tatr.core.merging import plan_merge
 from tatr.suites import get_suite
+from tatr.suites.scoring import normalized_accuracy
 from tatr.suites.testbed import Testbed
 
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # 0.1 … 1.5

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tatr.checkpoints import save_state_dict
+from tatr.core.checkpoints import save_state_dict
 from tatr.suites import testbed_data as data
 
 MEAN, STD = 0.5, 0.25  # fixed input normalisation, like CLIP's preprocess constants

@@ -1,0 +1,52 @@
+"""Component ablation: split each task vector by what it does to the *other* tasks' losses.
+
+For task j let G₋ⱼ = Σ_{i≠j} ḡ_i be the other tasks' signed mean gradients at θ_0. To first order,
+    Σ_{i≠j} L_i(θ_0 + τ_j) ≈ Σ_{i≠j} L_i(θ_0) + ⟨G₋ⱼ, τ_j⟩ = const + Σ_c G₋ⱼ[c]·τ_j[c],
+so each coordinate c of τ_j contributes G₋ⱼ[c]·τ_j[c] to the change of the others' loss.
+With m the trust-region keep-mask (low conflict Ω):
+  * orthogonal: m[c] = 1 (inside the trust region), or G₋ⱼ[c]·τ_j[c] = 0 (no first-order effect);
+  * positive:   m[c] = 0 and G₋ⱼ[c]·τ_j[c] > 0 — it raises the other tasks' loss;
+  * negative:   m[c] = 0 and G₋ⱼ[c]·τ_j[c] < 0 — it lowers the other tasks' loss.
+The three parts partition τ_j: merging all three is plain (mask-free) merging, and merging only
+the orthogonal part is TATR up to the measure-zero G₋ⱼ[c]·τ_j[c] = 0 coordinates outside m.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+COMPONENTS = ("orthogonal", "positive", "negative")
+
+
+def check_components(components: Iterable[str] | None) -> frozenset[str] | None:
+    from tatr.core.errors import TatrError
+    from tatr.core.registry import unknown_name
+
+    if components is None:
+        return None
+    chosen = frozenset(components)
+    if not chosen:
+        raise TatrError("components: choose at least one of orthogonal, positive, negative")
+    for c in chosen:
+        if c not in COMPONENTS:
+            raise TatrError(unknown_name("component", c, COMPONENTS))
+    return chosen
+
+
+def select_components(tau: Tensor, keep: Tensor, others_grad: Tensor, chosen: frozenset[str]) -> Tensor:
+    """τ restricted to the chosen components (see module docstring for the definitions)."""
+    effect = tau * others_grad
+    outside = ~keep
+    positive = outside & (effect > 0)
+    negative = outside & (effect < 0)
+    selected = torch.zeros_like(keep)
+    if "positive" in chosen:
+        selected |= positive
+    if "negative" in chosen:
+        selected |= negative
+    if "orthogonal" in chosen:
+        selected |= ~(positive | negative)
+    return torch.where(selected, tau, torch.zeros((), dtype=tau.dtype))

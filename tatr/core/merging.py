@@ -1,0 +1,335 @@
+"""Streaming TATR merges: one pass over the tasks, tensor by tensor, then cheap trials.
+
+`plan_merge` does everything that does not depend on (q, λ): it streams the T task vectors once,
+key by key, keeping only running sums — Σ_t τ_t and Ω as arenas over the merged coordinates
+(`tatr.core.passes`: float64 when the model has float64 tensors, else float32) — and never T task
+vectors. `MergePlan.merged(q, λ)` then costs, for the linear
+methods (TA, averaging), one multiply-add plus O(|Δk|) writes to move the mask from the last q:
+    θ(q, λ) = θ_0 + λ·c·(m_q ⊙ Σ_t τ_t),  c = 1 (sum) or 1/T (mean).
+Non-linear configurations (TIES, component selection) need the per-task vectors after masking,
+so they stream the tasks again for each new q (and reuse that result across λ).
+
+Every result is computed from θ_0 afresh: trying λ₁ then λ₂ gives θ_0 + λ₂·M, never
+θ_0 + (λ₁+λ₂)·M.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tatr.core.components import check_components, select_components
+from tatr.core.errors import TatrError
+from tatr.core.methods import MergeMethod, get_method
+from tatr.core.passes import arena_dtype, first_pass, reduce_tasks, trim_thresholds
+from tatr.core.trust_region import NEEDS_GRADIENTS, check_mode, drop_count, drop_order
+from tatr.core.vectors import ParamSpace, TaskSet, gradient_tensor, open_task_set, pretrained_tensor
+
+StateInput = str | Path | Mapping[str, Tensor]
+
+
+class MergePlan:
+    """The (q, λ)-independent part of a merge, computed once; see the module docstring."""
+
+    def __init__(
+        self,
+        task_set: TaskSet,
+        method: MergeMethod,
+        trust_region: str,
+        ties_k: float = 20.0,
+        components: frozenset[str] | None = None,
+        cache_pretrained: bool = False,
+        progress: bool = False,
+    ) -> None:
+        check_numbers(ties_k=ties_k)
+        self.task_set = task_set
+        self.method = method
+        self.mode = trust_region
+        self.ties_k = ties_k
+        self.components = components
+        self.progress = progress
+        self._theta0: dict[str, Tensor] | None = {} if cache_pretrained else None
+        self.space, self.tau_sum, self.omega = first_pass(task_set, trust_region, progress)
+        self._order = torch.empty(0, dtype=torch.int64)  # coordinates ranked by Ω, highest first
+        self._masked: Tensor | None = None  # Σ τ with the first `_k` ranked coordinates zeroed
+        self._k = 0
+        self._consume_sum = False
+        self._reduced: tuple[float, Tensor] | None = None
+
+    # --- the mask ------------------------------------------------------------------------------
+    @property
+    def num_coordinates(self) -> int:
+        return self.space.numel
+
+    def drop_count(self, q: float) -> int:
+        return 0 if self.mode == "off" else drop_count(q, self.space.numel)
+
+    def prepare(self, qs: Sequence[float], release_scores: bool = False) -> None:
+        """Rank enough coordinates for every q in `qs`.
+
+        `release_scores=True` declares that only these q will be asked for: Ω is freed and Σ τ is
+        masked in place instead of in a copy, so a one-shot merge holds two arenas, not four.
+        """
+        k = max((self.drop_count(q) for q in qs), default=0)
+        if k > self._order.numel():
+            if self.omega is None:
+                raise RuntimeError("conflict scores were released; prepare all q values up front")
+            self._order = drop_order(self.omega, k)
+        if release_scores:
+            self.omega = None
+            self._consume_sum = True
+
+    def drop_indices(self, q: float) -> Tensor:
+        """Global indices of the ⌈(1−q)N⌉ dropped coordinates, highest conflict first."""
+        k = self.drop_count(q)
+        self.prepare([q])
+        return self._order[:k]
+
+    def keep_mask(self, q: float) -> Tensor:
+        """Boolean arena over the merged coordinates: True where the trust region keeps τ."""
+        keep = torch.ones(self.space.numel, dtype=torch.bool)
+        keep[self.drop_indices(q)] = False
+        return keep
+
+    def mask_stats(self, q: float) -> dict[str, tuple[int, int]]:
+        """key → (dropped, numel): where the trust region cuts, per tensor."""
+        counts = torch.bincount(self.space.key_of(self.drop_indices(q)), minlength=len(self.space.keys))
+        return {
+            key: (int(counts[i]), int(torch.Size(self.space.shapes[i]).numel()))
+            for i, key in enumerate(self.space.keys)
+        }
+
+    def masked_sum(self, q: float) -> Tensor:
+        """m_q ⊙ Σ_t τ_t as an arena (shared: do not modify).
+
+        The drop order is a ranking, so moving from k₀ to k dropped coordinates zeroes order[k₀:k]
+        or restores order[k:k₀] from Σ τ: O(|k − k₀|) writes per trial, no sort and no full mask.
+        """
+        k = self.drop_count(q)
+        if k == 0 and self._masked is None:
+            return self.tau_sum
+        self.prepare([q])
+        if self._masked is None:
+            self._masked = self.tau_sum if self._consume_sum else self.tau_sum.clone()
+        if k > self._k:
+            self._masked[self._order[self._k : k]] = 0
+        elif k < self._k:
+            if self._consume_sum:
+                raise RuntimeError("this plan was prepared for fewer dropped coordinates (release_scores=True)")
+            idx = self._order[k : self._k]
+            self._masked[idx] = self.tau_sum[idx]
+        self._k = k
+        return self._masked
+
+    # --- merging -------------------------------------------------------------------------------
+    def merged(self, q: float = 0.99, lam: float | None = None) -> dict[str, Tensor]:
+        """θ_0 + λ·M(q) as a full state dict: every key of θ_0, each in its own dtype.
+
+        For TA/averaging this is one multiply-add per tensor on the masked sum. A coordinate the
+        merge does not move (dropped, never changed, Σ exactly 0, or λ = 0) keeps θ_0's bits,
+        −0.0 included; a moved one is rounded once, from the arena's precision to its dtype.
+        """
+        check_numbers(q=q, lam=lam)
+        lam = self.method.default_lam if lam is None else float(lam)
+        ts, space = self.task_set, self.space
+        if self.method.linear and self.components is None:
+            scale = 1.0 / ts.num_tasks if self.method.reduce == "mean" else 1.0
+            reduced, alpha = self.masked_sum(q), lam * scale
+        else:
+            reduced, alpha = self.merged_task_vector(q), lam
+        out: dict[str, Tensor] = {}
+        position = {k: i for i, k in enumerate(space.keys)}
+        for key in ts.output_keys:
+            theta0 = self._pretrained(key)
+            i = position.get(key)
+            if i is None:
+                out[key] = theta0.clone() if isinstance(ts.pretrained, Mapping) else theta0
+                continue
+            out[key] = _apply(key, theta0, space.view(reduced, i), alpha)
+        return out
+
+    def merged_task_vector(self, q: float) -> Tensor:
+        """M(q) as an arena over the merged coordinates (cached for the last q)."""
+        if self.method.linear and self.components is None:
+            scale = 1.0 / self.task_set.num_tasks if self.method.reduce == "mean" else 1.0
+            return self.masked_sum(q) * scale
+        if self._reduced is not None and self._reduced[0] == q:
+            return self._reduced[1]
+        reduced = self._stream_reduce(q)
+        self._reduced = (q, reduced)
+        return reduced
+
+    # --- persistence (sweep workers share one plan through a content-addressed cache) -----------
+    def save(self, folder: str | Path) -> None:
+        """Write the arenas (Σ τ, Ω, the ranked drop order) and the coordinate layout to `folder`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        arrays = {"tau_sum": self.tau_sum, "order": self._order}
+        if self.omega is not None:
+            arrays["omega"] = self.omega
+        save_file(arrays, str(folder / "plan.safetensors"))
+        layout = {"keys": list(self.space.keys), "mode": self.mode, "method": self.method.name}
+        (folder / "plan.json").write_text(json.dumps(layout))
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        task_set: TaskSet,
+        method: MergeMethod,
+        trust_region: str,
+        ties_k: float = 20.0,
+        components: frozenset[str] | None = None,
+        cache_pretrained: bool = False,
+        progress: bool = False,
+    ) -> MergePlan:
+        """Rebuild a plan saved by `save` for the same inputs, skipping the streaming pass."""
+        from safetensors.torch import load_file
+
+        check_numbers(ties_k=ties_k)
+        folder = Path(folder)
+        layout = json.loads((folder / "plan.json").read_text())
+        if layout["mode"] != trust_region:
+            raise ValueError(f"saved plan is for mode {layout['mode']}, not {trust_region}")
+        arrays = load_file(str(folder / "plan.safetensors"))
+        if arrays["tau_sum"].dtype != arena_dtype(task_set):
+            raise ValueError(f"saved plan is in {arrays['tau_sum'].dtype}, not {arena_dtype(task_set)}")
+        plan = cls.__new__(cls)
+        plan.task_set, plan.method, plan.mode = task_set, method, trust_region
+        plan.ties_k, plan.components, plan.progress = ties_k, components, progress
+        plan._theta0 = {} if cache_pretrained else None
+        plan.space = ParamSpace.build(layout["keys"], task_set.shapes)
+        plan.tau_sum, plan.omega, plan._order = arrays["tau_sum"], arrays.get("omega"), arrays["order"]
+        plan._masked, plan._k, plan._consume_sum, plan._reduced = None, 0, False, None
+        return plan
+
+    # --- internals -----------------------------------------------------------------------------
+    def _pretrained(self, key: str) -> Tensor:
+        if self._theta0 is None:
+            return pretrained_tensor(self.task_set, key)
+        if key not in self._theta0:
+            self._theta0[key] = pretrained_tensor(self.task_set, key)
+        return self._theta0[key]
+
+    def _task_filter(self, i: int, keep: Tensor | None) -> Callable[[int, Tensor], Tensor]:
+        """τ_t ↦ the admissible part of τ_t for tensor i: masked, or the chosen components."""
+        ts, key = self.task_set, self.space.keys[i]
+        keep_view = None if keep is None else self.space.view(keep, i)
+        if self.components is None:
+            if keep_view is None:
+                return lambda t, tau: tau
+            return lambda t, tau: torch.where(keep_view, tau, torch.zeros((), dtype=tau.dtype))
+        assert keep_view is not None
+        total = sum(gradient_tensor(ts, t, key, signed=True) for t in range(ts.num_tasks))
+        chosen = self.components
+        return lambda t, tau: select_components(
+            tau, keep_view, total - gradient_tensor(ts, t, key, signed=True), chosen
+        )
+
+    def _stream_reduce(self, q: float) -> Tensor:
+        keep = None if self.mode == "off" else self.keep_mask(q)
+        dtype = self.tau_sum.dtype
+
+        def admissible_for(i: int) -> Callable[[int, Tensor], Tensor]:
+            return self._task_filter(i, keep)
+
+        ts, space = self.task_set, self.space
+        thresholds = (
+            trim_thresholds(ts, space, self.ties_k, admissible_for, self._pretrained, dtype)
+            if self.method.trim
+            else None
+        )
+        return reduce_tasks(ts, space, self.method, thresholds, admissible_for, self._pretrained, dtype, self.progress)
+
+
+def _apply(key: str, theta0: Tensor, m: Tensor, alpha: float) -> Tensor:
+    """θ_0 + α·M for one tensor, in θ_0's dtype, θ_0's bits wherever α·M is 0."""
+    step = m * alpha
+    moved = step != 0
+    result = torch.where(moved, (theta0.to(step.dtype) + step).to(theta0.dtype), theta0)
+    if not bool(torch.isfinite(result.sum())) and not bool(torch.isfinite(result).all()):
+        raise TatrError(f"key '{key}': λ={alpha:g} overflows {theta0.dtype} (the merged values are infinite)")
+    return result
+
+
+def check_numbers(q: float | None = None, lam: float | None = None, ties_k: float | None = None) -> None:
+    """Refuse a bad q, λ or TIES k at the door, with one line naming the value."""
+    if q is not None:
+        if not _real(q):
+            raise TatrError(f"q must be a number in (0, 1], got {q!r}")
+        drop_count(float(q), 1)
+    if lam is not None and not (_real(lam) and math.isfinite(float(lam))):
+        raise TatrError(f"λ (lam) must be a finite number (negative is allowed), got {lam!r}")
+    if ties_k is not None and not (_real(ties_k) and 0 < float(ties_k) <= 100):
+        raise TatrError(f"ties_k must be in (0, 100], got {ties_k!r}")
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def plan_merge(
+    pretrained: StateInput,
+    finetuned: Sequence[StateInput],
+    *,
+    method: str = "ta",
+    trust_region: str = "zero-shot",
+    ties_k: float = 20.0,
+    components: Sequence[str] | None = None,
+    gradients: Sequence[StateInput] | None = None,
+    signed_gradients: Sequence[StateInput] | None = None,
+    cache_pretrained: bool = False,
+    progress: bool = False,
+) -> MergePlan:
+    """Validate the inputs and compute the (q, λ)-independent part of a merge."""
+    merge_method = get_method(method)
+    check_mode(trust_region)
+    chosen = check_components(components)
+    check_numbers(ties_k=ties_k)
+    if trust_region in NEEDS_GRADIENTS and gradients is None:
+        raise TatrError(f"trust-region mode '{trust_region}' needs exemplar gradients (--gradients, one file per task)")
+    if chosen is not None:
+        if trust_region == "off":
+            raise TatrError("components need a trust region: choose a trust-region mode other than 'off'")
+        if signed_gradients is None:
+            raise TatrError("components need signed mean gradients (--signed-gradients, one file per task)")
+    task_set = open_task_set(pretrained, finetuned, gradients, signed_gradients)
+    return MergePlan(task_set, merge_method, trust_region, ties_k, chosen, cache_pretrained, progress)
+
+
+def merge(
+    pretrained: StateInput,
+    finetuned: Sequence[StateInput],
+    *,
+    method: str = "ta",
+    trust_region: str = "zero-shot",
+    q: float = 0.99,
+    lam: float | None = None,
+    ties_k: float = 20.0,
+    components: Sequence[str] | None = None,
+    gradients: Sequence[StateInput] | None = None,
+    signed_gradients: Sequence[StateInput] | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Merge once: θ_0 + λ·M with the trust region at q. Returns every key of θ_0."""
+    check_numbers(q=q, lam=lam, ties_k=ties_k)  # before any work
+    plan = plan_merge(
+        pretrained,
+        finetuned,
+        method=method,
+        trust_region=trust_region,
+        ties_k=ties_k,
+        components=components,
+        gradients=gradients,
+        signed_gradients=signed_gradients,
+        progress=progress,
+    )
+    plan.prepare([q], release_scores=True)
+    return plan.merged(q, lam)

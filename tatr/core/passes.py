@@ -1,0 +1,184 @@
+"""The streaming passes over the task vectors: one tensor of one task in memory at a time.
+
+* `first_pass`: Σ_t τ_t and Ω straight into their arenas (the (q, λ)-independent part of a plan).
+* `trim_thresholds`: TIES' per-task magnitude threshold over the whole model, by radix select.
+* `reduce_tasks`: the non-linear reductions (TIES, component selection) into one arena.
+
+Arenas are float64 when any merged tensor is float64 (a 1e-9 task vector must not vanish in a
+float32 round trip) and float32 otherwise, so bf16/fp16/fp32 models do not double their memory;
+bf16 and fp16 values convert to float32 exactly. Ω is float32 in every case: it only ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tatr.core.errors import TatrError
+from tatr.core.methods import MergeMethod, SignedSums
+from tatr.core.trust_region import NEEDS_GRADIENTS, ConflictAccumulator, RadixSelect, conflict_terms, ties_keep_rank
+from tatr.core.vectors import (
+    ParamSpace,
+    TaskSet,
+    all_finite,
+    check_finite,
+    gradient_tensor,
+    pretrained_tensor,
+    task_vector,
+)
+
+Filter = Callable[[int, Tensor], Tensor]  # (task, τ_t of one tensor) -> its admissible part
+
+
+def arena_dtype(task_set: TaskSet) -> torch.dtype:
+    """float64 if any merged tensor is float64, else float32 (see the module docstring)."""
+    if any(task_set.dtypes[k] == torch.float64 for k in task_set.candidate_keys):
+        return torch.float64
+    return torch.float32
+
+
+def first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpace, Tensor, Tensor | None]:
+    """Stream θ_t key by key, accumulating Σ_t τ_t and Ω straight into their arenas.
+
+    Per task and tensor this is one read and a handful of element-wise passes; values are
+    validated on the per-tensor sums (`all_finite`), and a task's "did it change anything" test
+    stops as soon as one changed tensor is seen. A key no task changed is overwritten by the next
+    one (the write cursor does not advance), so it never enters Ω or N.
+    """
+    ts = task_set
+    dtype = arena_dtype(ts)
+    capacity = sum(torch.Size(ts.shapes[k]).numel() for k in ts.candidate_keys)
+    tau_arena = torch.empty(capacity, dtype=dtype)
+    omega_arena = None if mode == "off" else torch.empty(capacity)
+    changed = [False] * ts.num_tasks
+    kept: list[str] = []
+    cursor = 0
+    for key in tqdm(ts.candidate_keys, desc="task vectors", disable=None if progress else True, leave=False):
+        theta0 = pretrained_tensor(ts, key).to(dtype)
+        n = theta0.numel()
+        tau_sum = tau_arena[cursor : cursor + n].view(theta0.shape)
+        out = None if omega_arena is None else omega_arena[cursor : cursor + n].view(theta0.shape)
+        acc = None if mode == "off" else ConflictAccumulator(theta0.shape, out=out)
+        key_changed, missing_gradient = False, None
+        scratch = torch.empty_like(theta0)  # one buffer per tensor, reused by every task
+        for t in range(ts.num_tasks):
+            tau = task_vector(ts, t, key, theta0, out=scratch)
+            if not (changed[t] and key_changed) and bool(tau.any()):
+                changed[t] = key_changed = True
+            if t == 0:
+                tau_sum.copy_(tau)
+            else:
+                tau_sum += tau
+            if acc is None:
+                continue
+            magnitude = tau.abs_().float()  # τ itself is no longer needed: |τ| in place (Ω is float32)
+            grad = None
+            if mode in NEEDS_GRADIENTS:
+                assert ts.gradient_keys is not None
+                if key not in ts.gradient_keys[t]:
+                    missing_gradient = t
+                    continue
+                grad = gradient_tensor(ts, t, key)
+            acc.add(*conflict_terms(mode, magnitude, grad))
+        if not all_finite(tau_sum, acc.sum_s if acc is not None else None):
+            check_finite(ts, key, gradients=mode in NEEDS_GRADIENTS)
+        if not key_changed:
+            continue  # no task changed it: copied from θ_0, its arena slot is reused
+        if missing_gradient is not None:
+            gradient_tensor(ts, missing_gradient, key)  # raises the one-line error
+        if acc is not None:
+            acc.omega()  # finalises Ω into its arena slot
+        kept.append(key)
+        cursor += n
+    for t, flag in enumerate(changed):
+        if not flag:
+            raise TatrError(
+                f"{_describe(ts.finetuned[t])}: identical to the pretrained model in every floating-point "
+                "tensor (its task vector is zero)"
+            )
+    space = ParamSpace.build(kept, ts.shapes)
+    return space, _trim(tau_arena, cursor), None if omega_arena is None else _trim(omega_arena, cursor)
+
+
+def trim_thresholds(
+    ts: TaskSet,
+    space: ParamSpace,
+    ties_k: float,
+    admissible_for: Callable[[int], Filter],
+    pretrained: Callable[[str], Tensor],
+    dtype: torch.dtype,
+) -> list[float] | None:
+    """Per task, the magnitude TIES keeps down to (`ties_keep_rank`), or None to keep everything.
+
+    N counts every floating coordinate of the model, as the reference flattens the whole state
+    dict: keys no task changed are zeros of every task vector (fed as a count, never read).
+    """
+    n = sum(torch.Size(ts.shapes[k]).numel() for k in ts.candidate_keys)
+    rank = ties_keep_rank(ties_k, n)
+    if rank is None:
+        return None
+    selects = [RadixSelect(rank, dtype) for _ in range(ts.num_tasks)]
+    for _ in range(selects[0].passes):
+        for i, key in enumerate(space.keys):
+            theta0 = pretrained(key).to(dtype)
+            admissible = admissible_for(i)
+            for t, select in enumerate(selects):
+                select.feed(admissible(t, task_vector(ts, t, key, theta0)).abs())
+        for select in selects:
+            select.feed_zeros(n - space.numel)
+            select.advance()
+    return [s.value() for s in selects]
+
+
+def reduce_tasks(
+    ts: TaskSet,
+    space: ParamSpace,
+    method: MergeMethod,
+    thresholds: list[float] | None,
+    admissible_for: Callable[[int], Filter],
+    pretrained: Callable[[str], Tensor],
+    dtype: torch.dtype,
+    progress: bool = False,
+) -> Tensor:
+    """Stream the tasks tensor by tensor into the merged task vector M (an arena over `space`).
+
+    TIES' zero-sum coordinates take the model-wide majority sign, known only after the last tensor:
+    each tensor reports its sign counts and its zero-sum coordinates' "−" result, applied at the end.
+    """
+    reduced = torch.empty(space.numel, dtype=dtype)
+    positive = negative = 0
+    flip_idx: list[Tensor] = []
+    flip_val: list[Tensor] = []
+    for i, key in enumerate(tqdm(space.keys, desc="merge", disable=None if progress else True, leave=False)):
+        theta0 = pretrained(key).to(dtype)
+        admissible = admissible_for(i)
+        sums = SignedSums(theta0.shape, dtype)
+        for t in range(ts.num_tasks):
+            tau = admissible(t, task_vector(ts, t, key, theta0))
+            if thresholds is not None:
+                tau = torch.where(tau.abs() >= thresholds[t], tau, torch.zeros((), dtype=tau.dtype))
+            sums.add(tau)
+        result, idx, alt = sums.finish(method)
+        space.view(reduced, i).copy_(result)
+        if method.elect_sign:
+            p, m = sums.sign_counts()
+            positive, negative = positive + p, negative + m
+            flip_idx.append(idx + space.offsets[i])
+            flip_val.append(alt)
+    if method.elect_sign and positive <= negative and flip_idx:  # majority sign − (or 0: the reference's `> 0` fails)
+        reduced[torch.cat(flip_idx)] = torch.cat(flip_val)
+    return reduced
+
+
+def _trim(arena: Tensor, size: int) -> Tensor:
+    """The used part of an arena; copied only when unchanged keys left much of it unused."""
+    return arena if size == arena.numel() else (arena[:size].clone() if size < arena.numel() // 2 else arena[:size])
+
+
+def _describe(source: object) -> str:
+    from tatr.core.checkpoints import describe
+
+    return describe(source)  # type: ignore[arg-type]

@@ -1,0 +1,239 @@
+"""The trust region: conflict scores Ω and the exact global selection of the coordinates to drop.
+
+Conflict. Ω = Σ_{i≠j} s_i ⊙ a_j, with a_j = |τ_j|. Expanding (Σ s)(Σ a) − Σ s⊙a is O(T) but
+cancels catastrophically where one task dominates a coordinate (float32 loses every digit there;
+see the tests). The same running sums, ordered as prefix sums, give an O(T) form with no
+subtraction at all: adding task i contributes s_i ⊙ A_{<i} + a_i ⊙ S_{<i}, where S_{<i}, A_{<i}
+are the sums over the tasks before it. Every term is ≥ 0, so float32 suffices: each product and
+each of the ≤ 2T additions rounds once, and the result is within (2T+2)·2⁻²⁴ relative of the
+pairwise sum, coordinate by coordinate (checked against the literal O(T²) loop in the tests). The
+modes only change s and a: zero-shot s=|τ|; exemplar s=mean|∇ℓ|; gradient-only a=1, so
+Ω=(T−1)Σs_i; magnitude-only s=1, so Ω=(T−1)Σ|τ_j| (the constant T−1 does not move the mask).
+
+Selection. The mask drops exactly k = ⌈(1−q)·N⌉ coordinates with the largest Ω over all N merged
+coordinates (q from its decimal text, so q=0.99 with N=100 drops 1, not 2). Ties at the boundary
+are broken by canonical position (keys sorted by name, then row-major index): the earlier one is
+dropped first. The k-th largest value is found by an exact two-pass radix select on the float32
+bit patterns (non-negative floats order like their integer bits): a 2¹⁵-bin histogram of the high
+bits, then a 2¹⁶-bin histogram of the low bits inside the one bin that holds the boundary. That is
+O(N) with no copy of Ω, no full sort, and no 2²⁴ limit (unlike `torch.quantile`).
+
+Relation to FusionBench's "keep Ω < sorted(Ω)[min(int(N·q), N−1)]": without ties, and where N·q
+rounds the way its decimal does, both drop ⌈(1−q)N⌉ coordinates. Otherwise that rule drops more:
+every coordinate tied at the threshold value; at q=1 (the index clamped to N−1) every coordinate
+tied at the maximum, at least one; and one extra where `int(N*q)` truncates a binary product just
+below an integer (N=100, q=0.29: 28.999… → 28, so 72 dropped, not 71). Here the count is always
+exactly ⌈(1−q)N⌉ and q=1 drops nothing (tests/test_fusionbench_convention.py transcribes that rule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+MODES = ("off", "zero-shot", "exemplar", "gradient-only", "magnitude-only")
+NEEDS_GRADIENTS = ("exemplar", "gradient-only")
+CHUNK = 1 << 22
+
+
+def check_mode(mode: str) -> str:
+    from tatr.core.errors import TatrError
+    from tatr.core.registry import unknown_name
+
+    if mode not in MODES:
+        raise TatrError(unknown_name("trust-region mode", mode, MODES))
+    return mode
+
+
+def drop_count(q: float, n: int) -> int:
+    """⌈(1−q)·n⌉, computed on q's decimal value so binary rounding cannot add a coordinate."""
+    if not 0.0 < q <= 1.0:
+        from tatr.core.errors import TatrError
+
+        raise TatrError(f"q must be in (0, 1], got {q}")
+    return math.ceil((1 - Fraction(repr(float(q)))) * n)
+
+
+def ties_keep_rank(percent: float, n: int) -> int | None:
+    """TIES' trim as AdaMerging's `topk_values_mask` computes it, or None to keep everything.
+
+    The reference keeps |v| ≥ the k-th smallest |v| with k = n − int(n·K), K = percent/100 in
+    binary floating point (so 29% of 100 is int(28.999…) = 28). That threshold is the
+    (int(n·K) + 1)-th largest |v|: int(n·K) + 1 entries are kept when no magnitudes tie there, and
+    every entry tied with the threshold is kept too. k = 0 (K = 100%) is an error in the reference;
+    here it keeps every entry.
+    """
+    m = int(n * (float(percent) / 100))
+    return None if n - m <= 0 else m + 1
+
+
+class ConflictAccumulator:
+    """Ω for one tensor from running (prefix) sums over the tasks, in float32, nothing cancelling.
+
+    Adding task i contributes every pair it forms with the tasks before it:
+        Ω += s_i ⊙ A_{<i} + a_i ⊙ S_{<i},   then S_{<i} += s_i, A_{<i} += a_i.
+    `s=None` stands for s=1 and `a=None` for a=1 (the ablation modes; Ω is then (T−1)·Σa or
+    (T−1)·Σs); passing the same tensor as s and a (zero-shot) adds 2·a_i ⊙ A_{<i}.
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], out: Tensor | None = None) -> None:
+        """`out`, if given, receives Ω (e.g. a view into the arena), saving a copy."""
+        self.shape = tuple(shape)
+        self.out = out
+        self.sum_s: Tensor | None = None
+        self.sum_a: Tensor | None = None
+        self.pairs: Tensor | None = None
+        self.tasks = 0
+        self.unit_s = self.unit_a = False
+
+    def add(self, s: Tensor | None, a: Tensor | None) -> None:
+        if s is None and a is None:
+            raise ValueError("at least one of s and a must be a tensor")
+        self.tasks += 1
+        self.unit_s, self.unit_a = s is None, a is None
+        if s is not None and a is not None:
+            if self.pairs is None:
+                self.pairs = torch.zeros(self.shape) if self.out is None else self.out.zero_()
+            elif s is a:
+                self.pairs.addcmul_(a, self.sum_a, value=2.0)
+            else:
+                self.pairs.addcmul_(s, self.sum_a).addcmul_(a, self.sum_s)
+        if a is not None:
+            self.sum_a = a.clone() if self.sum_a is None else self.sum_a.add_(a)
+        if s is not None and s is not a:
+            self.sum_s = s.clone() if self.sum_s is None else self.sum_s.add_(s)
+
+    def sums(self) -> tuple[Tensor | None, ...]:
+        return self.sum_s, self.sum_a, self.pairs
+
+    def omega(self) -> Tensor:
+        """Ω for this tensor (float32, ≥ 0), in `out` when one was given."""
+        if self.unit_s or self.unit_a:  # Σ_{i≠j} 1·a_j = (T−1)Σa and Σ_{i≠j} s_i·1 = (T−1)Σs
+            total = self.sum_a if self.unit_s else self.sum_s
+            return torch.mul(total, self.tasks - 1, out=self.out) if self.out is not None else total * (self.tasks - 1)
+        return self.pairs
+
+
+def conflict_terms(mode: str, mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(s, a) for one task and tensor under `mode`, given mag = |τ|; None means the factor is 1."""
+    if mode == "zero-shot":
+        return mag, mag
+    if mode == "exemplar":
+        return grad, mag
+    if mode == "gradient-only":
+        return grad, None
+    if mode == "magnitude-only":
+        return None, mag
+    raise ValueError(f"no conflict terms for mode '{mode}'")
+
+
+def pairwise_conflict(s: list[Tensor], a: list[Tensor]) -> Tensor:
+    """Literal Σ_{i≠j} s_i ⊙ a_j in float64: the O(T²) reference the tests check against."""
+    out = torch.zeros_like(s[0], dtype=torch.float64)
+    for i, si in enumerate(s):
+        for j, aj in enumerate(a):
+            if i != j:
+                out += si.double() * aj.double()
+    return out
+
+
+# --- exact selection --------------------------------------------------------------------------
+
+
+class RadixSelect:
+    """Exact k-th largest of non-negative float32/float64 values streamed in several passes.
+
+    Non-negative floats order like their integer bit patterns, so the k-th largest is found digit
+    by digit from the top: 15 bits (the sign bit is 0), then 16 bits per pass. Each pass histograms
+    only the values whose higher digits match the prefix chosen so far: float32 takes 2 passes,
+    float64 takes 4, with memory O(2¹⁶) and no copy of the values. Call `feed` (and `feed_zeros`
+    for values known to be +0.0) for every value, then `advance`, once per pass.
+    """
+
+    def __init__(self, k: int, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"radix select needs float32 or float64 values, got {dtype}")
+        self.k, self.dtype = k, dtype
+        self.int_dtype = torch.int32 if dtype == torch.float32 else torch.int64
+        width = 32 if dtype == torch.float32 else 64
+        self.digits = [(width - 16, 15)] + [(s, 16) for s in range(width - 32, -1, -16)]
+        self.step, self.prefix, self.total = 0, 0, 0
+        self.hist = torch.zeros(1 << 15, dtype=torch.int64)
+
+    @property
+    def passes(self) -> int:
+        return len(self.digits)
+
+    def feed(self, values: Tensor) -> None:
+        bits = values.contiguous().view(self.int_dtype).reshape(-1)
+        shift, width = self.digits[self.step]
+        if self.step > 0:
+            bits = bits[(bits >> (shift + width)) == self.prefix]
+        else:
+            self.total += bits.numel()
+        self.hist += torch.bincount(((bits >> shift) & ((1 << width) - 1)).long(), minlength=1 << width)
+
+    def feed_zeros(self, count: int) -> None:
+        """Account for `count` values equal to +0.0 without materialising them."""
+        if self.step == 0:
+            self.total += count
+        if self.prefix == 0:
+            self.hist[0] += count
+
+    def advance(self) -> None:
+        if self.step == 0 and not 1 <= self.k <= self.total:
+            raise ValueError(f"k={self.k} outside 1..{self.total}")
+        digit, above = bin_of_rank(self.hist, self.k)
+        self.k -= above
+        self.prefix = (self.prefix << self.digits[self.step][1]) | digit
+        self.step += 1
+        if self.step < len(self.digits):
+            self.hist = torch.zeros(1 << self.digits[self.step][1], dtype=torch.int64)
+
+    def value(self) -> float:
+        if self.step != len(self.digits):
+            raise RuntimeError("radix select: not every pass was run")
+        return torch.tensor([self.prefix], dtype=self.int_dtype).view(self.dtype).item()
+
+
+def bin_of_rank(hist: Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element (k ≥ 1), and how many elements lie above it."""
+    above = torch.cumsum(hist.flip(0), 0)  # above[i] = count in the top i+1 bins
+    i = int(torch.searchsorted(above, torch.tensor(k)).item())
+    b = hist.numel() - 1 - i
+    return b, int(above[i - 1].item()) if i > 0 else 0
+
+
+def kth_largest(chunks: Callable[[], Iterator[Tensor]], k: int, dtype: torch.dtype = torch.float32) -> float:
+    """Exact k-th largest of non-negative values given as re-iterable chunks (2 passes, 4 for float64)."""
+    select = RadixSelect(k, dtype)
+    for _ in range(select.passes):
+        for c in chunks():
+            select.feed(c)
+        select.advance()
+    return select.value()
+
+
+def arena_chunks(arena: Tensor, size: int = CHUNK) -> Callable[[], Iterator[Tensor]]:
+    return lambda: (arena[i : i + size] for i in range(0, arena.numel(), size))
+
+
+def drop_order(omega: Tensor, k: int) -> Tensor:
+    """Global indices of the k largest Ω, largest first; ties by ascending index. O(N + k log k)."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    if k > omega.numel():
+        raise ValueError(f"cannot drop {k} of {omega.numel()} coordinates")
+    v = kth_largest(arena_chunks(omega), k)
+    parts = []
+    for start in range(0, omega.numel(), CHUNK):
+        c = omega[start : start + CHUNK]
+        parts.append(torch.nonzero(c >= v).flatten() + start)
+    candidates = torch.cat(parts)
+    values = omega[candidates]
+    order = torch.sort(values, descending=True, stable=True).indices[:k]
+    return candidates[order]

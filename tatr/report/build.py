@@ -1,0 +1,292 @@
+"""`tatr report`: the results store → tables, figures and one static `index.html` per benchmark.
+
+Why it reads only the store (or W&B's mirror of it): the store is the source of truth, so a report
+is a pure function of its rows. Nothing here reads the clock or the machine, so the same store
+gives byte-identical files, and a diff of `results/<benchmark>/` means the numbers moved.
+
+Output (under `<out>/<benchmark>/`, default `results/<benchmark>/`):
+    tables/<name>.{md,tex,csv}   the paper-layout table, each ablation, the published reference
+    figures/<name>.{png,pdf}     λ × q heatmap, mask-ratio curve, component bars, exemplar curve, …
+    index.html                   everything above on one page that works offline
+The `tables/` and `figures/` folders and `index.html` are built as `.tatr-tmp-*` siblings
+(`tatr.core.outputs.atomic_dir`/`atomic_write`) and renamed into place only once all are complete;
+other files in the benchmark folder are left alone, and nothing this report did not write is
+deleted. The benchmark names a folder, so it must be a safe name, and `<out>/<benchmark>` must
+not lead out of `<out>` through a symlink; the store and the published CSV must not lie among the
+outputs. Each is one line, checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from tatr.core.errors import TatrError
+from tatr.core.outputs import atomic_dir, atomic_write, inside, safe_name, same_file
+from tatr.report import figures as F
+from tatr.report import tables as T
+from tatr.report.wandb_rows import rows_from_wandb, wandb_run_rows
+from tatr.runs.store import read_store, store_dir
+
+__all__ = ["generate", "rows_from_wandb", "wandb_run_rows", "write_report"]
+
+DEFAULT_PUBLISHED = Path("results/reference/published.csv")
+
+# which experiment file fills each ablation, for the "missing" hints
+ABLATION_FILES = {
+    T.COMPONENTS: "experiments/ablations/components.yaml",
+    T.TRUST_REGION: "experiments/ablations/trust_region.yaml",
+    T.SENSITIVITY: "experiments/ablations/sensitivity.yaml",
+    T.MASK_RATIO: "experiments/ablations/mask_ratio.yaml",
+    T.EXEMPLAR_COUNT: "experiments/ablations/exemplar_count.yaml",
+    T.PLUGIN: "experiments/ablations/plugin.yaml",
+    T.GRADIENT_CORRELATION: "experiments/ablations/gradient_correlation.yaml",
+}
+
+
+@dataclass
+class FigureSpec:
+    name: str
+    title: str
+    build: Callable[[], object]  # returns a Figure or None
+
+
+@dataclass
+class Section:
+    """One block of the page: a heading, its tables and figures, or why it is missing."""
+
+    title: str
+    tables: list[T.Table] = field(default_factory=list)
+    figures: list[FigureSpec] = field(default_factory=list)
+    missing: str = ""
+
+
+@dataclass
+class Written:
+    folder: Path
+    tables: list[str]
+    figures: list[str]
+    skipped: list[str]
+
+
+# --- reading -----------------------------------------------------------------------------------------
+def load_store(root: str | Path) -> pd.DataFrame:
+    """The local store as a DataFrame; a clear error when there is nothing to report."""
+    rows = read_store(root)
+    if rows.empty:
+        raise TatrError(
+            f"no results in {store_dir(root)}: run `tatr sweep …` or `tatr ablate experiments/ablations/…` first"
+        )
+    return rows
+
+
+def load_published(path: str | Path | None) -> pd.DataFrame | None:
+    """The published reference numbers, or None when the file is absent or unreadable as CSV."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, comment="#")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return None
+
+
+def benchmarks_in(rows: pd.DataFrame) -> list[str]:
+    return sorted(str(b) for b in rows["benchmark"].dropna().unique())
+
+
+def select_benchmark(rows: pd.DataFrame, benchmark: str) -> pd.DataFrame:
+    found = benchmarks_in(rows)
+    chosen = rows[rows["benchmark"].astype(str) == benchmark]
+    if chosen.empty:
+        raise TatrError(f"no rows for benchmark '{benchmark}' in the store (it has: {', '.join(found) or 'none'})")
+    usable = chosen.dropna(subset=["accuracy", "task", "split", "run_id"])
+    if usable.empty:
+        raise TatrError(f"the store's rows for '{benchmark}' have no accuracy, task, split or run id to report")
+    return usable
+
+
+# --- building -----------------------------------------------------------------------------------------
+def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame | None) -> list[Section]:
+    """Every table and figure of the report for one benchmark's rows (already `tables.prepare`d)."""
+    main = T.main_table(rows)
+    sections = [
+        Section(
+            "Main results",
+            [main],
+            [FigureSpec("methods_per_task", "Test accuracy per task and method", lambda: F.methods_per_task(main))],
+            "" if not main.empty else "no test rows of baselines, sweep finals or the plug-in ablation",
+        ),
+        Section(
+            "Sweep: validation accuracy over λ × q",
+            [],
+            [FigureSpec("sweep_heatmap", "Validation accuracy over λ × (1−q)", lambda: F.sweep_heatmap(rows))],
+            "" if F.sweep_grid(rows) is not None else "no sweep trials and no (q, λ) validation grid in the store",
+        ),
+    ]
+    ablation = dict(zip(T.ABLATIONS, T.ablation_tables(rows), strict=True))
+    figure_of: dict[str, Callable[[], object]] = {
+        T.COMPONENTS: lambda: F.variant_bars(ablation[T.COMPONENTS]),
+        T.TRUST_REGION: lambda: F.variant_bars(ablation[T.TRUST_REGION]),
+        T.SENSITIVITY: lambda: F.variant_bars(ablation[T.SENSITIVITY]),
+        T.MASK_RATIO: lambda: F.mask_ratio_curve(rows),
+        T.EXEMPLAR_COUNT: lambda: F.exemplar_curve(rows),
+        T.PLUGIN: lambda: F.variant_bars(ablation[T.PLUGIN]),
+        T.GRADIENT_CORRELATION: lambda: F.correlation_heatmap(rows),
+    }
+    for name in T.ABLATIONS:
+        table = ablation[name]
+        hint = f"no rows yet: run `tatr ablate {ABLATION_FILES[name]}`" if table.empty else ""
+        spec = FigureSpec(name.replace("-", "_"), T.ABLATION_TITLES[name], figure_of[name])
+        sections.append(Section(f"Ablation: {T.ABLATION_TITLES[name]}", [table], [spec], hint))
+    reference = T.reference_table(rows, published, benchmark)
+    why = "" if not reference.empty else f"no published numbers for '{benchmark}' in {DEFAULT_PUBLISHED}"
+    sections.append(Section("Reference: published numbers", [reference], [], why))
+    return sections
+
+
+def write_report(
+    rows: pd.DataFrame,
+    benchmark: str,
+    out: Path,
+    published: pd.DataFrame | None,
+    figures: bool = True,
+    inputs: Iterable[Path] = (),
+) -> Written:
+    """Render one benchmark's report into `out/<benchmark>/`, replacing the previous report whole.
+
+    `benchmark` comes from the store's rows, so it must be a safe name and `out/<benchmark>` must
+    stay inside `out` (a symlink leading out is refused). `tables/`, `figures/` and `index.html`
+    are built as `.tatr-tmp-*` siblings and renamed into place only when all are complete; nothing
+    else in the folder is touched, and nothing is deleted that this report did not write. `inputs`
+    (the store, the published CSV) must not lie among the outputs.
+    """
+    final = report_folder(out, benchmark)
+    outputs = [final / "tables", final / "figures", final / "index.html"]
+    _refuse_overwriting(outputs, inputs)
+    prepared = T.prepare(rows)
+    sections = build_sections(prepared, benchmark, published)
+    written_tables, written_figures, skipped = [], [], []
+    with (
+        atomic_dir(outputs[0]) as tables_dir,
+        atomic_dir(outputs[1]) as figures_dir,
+        atomic_write(outputs[2], suffix=".html") as page,
+    ):
+        shown: dict[int, list[str]] = {}
+        for i, section in enumerate(sections):
+            for table in section.tables:
+                if table.empty:
+                    continue
+                for ext, text in (("md", table.to_markdown()), ("tex", table.to_latex()), ("csv", table.to_csv())):
+                    (tables_dir / f"{table.name}.{ext}").write_text(text, encoding="utf-8")
+                written_tables.append(table.name)
+            nothing = bool(section.missing) and all(t.empty for t in section.tables)
+            if nothing:
+                skipped.append(f"{section.title}: {section.missing}")
+            for spec in section.figures if figures else []:
+                fig = spec.build()
+                if fig is None:
+                    if not nothing:
+                        skipped.append(f"figure {spec.name}: no data in the store")
+                    continue
+                F.save(fig, figures_dir / spec.name)
+                written_figures.append(spec.name)
+                shown.setdefault(i, []).append(spec.name)
+        page.write_text(render_index(benchmark, prepared, sections, shown), encoding="utf-8")
+    return Written(final, written_tables, written_figures, sorted(set(skipped), key=skipped.index))
+
+
+def report_folder(out: Path, benchmark: object) -> Path:
+    """`out/<benchmark>`, refused with one line when the name is unsafe or the folder leads out."""
+    return inside(Path(out), safe_name(benchmark, "benchmark"))
+
+
+def _refuse_overwriting(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """One line when an input of the report (the store, the published CSV) is, or is in, an output."""
+    for item in inputs:
+        resolved = Path(item).resolve()
+        for output in outputs:
+            target = output.resolve()
+            if same_file(item, output) or target in resolved.parents:
+                raise TatrError(f"{item}: an input of the report lies in its output {output}; choose another --out")
+
+
+def generate(
+    root: str | Path = "results",
+    out: str | Path | None = None,
+    benchmarks: Iterable[str] | None = None,
+    published: str | Path | None = DEFAULT_PUBLISHED,
+    rows: pd.DataFrame | None = None,
+    figures: bool = True,
+) -> list[Written]:
+    """Write a report for each benchmark (all in the store by default); `rows` replaces the store."""
+    chosen = [safe_name(b, "benchmark") for b in benchmarks] if benchmarks else None
+    rows = load_store(root) if rows is None else rows
+    if rows.empty:
+        raise TatrError("no results to report")
+    chosen = chosen or [safe_name(b, "benchmark in the store") for b in benchmarks_in(rows)]
+    if not chosen:
+        raise TatrError("the store's rows name no benchmark")
+    reference = load_published(published)
+    target = Path(out) if out is not None else Path(root)
+    inputs = [store_dir(root)] + ([Path(published)] if published is not None else [])
+    for b in chosen:  # every folder is checked before any is written
+        _refuse_overwriting([report_folder(target, b) / n for n in ("tables", "figures", "index.html")], inputs)
+    return [write_report(select_benchmark(rows, b), b, target, reference, figures, inputs) for b in chosen]
+
+
+# --- the page ------------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.4}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:1em 0;font-size:.85em}caption{text-align:left;font-weight:600;padding:.3em 0}
+th,td{padding:.25em .6em;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
+thead th{border-bottom:2px solid #444}tbody th{text-align:left}
+.fig{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}.fig img{width:480px;max-width:100%;
+border:1px solid #eee}.fig p,.note,.links{font-size:.8em;color:#555}.missing{color:#a33}
+.scroll{overflow-x:auto}
+"""
+
+
+def render_index(benchmark: str, rows: pd.DataFrame, sections: list[Section], shown: dict[int, list[str]]) -> str:
+    """One self-contained page; images and downloads are relative links into the same folder."""
+    e = html.escape
+    runs = rows["run_id"].nunique()
+    commits = sorted(str(c) for c in rows["git_commit"].dropna().unique())
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>tatr report: {e(benchmark)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>tatr report: {e(benchmark)}</h1>",
+        f"<p>{len(rows)} rows from {runs} runs of the results store"
+        + (f"; code commits {e(', '.join(commits))}" if commits else "")
+        + ". Regenerate with <code>tatr report</code>.</p>",
+    ]
+    for i, section in enumerate(sections):
+        parts.append(f"<h2>{e(section.title)}</h2>")
+        has_table = False
+        for table in section.tables:
+            if table.empty:
+                continue
+            has_table = True
+            parts.append(f"<div class='scroll'>{table.to_html()}</div>")
+            links = " · ".join(f"<a href='tables/{e(table.name)}.{x}'>{x.upper()}</a>" for x in ("csv", "tex", "md"))
+            parts.append(f"<p class='links'>Download: {links}</p>")
+        for name in shown.get(i, []):
+            spec = next(s for s in section.figures if s.name == name)
+            parts.append(
+                f"<div class='fig'><img src='figures/{e(name)}.png' alt='{e(spec.title)}'>"
+                f"<p>{e(spec.title)} (<a href='figures/{e(name)}.pdf'>PDF</a>)</p></div>"
+            )
+        if not has_table and not shown.get(i) and section.missing:
+            parts.append(f"<p class='missing'>Not available: {e(section.missing)}.</p>")
+        elif not shown.get(i) and section.figures and not has_table:
+            parts.append("<p class='missing'>Not available: no data for this figure in the store.</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

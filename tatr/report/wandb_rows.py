@@ -1,0 +1,184 @@
+"""`tatr report --from-wandb`: rebuild the results store's rows from the W&B runs that mirror it.
+
+Why it lives apart from `tatr.report.build`: it is the only part of the report that talks to a server and
+reads data written by someone else, so it is where names from data are checked. Every rebuilt row
+goes through `tatr.runs.store.check_row` (safe run id, benchmark, study, task; typed, finite numbers),
+and a logged table file is fetched only to a path inside a private scratch folder, so a run named
+`../x` or a table path `../../x` gets one line instead of a write outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from tatr.core.errors import TatrError
+from tatr.core.outputs import inside, safe_name
+from tatr.runs.store import COLUMNS, INTEGERS, check_row
+
+
+def rows_from_wandb(path: str, api: object | None = None) -> pd.DataFrame:
+    """Rebuild store rows from the runs of W&B project `ENTITY/PROJECT` (see `wandb_run_rows`)."""
+    if path.count("/") != 1 or not all(path.split("/")):
+        raise TatrError(f"--from-wandb wants ENTITY/PROJECT, got '{path}'")
+    if api is None:
+        try:
+            import wandb
+        except ImportError:
+            raise TatrError("--from-wandb needs the wandb package (pip install wandb)") from None
+        try:
+            api = wandb.Api(timeout=60)
+        except Exception as exc:  # wandb raises its own types for auth/network problems
+            raise TatrError(f"cannot reach W&B ({type(exc).__name__}: {exc}); run `wandb login` first") from None
+    try:
+        runs = list(api.runs(path))  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise TatrError(f"cannot list the runs of W&B project '{path}' ({type(exc).__name__}: {exc})") from None
+    with tempfile.TemporaryDirectory(prefix="tatr-wandb-") as tmp:
+        records = [_checked(row) for run in runs for row in wandb_run_rows(run, Path(tmp))]
+    if not records:
+        raise TatrError(f"W&B project '{path}' has no runs with per-task accuracies (<split>/accuracy/<task>)")
+    return pd.DataFrame.from_records(records, columns=list(COLUMNS))
+
+
+_MAY_BE_MISSING = ("normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp")
+
+
+def _checked(row: dict) -> dict:
+    """The row with W&B's number types made plain (numpy scalars, 3.0 for an integer), then checked."""
+    row = {k: v.item() if hasattr(v, "item") and not isinstance(v, list | dict) else v for k, v in row.items()}
+    for column in (*INTEGERS, *_MAY_BE_MISSING):
+        value = row.get(column)
+        if isinstance(value, float) and math.isnan(value):
+            row[column] = None  # pandas' and W&B's "no value"; NaN in accuracy, q or λ is refused
+        elif column in INTEGERS and isinstance(value, float) and value.is_integer():
+            row[column] = int(value)
+    try:
+        return check_row(row)
+    except (ValueError, TatrError) as exc:
+        raise TatrError(f"W&B run {row.get('run_id')!r}: {exc}") from None
+
+
+_GRADIENT_MODES = ("exemplar", "gradient-only")
+
+
+def wandb_run_rows(run: object, scratch: Path) -> list[dict]:
+    """The store rows one W&B run mirrors (the layout `tatr.runs.tracking` logs).
+
+    The run's config is the resolved experiment (`merge.*`, `exemplars.*`, `seed`, `benchmark`,
+    `name`) plus `study`, `trial`, `config_hash` and, for ablations, `experiment`; its summary has
+    `<split>/accuracy/<task>`, and normalized accuracies either as `<split>/normalized_accuracy/<task>`
+    or in the logged `accuracy_table` (fetched from the run's files when needed).
+    """
+    summary = _as_dict(getattr(run, "summary", {}))
+    config = _flatten(_as_dict(getattr(run, "config", {})))
+    accuracy: dict[tuple[str, str], float] = {}
+    normalized: dict[tuple[str, str], float] = {}
+    for key, value in summary.items():
+        parts = str(key).split("/")
+        if len(parts) == 3 and parts[1] == "accuracy":
+            accuracy[(parts[0], parts[2])] = value
+        elif len(parts) == 3 and parts[1] == "normalized_accuracy":
+            normalized[(parts[0], parts[2])] = value
+    if not accuracy:
+        return []
+    if len(normalized) < len(accuracy):
+        normalized = {**_table_normalized(run, summary.get("accuracy_table"), scratch), **normalized}
+    merge = {k.removeprefix("merge."): v for k, v in config.items() if k.startswith("merge.")}
+    mode, method = merge.get("trust_region"), merge.get("method")
+    components = merge.get("components")
+    uses_exemplars = mode in _GRADIENT_MODES or components is not None
+    timing = {"merge_seconds": summary.get("time/merge_seconds"), "eval_seconds": summary.get("time/eval_seconds")}
+    base = {
+        "run_id": getattr(run, "id", None) or getattr(run, "name", None),
+        "study": config.get("study", getattr(run, "group", None)),
+        "trial": config.get("trial"),
+        "job_type": getattr(run, "job_type", None),
+        "experiment": config.get("experiment", config.get("name")),
+        "benchmark": config.get("benchmark"),
+        "model": config.get("model", config.get("suite.model")),
+        "method": method,
+        "trust_region": mode,
+        "q": None if mode == "off" else merge.get("q"),
+        "lam": merge.get("lam"),
+        "ties_k": merge.get("ties_k") if method == "ties" else None,
+        "components": list(components) if components is not None else None,
+        "exemplars": config.get("exemplars.n") if uses_exemplars else None,
+        "seed": config.get("seed"),
+        "git_commit": getattr(run, "commit", None),
+        "config_hash": config.get("config_hash"),
+        "timestamp": _epoch(getattr(run, "created_at", None)),
+        **timing,
+    }
+    return [
+        {**base, "split": split, "task": task, "accuracy": acc, "normalized_accuracy": normalized.get((split, task))}
+        for (split, task), acc in accuracy.items()
+    ]
+
+
+def _table_normalized(run: object, ref: object, scratch: Path) -> dict[tuple[str, str], float]:
+    """(split, task) → normalized accuracy from a logged `accuracy_table` (a table-file reference)."""
+    ref = _as_dict(ref) if ref is not None else {}
+    path = ref.get("path")
+    if not path or not hasattr(run, "file"):
+        return {}
+    if not isinstance(path, str):
+        raise TatrError(f"W&B run {getattr(run, 'id', None)!r}: accuracy_table path {path!r} is not text")
+    folder = inside(scratch, safe_name(getattr(run, "id", None), "W&B run id"))
+    if Path(path).is_absolute() or inside(folder, *Path(path).parts) == folder:
+        raise TatrError(f"W&B run {folder.name}: accuracy_table path {path!r} leaves the run's folder")
+    target = folder / path
+    try:
+        run.file(path).download(root=str(folder), replace=True)  # type: ignore[attr-defined]
+        table = json.loads(target.read_text())
+        cols = table.get("columns", [])
+        if not {"task", "split", "normalized_accuracy"} <= set(cols):
+            return {}
+        at = {c: i for i, c in enumerate(cols)}
+        return {(r[at["split"]], r[at["task"]]): r[at["normalized_accuracy"]] for r in table.get("data", [])}
+    except Exception:  # a missing or malformed table leaves the column empty, as the store allows
+        return {}
+
+
+def _epoch(value: object) -> float | None:
+    """W&B's `created_at` (ISO text, UTC) as seconds since the epoch, for "latest run wins"."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    stamp = pd.Timestamp(str(value))
+    if stamp.tzinfo is None:
+        stamp = stamp.tz_localize("UTC")
+    return stamp.timestamp()
+
+
+def _as_dict(obj: object) -> dict:
+    if isinstance(obj, dict):
+        return obj
+    for attr in ("_json_dict", "as_dict"):
+        value = getattr(obj, attr, None)
+        if callable(value):
+            value = value()
+        if isinstance(value, dict):
+            return value
+    try:
+        return dict(obj)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return {}
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and set(value) == {"value"}:
+            value = value["value"]
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

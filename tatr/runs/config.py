@@ -1,0 +1,204 @@
+"""Experiment configs: one YAML file per experiment, frozen pydantic models, dotted overrides.
+
+Why pydantic and not Hydra: a config is plain data that must be hashed, saved beside every result
+and put into `wandb.config`; validation with `extra="forbid"` turns a typo into a one-line error.
+
+Every number is checked at the door (`allow_inf_nan=False` on every model: λ = NaN would merge and
+evaluate a NaN model): λ finite (negative allowed, task negation is real), q in (0, 1], ties_k in
+(0, 100], counts positive, seeds non-negative. Names that end up in paths (`name`, `benchmark`)
+must be safe path components (`tatr.core.outputs.safe_name`).
+
+All YAML tatr reads (experiments, ablations, sweep spaces, `key=value` overrides) goes through
+`parse_yaml`, which refuses aliases: `*a` repeated inside `&a` nine levels deep expands a 1 kB file
+into a billion nodes ("billion laughs"), and no tatr file needs them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tatr.core.errors import TatrError
+from tatr.core.outputs import safe_name
+
+TrustRegionMode = Literal["off", "zero-shot", "exemplar", "gradient-only", "magnitude-only"]
+Component = Literal["orthogonal", "positive", "negative"]
+Split = Literal["train", "validation", "test"]
+
+
+class _Frozen(BaseModel):
+    """Frozen, typo-proof, and no NaN or ±inf in any float field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class MergeConfig(_Frozen):
+    method: str = "ta"
+    trust_region: TrustRegionMode = "zero-shot"
+    q: float = Field(0.99, gt=0.0, le=1.0)
+    lam: float | None = None  # None: the method's default scaling factor; finite, may be negative
+    ties_k: float = Field(20.0, gt=0.0, le=100.0)
+    # None: the plain trust-region mask (TATR). A subset: the component ablation (needs signed gradients).
+    components: tuple[Component, ...] | None = None
+
+    @field_validator("components")
+    @classmethod
+    def _components_unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("components must be a non-empty list without repeats")
+        return value
+
+
+class ExemplarConfig(_Frozen):
+    n: int = Field(32, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+def name_field(value: object, what: str) -> str:
+    """`safe_name` as a pydantic check: a ValueError, so the message names the file and the key."""
+    try:
+        return safe_name(value, what)
+    except TatrError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class ExperimentConfig(_Frozen):
+    name: str = "experiment"  # the study of ablations and the prefix of sweep studies: a path component
+    benchmark: str = "testbed"  # names the report folder results/<benchmark>/
+    suite: dict[str, Any] = Field(default_factory=dict)
+    merge: MergeConfig = MergeConfig()
+    exemplars: ExemplarConfig = ExemplarConfig()
+    split: Split = "validation"
+    seed: int = Field(0, ge=0)
+
+    @field_validator("name", "benchmark")
+    @classmethod
+    def _safe(cls, value: str, info: Any) -> str:
+        return name_field(value, info.field_name)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment and apply `key.sub=value` overrides (values parsed as YAML)."""
+    raw: dict[str, Any] = {} if path is None else read_yaml_mapping(path, "experiment file")
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise TatrError(_one_line(exc, path)) from None
+
+
+class _AliasRefused(yaml.composer.ComposerError):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses aliases (`*name`) before they are expanded."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(None, None, "alias", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _load(text: str, source: object) -> Any:
+    """YAML → Python, with the two refusals that are never "just text": aliases and deep nesting."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _AliasRefused as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
+        raise TatrError(
+            f"{source}: line {line}: YAML aliases (*name) are refused (they can expand a small file into billions of "
+            "values); write the value out"
+        ) from None
+    except RecursionError:
+        raise TatrError(f"{source}: YAML nested too deeply") from None
+
+
+def parse_yaml(text: str, source: object) -> Any:
+    """Safe YAML without aliases; `source` (a file, or an override) names the problem in one line."""
+    try:
+        return _load(text, source)
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise TatrError(f"{source}: not valid YAML ({problem})") from None
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; every problem is a one-line `TatrError`.
+
+    The one YAML file reader of tatr: experiments, ablation files and sweep search spaces."""
+    path = Path(path)
+    if not path.is_file():
+        raise TatrError(f"{path}: no such {what}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise TatrError(f"{path}: cannot read this {what} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise TatrError(f"{path}: not a text file (a {what} is UTF-8 YAML)") from None
+    raw = parse_yaml(text, path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TatrError(f"{path}: a {what} must be a mapping of keys to values")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict, refusing keys the schema does not know."""
+    if "=" not in item:
+        raise TatrError(f"override '{item}' must look like key=value, e.g. merge.q=0.95")
+    dotted, value_text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    model: type[BaseModel] | None = ExperimentConfig
+    node = raw
+    for depth, part in enumerate(parts):
+        if model is not None:
+            fields = model.model_fields
+            if part not in fields:
+                known = sorted(fields)
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f"; did you mean '{'.'.join([*parts[:depth], close[0]])}'?" if close else ""
+                raise TatrError(f"unknown config key '{dotted}'{hint}")
+            annotation = fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if depth == len(parts) - 1:
+            node[part] = override_value(value_text)
+        else:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise TatrError(f"config key '{'.'.join(parts[: depth + 1])}' is not a section")
+            node = child
+
+
+def override_value(text: str) -> Any:
+    """The value of a `key=value` override, parsed as YAML (without aliases); the text if not YAML."""
+    try:
+        return _load(text, f"override value {text[:40]!r}")
+    except yaml.YAMLError:
+        return text
+
+
+def config_dict(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def config_hash(config: BaseModel) -> str:
+    """A short stable hash of the resolved config, stored with every result row."""
+    blob = json.dumps(config_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _one_line(exc: ValidationError, path: Path | None) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    prefix = f"{path}: " if path else ""
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{prefix}{where}: {str(err['msg']).removeprefix('Value error, ')}{more}"

@@ -1,0 +1,182 @@
+"""The results store: append-only rows, one per (run, task, split), the source of truth for reports.
+
+Each run writes one JSONL file under `<root>/store/`, atomically (temporary file, then rename), so
+concurrent workers never interleave and a crash never leaves half a run. Reading concatenates all
+files; W&B only mirrors this.
+
+Rows are checked both ways, because a report must never be silently wrong and names from rows
+become paths (`results/<benchmark>/`, `store/<run_id>.jsonl`):
+
+* every row is a JSON object whose fields have their column's type (text, integer, finite number,
+  list of text, or null); numbers are finite (an accuracy of NaN is refused when written);
+* `run_id`, `benchmark`, `study`, `experiment` and each `|`-separated part of `task` are safe
+  names (`tatr.core.outputs.safe_name`).
+
+A row that breaks this is refused with one line naming the file and the line number; it is not
+skipped, since a report without it would be wrong without saying so. Fix or remove that file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tatr.core.errors import TatrError
+from tatr.core.outputs import atomic_write, inside, safe_name
+
+COLUMNS = (
+    "run_id",
+    "study",
+    "trial",
+    "job_type",  # trial | final | ablation | baseline
+    "experiment",
+    "benchmark",
+    "model",  # the suite's model (e.g. ViT-B-32 on clip8), so reference numbers are matched per model
+    "method",
+    "trust_region",
+    "q",
+    "lam",
+    "ties_k",
+    "components",
+    "exemplars",
+    "seed",
+    "split",
+    "task",
+    "accuracy",
+    "normalized_accuracy",
+    "merge_seconds",
+    "eval_seconds",
+    "git_commit",
+    "config_hash",
+    "timestamp",
+)
+
+# the type of each column; anything may also be null (None)
+NAMES = ("run_id", "benchmark", "study", "experiment")  # become paths or labels: safe names
+TEXT = ("job_type", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash")
+INTEGERS = ("trial", "exemplars", "seed")
+NUMBERS = ("q", "lam", "ties_k", "accuracy", "normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp")
+PAIR_SEPARATOR = "|"  # a gradient-correlation row's task is "a|b"
+
+
+def check_row(row: object) -> dict[str, Any]:
+    """The row if every field has its column's type; else a `ValueError` saying which field and why."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
+    for column in NAMES:
+        if row.get(column) is not None:
+            safe_name(row[column], column)
+    if row.get("run_id") is None:
+        raise ValueError("run_id is missing")
+    for column in TEXT:
+        if row.get(column) is not None and not isinstance(row[column], str):
+            raise ValueError(f"{column} must be text, got {row[column]!r}")
+    if isinstance(row.get("task"), str):
+        for part in row["task"].split(PAIR_SEPARATOR):
+            safe_name(part, "task")
+    for column in INTEGERS:
+        value = row.get(column)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{column} must be an integer, got {value!r}")
+    for column in NUMBERS:
+        value = row.get(column)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{column} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{column} must be finite, got {value!r}")
+    comps = row.get("components")
+    if comps is not None and (not isinstance(comps, list) or not all(isinstance(c, str) for c in comps)):
+        raise ValueError(f"components must be a list of names, got {comps!r}")
+    return row
+
+
+def store_dir(root: str | Path) -> Path:
+    return Path(root) / "store"
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def append_rows(root: str | Path, rows: Iterable[Mapping[str, Any]], run_id: str | None = None) -> Path:
+    """Write one run's rows as a new file; unknown columns are refused, missing ones are None."""
+    rows = [dict(r) for r in rows]
+    if not rows:
+        raise ValueError("append_rows needs at least one row")
+    run_id = safe_name(run_id or rows[0].get("run_id") or new_run_id(), "run id")
+    lines = []
+    for row in rows:
+        unknown = sorted(set(row) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown result columns: {unknown}")
+        full = {c: row.get(c) for c in COLUMNS}
+        full["run_id"] = full["run_id"] or run_id
+        full["git_commit"] = full["git_commit"] or git_commit()
+        full["timestamp"] = full["timestamp"] or time.time()
+        norm = full["normalized_accuracy"]
+        if isinstance(norm, float) and math.isnan(norm):
+            full["normalized_accuracy"] = None  # undefined (the fine-tuned model scores 0): null, not NaN
+        try:
+            check_row(full)
+        except (ValueError, TatrError) as exc:
+            raise TatrError(f"run {run_id}, task {full['task']!r}: refusing to store this row: {exc}") from None
+        lines.append(json.dumps(full, sort_keys=False, allow_nan=False))
+    path = inside(store_dir(root), f"{run_id}.jsonl")
+    if path.exists():
+        raise ValueError(f"{path} exists: run ids are unique and the store is append-only")
+    with atomic_write(path, suffix=".jsonl") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_store(root: str | Path) -> pd.DataFrame:
+    """All rows under `root` as one DataFrame with the store's columns (empty if none)."""
+    folder = store_dir(root)
+    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    records = []
+    for f in files:
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise TatrError(f"{f}: cannot read this store file ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise TatrError(f"{f}: not a text file (the store is corrupted)") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(check_row(json.loads(line, parse_constant=_no_constant)))
+                except (json.JSONDecodeError, RecursionError):
+                    raise TatrError(f"{f}:{n}: not a JSON row (the store is corrupted)") from None
+                except (ValueError, TatrError) as exc:
+                    raise TatrError(f"{f}:{n}: bad store row: {exc}") from None
+    return pd.DataFrame.from_records(records, columns=list(COLUMNS))
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a store row may hold")
+
+
+@cache
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

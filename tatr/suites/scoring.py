@@ -1,0 +1,231 @@
+"""Generic evaluation and exemplar gradients over the `Suite` protocol (testbed and CLIP alike).
+
+Suites implement `Suite.evaluate` and `Suite.exemplar_gradients` by delegating here, so both
+benchmarks classify with the same rule and cache gradients the same way:
+
+* `task_accuracy` / `accuracy`: top-1 accuracy in percent with the shared cosine rule
+  (`argmax normalize(f) @ head.T`; the logit scale does not change the argmax).
+* `normalized_accuracy`: merged accuracy ÷ the task's individual fine-tuned accuracy, in percent,
+  the paper's headline metric.
+* `evaluate_merged`: both at once, as an `Evaluation` with averages and a printable table. A merged
+  model with a NaN or infinite parameter (λ = 1e30 overflows float32) is refused first: its
+  accuracies would look like numbers and reach the store.
+* `exemplar_gradients`: per-task mean |∇ℓ| and mean ∇ℓ at θ_0 (`tatr.core.gradients`), cached per task
+  in a content-addressed folder whose key hashes θ_0's file, the head, the logit scale and the
+  exemplar tensors themselves, so a changed loader or checkpoint can never reuse stale gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tatr.core.cache import cached_dir, content_hash, default_cache_root, file_digest
+from tatr.core.checkpoints import header, load_state_dict, save_state_dict
+from tatr.core.errors import TatrError
+from tatr.core.gradients import gradient_stats
+from tatr.suites.base import SPLITS, ExemplarGradients, Suite
+
+# Bump when the gradient computation changes meaning, so old cache entries are not reused.
+GRADIENT_FORMAT = 1
+
+
+@torch.inference_mode()
+def task_accuracy(encoder: nn.Module, head: Tensor, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy in percent of `encoder` with the frozen cosine `head` over `batches`."""
+    encoder.eval()
+    head = F.normalize(head.float(), dim=-1)
+    correct = total = 0
+    for x, y in batches:
+        logits = F.normalize(encoder(x).float(), dim=-1) @ head.T
+        correct += int((logits.argmax(-1) == y).sum())
+        total += len(y)
+    if total == 0:
+        raise TatrError("cannot compute accuracy: the loader is empty")
+    return 100.0 * correct / total
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise TatrError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
+    return split
+
+
+def check_tasks(suite: Suite, tasks: Iterable[str] | None) -> tuple[str, ...]:
+    """The requested tasks in the order given, or all of the suite's; unknown names are an error."""
+    if tasks is None:
+        return tuple(suite.tasks)
+    chosen = tuple(tasks)
+    unknown = [t for t in chosen if t not in suite.tasks]
+    if unknown:
+        known = ", ".join(suite.tasks)
+        raise TatrError(f"unknown task(s) {', '.join(unknown)} for {suite.name} (known: {known})")
+    return chosen
+
+
+def accuracy(
+    suite: Suite,
+    state_dict: Mapping[str, Tensor] | None,
+    split: str,
+    tasks: Iterable[str] | None = None,
+    on_task: Callable[[str, float], None] | None = None,
+) -> dict[str, float]:
+    """Accuracy per task of one state dict (θ_0 when None) on `split`; builds the encoder once."""
+    check_split(split)
+    encoder = suite.encoder(state_dict)
+    out: dict[str, float] = {}
+    for task in check_tasks(suite, tasks):
+        out[task] = task_accuracy(encoder, suite.head(task), suite.loader(task, split))
+        if on_task is not None:
+            on_task(task, out[task])
+    return out
+
+
+def normalized_accuracy(acc: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
+    """Merged accuracy ÷ individual fine-tuned accuracy, in percent (100 = no loss from merging)."""
+    missing = [t for t in acc if t not in individual]
+    if missing:
+        raise TatrError(f"no individual accuracy for task(s) {', '.join(missing)}")
+    return {t: 100.0 * a / individual[t] if individual[t] > 0 else float("nan") for t, a in acc.items()}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-task accuracy of one model on one split, with the normaliser used."""
+
+    split: str
+    accuracy: dict[str, float]
+    individual: dict[str, float]
+    normalized: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.accuracy.values()) / len(self.accuracy)
+
+    @property
+    def mean_normalized(self) -> float:
+        return sum(self.normalized.values()) / len(self.normalized)
+
+    def table(self, title: str | None = None) -> str:
+        """A fixed-width per-task table with an average row, for the terminal."""
+        width = max(len("average"), *(len(t) for t in self.accuracy))
+        lines = [title] if title else []
+        lines.append(f"{'task':<{width}}  {'acc %':>7}  {'indiv %':>7}  {'norm %':>7}")
+        lines.append("-" * (width + 27))
+        rows = [(t, a, self.individual[t], self.normalized[t]) for t, a in self.accuracy.items()]
+        for task, acc, ind, norm in rows:
+            lines.append(f"{task:<{width}}  {acc:7.2f}  {ind:7.2f}  {norm:7.2f}")
+        lines.append("-" * (width + 27))
+        mean_ind = sum(r[2] for r in rows) / len(rows)
+        mean_acc, mean_norm = self.mean_accuracy, self.mean_normalized
+        lines.append(f"{'average':<{width}}  {mean_acc:7.2f}  {mean_ind:7.2f}  {mean_norm:7.2f}")
+        return "\n".join(lines)
+
+
+def evaluate_merged(
+    suite: Suite,
+    state_dict: Mapping[str, Tensor] | None,
+    split: str,
+    tasks: Iterable[str] | None = None,
+    on_task: Callable[[str, float], None] | None = None,
+) -> Evaluation:
+    """Accuracy and normalized accuracy of a (merged) state dict; uses `suite.evaluate`."""
+    chosen = check_tasks(suite, tasks)
+    if state_dict is not None:
+        check_finite(state_dict)
+    if state_dict is None:
+        acc = accuracy(suite, None, split, chosen, on_task)
+    else:
+        acc = suite.evaluate(state_dict, split, chosen, on_task)
+    individual = suite.individual_accuracy(split)
+    chosen_individual = {t: individual[t] for t in chosen}
+    return Evaluation(split, dict(acc), chosen_individual, normalized_accuracy(acc, individual))
+
+
+def check_finite(state_dict: Mapping[str, Tensor]) -> None:
+    """One line if a floating parameter of a merged model is NaN or ±inf (nothing is evaluated)."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TatrError(
+                f"the merged model has NaN or infinite values in '{key}' (is λ too large?); "
+                "it is not evaluated and nothing is stored"
+            )
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """sha256 over dtype, shape and bytes of tensors: a content key for in-memory data."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def exemplar_gradients(
+    suite: Suite,
+    n: int,
+    seed: int,
+    cache_root: Path | None = None,
+    chunk: int | None = None,
+    progress: bool = False,
+) -> ExemplarGradients:
+    """Per-task gradient statistics at θ_0 with each task's frozen head, cached per task.
+
+    The cache key covers θ_0's file digest, the parameter names, the head, the logit scale and the
+    bytes of the exemplars, so it is a pure function of the inputs. The files are keyed by the
+    encoder's parameter names, which must be keys of θ_0's checkpoint (checked here, once).
+    """
+    if n < 1:
+        raise TatrError(f"exemplars.n must be at least 1, got {n}")
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    pretrained = suite.checkpoints().pretrained
+    encoder = suite.encoder(None)
+    names = [k for k, p in encoder.named_parameters() if p.dtype.is_floating_point]
+    missing = sorted(set(names) - set(header(pretrained)))
+    if missing:
+        raise TatrError(f"{pretrained}: encoder parameter '{missing[0]}' is not a key of the checkpoint")
+    scale = float(suite.logit_scale())
+    pretrained_digest = file_digest(pretrained)  # once per call, not per task (1.2 GB for ViT-L/14)
+    abs_paths: dict[str, Path] = {}
+    signed_paths: dict[str, Path] = {}
+    for task in suite.tasks:
+        batches = [(x, y) for x, y in suite.exemplar_loader(task, n, seed)]
+        if not batches:
+            raise TatrError(f"{suite.name}: the exemplar loader of task '{task}' is empty")
+        head = suite.head(task)
+        key = content_hash(
+            "exemplar-gradients",
+            GRADIENT_FORMAT,
+            suite.name,
+            task,
+            pretrained_digest,
+            names,
+            scale,
+            tensor_digest(head),
+            tensor_digest(*(t for batch in batches for t in batch)),
+        )
+
+        def build(folder: Path, batches=batches, head=head, task=task) -> None:
+            abs_mean, signed_mean = gradient_stats(encoder, head, scale, batches, names, chunk=chunk, progress=progress)
+            meta = {"suite": suite.name, "task": task, "n": str(n), "seed": str(seed)}
+            save_state_dict(abs_mean, folder / "abs_mean.safetensors", metadata=meta)
+            save_state_dict(signed_mean, folder / "signed_mean.safetensors", metadata=meta)
+
+        folder = cached_dir(root / "gradients", key, build)
+        abs_paths[task] = folder / "abs_mean.safetensors"
+        signed_paths[task] = folder / "signed_mean.safetensors"
+    return ExemplarGradients(abs_mean=abs_paths, signed_mean=signed_paths)
+
+
+def load_gradients(grads: ExemplarGradients, tasks: Iterable[str]) -> tuple[list[dict], list[dict]]:
+    """The (abs, signed) gradient state dicts in task order, for code that wants them in memory."""
+    tasks = list(tasks)
+    abs_mean = [load_state_dict(grads.abs_mean[t]) for t in tasks]
+    return abs_mean, [load_state_dict(grads.signed_mean[t]) for t in tasks]
