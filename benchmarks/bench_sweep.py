@@ -2,7 +2,7 @@
 
 Three measurements, in one run on the same machine:
 
-1. `tatr sweep` itself (`tatr.runs.sweep.study.run_sweep`, sweeps/tatr.yaml, TPE, median pruner, W&B
+1. `tatr sweep` itself (`tatr.runs.sweep.run.run_sweep`, sweeps/tatr.yaml, TPE, median pruner, W&B
    offline unless --no-wandb) with a cold plan cache: wall time and trials per minute. The plan
    cache is cold because TATR_CACHE points at a fresh folder that links only the suite's own
    build (testbed/, gradients/) from the real cache.
@@ -65,7 +65,7 @@ def experiment_file(path: Path | None, work: Path) -> Path:
 
 
 def run_sweep_timed(exp: Path, overrides: list[str], trials: int, root: Path, study: str, **kw) -> tuple[float, object]:
-    from tatr.runs.sweep.study import run_sweep
+    from tatr.runs.sweep.run import run_sweep
 
     start, cpu = time.perf_counter(), time.process_time()
     result = run_sweep(exp, ROOT / "sweeps" / "tatr.yaml", overrides, trials=trials, study=study, results=root,
@@ -178,7 +178,7 @@ def main() -> None:
     from tatr.core.cache import default_cache_root
     from tatr.runs.config import load_config
     from tatr.runs.store import read_store
-    from tatr.runs.sweep.study import load_search_space
+    from tatr.runs.sweep.space import load_search_space
     from tatr.suites import get_suite
 
     work = Path(tempfile.mkdtemp(prefix="tatr-bench-sweep-"))

@@ -20,7 +20,7 @@ import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
 from tatr.cli import ablate
 from tatr.core.errors import TatrError
 from tatr.core.merging import plan_merge
-from tatr.runs import ablations
+from tatr.runs import ablation_spec, ablations, correlation
 from tatr.runs.store import read_store
 from tatr.suites import get_suite
 from tatr.suites.scoring import evaluate_merged
@@ -51,9 +51,9 @@ def quiet(_: str) -> None:
 def test_every_committed_ablation_file_loads() -> None:
     kinds = {}
     for path in FILES:
-        config, spec = ablations.load_ablation(path)
+        config, spec = ablation_spec.load_ablation(path)
         assert config.benchmark == "testbed", path  # the testbed by default
-        kinds[spec.kind] = ablations.points(config, spec) if spec.kind != "gradient-correlation" else []
+        kinds[spec.kind] = ablation_spec.points(config, spec) if spec.kind != "gradient-correlation" else []
     assert set(kinds) == {
         "components",
         "trust-region",
@@ -89,7 +89,7 @@ def test_every_committed_ablation_file_loads() -> None:
 
 
 def test_overrides_pick_the_benchmark_and_the_block(tmp_path: Path) -> None:
-    config, spec = ablations.load_ablation(
+    config, spec = ablation_spec.load_ablation(
         REPO / "experiments/ablations/components.yaml", ["benchmark=clip8", "ablation.seeds=[5]", "exemplars.n=4"]
     )
     assert (config.benchmark, spec.seeds, config.exemplars.n) == ("clip8", (5,), 4)
@@ -110,7 +110,7 @@ def test_overrides_pick_the_benchmark_and_the_block(tmp_path: Path) -> None:
 def test_bad_files_get_one_line(tmp_path: Path, ablation: dict, overrides: list[str], message: str) -> None:
     path = write(tmp_path, "bad", ablation)
     with pytest.raises(TatrError, match=message) as info:
-        ablations.load_ablation(path, overrides)
+        ablation_spec.load_ablation(path, overrides)
     assert "\n" not in str(info.value)
 
 
@@ -118,7 +118,7 @@ def test_a_file_without_the_block_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "plain.yaml"
     path.write_text("name: x\nbenchmark: testbed\n")
     with pytest.raises(TatrError, match="needs an `ablation:` block"):
-        ablations.load_ablation(path)
+        ablation_spec.load_ablation(path)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_lambda_is_chosen_on_validation_and_tested_once(tmp_path: Path) -> None:
             "variants": [{"method": "ta", "trust_region": "zero-shot"}],
         },
     )
-    config, spec = ablations.load_ablation(path)
+    config, spec = ablation_spec.load_ablation(path)
     [result] = ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
     store = read_store(tmp_path / "results")
     val = store[store["split"] == "validation"]
@@ -143,7 +143,8 @@ def test_lambda_is_chosen_on_validation_and_tested_once(tmp_path: Path) -> None:
     test = store[store["split"] == "test"]
     assert (test["lam"].unique().tolist(), test["q"].unique().tolist()) == ([best_lam], [best_q])
     assert (result.lam, result.q) == (best_lam, best_q)
-    assert set(test["job_type"]) == {"ablation"} and set(test["experiment"]) == {"plugin"}
+    assert set(test["job_type"]) == {"ablation"} and set(test["ablation"]) == {"plugin"}
+    assert set(test["experiment"]) == {"plug"}  # the experiment's name, never the ablation kind
     assert test["trial"].isna().all() and set(test["study"]) == {"plug"}
     # the test numbers are what an independent merge + evaluation gives
     suite = get_suite("sweep-toy", TOY)
@@ -167,7 +168,7 @@ def test_all_components_equal_plain_task_arithmetic(tmp_path: Path) -> None:
         },
         merge={"method": "ta", "trust_region": "exemplar"},
     )
-    config, spec = ablations.load_ablation(path)
+    config, spec = ablation_spec.load_ablation(path)
     results = ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
     everything, _ = results
     suite = get_suite("sweep-toy", TOY)
@@ -187,7 +188,7 @@ def test_mask_ratio_fixes_q_and_q_one_is_no_trust_region(tmp_path: Path) -> None
         {"kind": "mask-ratio", "lam": [0.3, 0.8], "drops": [0.0, 0.05, 0.3], "variants": [{"method": "ta"}]},
         merge={"trust_region": "zero-shot"},
     )
-    config, spec = ablations.load_ablation(path)
+    config, spec = ablation_spec.load_ablation(path)
     results = ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
     assert [r.q for r in results] == [1.0, 0.95, 0.7]
     suite = get_suite("sweep-toy", TOY)
@@ -205,7 +206,7 @@ def test_mask_ratio_fixes_q_and_q_one_is_no_trust_region(tmp_path: Path) -> None
 def test_resume_skips_finished_points(tmp_path: Path) -> None:
     path = write(tmp_path, "tr", {"kind": "trust-region", "lam": [0.5], "q": [0.9], "seeds": [0, 1],
                                   "variants": [{"trust_region": "off"}, {"trust_region": "exemplar"}]})  # fmt: skip
-    config, spec = ablations.load_ablation(path)
+    config, spec = ablation_spec.load_ablation(path)
     first = ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
     assert len(first) == 3  # off once, exemplar per seed
     files = sorted((tmp_path / "results" / "store").iterdir())
@@ -222,7 +223,7 @@ def test_points_are_mirrored_to_wandb_offline(tmp_path: Path, monkeypatch: pytes
     path = write(
         tmp_path, "wb", {"kind": "plugin", "lam": [0.5], "variants": [{"method": "ta", "trust_region": "off"}]}
     )
-    config, spec = ablations.load_ablation(path)
+    config, spec = ablation_spec.load_ablation(path)
     ablations.run(config, spec, tmp_path / "results", log=quiet)
     runs = list((tmp_path / "results" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -237,15 +238,15 @@ def test_spearman_matches_scipy_with_ties() -> None:
     vectors = [base + 0.5 * torch.rand(500, generator=gen) for _ in range(3)]
     vectors[1][:100] = 0.0  # many ties, like parameters without gradient
     vectors[2] = torch.round(vectors[2] * 5) / 5  # coarse values: ties everywhere
-    got = ablations.spearman_matrix(vectors)
+    got = correlation.spearman_matrix(vectors)
     expected = spearmanr(np.stack([v.numpy() for v in vectors]), axis=1).statistic
     assert np.allclose(got.numpy(), expected, atol=1e-10)
-    assert ablations.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert correlation.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
 
 
 def test_gradient_correlation_rows(tmp_path: Path) -> None:
     path = write(tmp_path, "grad", {"kind": "gradient-correlation", "seeds": [0, 1], "max_coordinates": 200})
-    config, spec = ablations.load_ablation(path)
+    config, spec = ablation_spec.load_ablation(path)
     ablations.run(config, spec, tmp_path / "results", log=quiet, wandb=False)
     store = read_store(tmp_path / "results")
     assert sorted(store["task"].unique()) == ["task0|task1", "task0|task2", "task1|task2"]
@@ -253,9 +254,9 @@ def test_gradient_correlation_rows(tmp_path: Path) -> None:
     # the stored ρ is the Spearman correlation of the suite's gradient files, subsampled alike
     suite = get_suite("sweep-toy", TOY)
     stats = suite.exemplar_gradients(8, 0)
-    vectors = ablations.flat_gradients([stats.abs_mean[t] for t in suite.tasks], 200, 0)
+    vectors = correlation.flat_gradients([stats.abs_mean[t] for t in suite.tasks], 200, 0)
     assert len(vectors[0]) == 200  # the toy has 280 coordinates: subsampled
-    rho = ablations.spearman_matrix(vectors)
+    rho = correlation.spearman_matrix(vectors)
     row = store[(store["seed"] == 0) & (store["task"] == "task0|task2")]
     assert float(row["accuracy"].iloc[0]) == pytest.approx(float(rho[0, 2]))
     assert all(-1 <= v <= 1 and not math.isnan(v) for v in store["accuracy"])
@@ -304,7 +305,7 @@ def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
     # the plug-in table holds the store's test accuracies of each variant, one row per variant
     store = read_store(tmp_path / "res")
     tasks = ["task0", "task1", "task2"]
-    test = store[(store["experiment"] == "plugin") & (store["split"] == "test") & (store["job_type"] == "ablation")]
+    test = store[(store["ablation"] == "plugin") & (store["split"] == "test") & (store["job_type"] == "ablation")]
     assert len(test) == len(methods) * len(tasks) and test["run_id"].nunique() == len(methods)
     assert len(plugin) == len(methods)
     for label, method in zip(plugin.index, methods, strict=True):
@@ -314,7 +315,7 @@ def test_cli_runs_a_folder_then_reports(tmp_path: Path) -> None:
         assert main.loc[label, tasks].tolist() == pytest.approx(mine[tasks].tolist(), abs=1e-5), label
     # the correlation table is the store's ρ per pair, symmetric, with 1 on the diagonal
     corr = pd.read_csv(tables / "ablation_gradient_correlation.csv", index_col=0)
-    pairs = store[store["experiment"] == "gradient-correlation"]
+    pairs = store[store["ablation"] == "gradient-correlation"]
     assert len(pairs) == 3 and list(corr.index) == tasks
     assert list(corr.columns) == [*(c for t in tasks for c in (t, f"{t}_std")), "seeds"]
     for pair in pairs.itertuples():

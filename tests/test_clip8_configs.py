@@ -9,7 +9,7 @@ import pytest
 
 from tatr.core.errors import TatrError
 from tatr.report import build as report
-from tatr.report.tables import reference_label
+from tatr.report.labels import reference_label
 from tatr.runs.config import load_config
 from tatr.runs.store import append_rows
 from tatr.suites import get_suite

@@ -15,9 +15,9 @@ import pytest
 import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
 from tatr.cli import main
 from tatr.core.errors import TatrError
-from tatr.runs import ablations
+from tatr.runs import ablation_spec
 from tatr.runs.config import load_config, read_yaml_mapping
-from tatr.runs.sweep.study import load_search_space
+from tatr.runs.sweep.space import load_search_space
 from tatr.suites import get_suite
 from tatr.suites.scoring import evaluate_merged
 
@@ -55,7 +55,7 @@ def test_yaml_aliases_are_refused_in_ablation_and_sweep_files(tmp_path: Path) ->
     ablation = tmp_path / "abl.yaml"
     ablation.write_text("benchmark: testbed\n" + BOMB + "ablation: {kind: plugin, variants: [{}], lam: *i}\n")
     with pytest.raises(TatrError, match="aliases") as info:
-        ablations.load_ablation(ablation)
+        ablation_spec.load_ablation(ablation)
     assert one_line(info).startswith(f"{ablation}: line ")
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  lam: &r {low: 0.1, high: 1.0}\n  q: *r\n")
@@ -70,7 +70,7 @@ def test_yaml_aliases_are_refused_in_overrides(tmp_path: Path) -> None:
     path = tmp_path / "abl.yaml"
     path.write_text(json.dumps({"benchmark": "testbed", "ablation": {"kind": "plugin", "variants": [{}]}}))
     with pytest.raises(TatrError, match="aliases"):
-        ablations.load_ablation(path, ["ablation.lam=&l [0.1, *l]"])
+        ablation_spec.load_ablation(path, ["ablation.lam=&l [0.1, *l]"])
 
 
 @pytest.mark.parametrize(
@@ -157,7 +157,7 @@ def test_ablation_grids_must_be_finite_and_in_range(tmp_path: Path, block: dict,
     text = json.dumps({"benchmark": "testbed", "ablation": spec})
     path.write_text(text.replace('".nan"', ".nan").replace('".inf"', ".inf"))
     with pytest.raises(TatrError) as info:
-        ablations.load_ablation(path)
+        ablation_spec.load_ablation(path)
     assert one_line(info).startswith(f"{path}: {key}")
 
 

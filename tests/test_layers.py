@@ -15,7 +15,7 @@ def test_layers_contract_holds() -> None:
     assert exe is not None, "import-linter is a dev dependency: pip install -e '.[dev]'"
     result = subprocess.run([exe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "Contracts: 2 kept, 0 broken." in result.stdout
+    assert ", 0 broken." in result.stdout and "BROKEN" not in result.stdout
 
 
 def test_a_violation_is_caught(tmp_path: Path) -> None:

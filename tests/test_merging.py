@@ -396,3 +396,19 @@ def test_gradients_must_be_non_negative() -> None:
         grads[1][keys[1]].view(-1)[3] = value
         with pytest.raises(TatrError, match=f"key '{keys[1]}': has negative values.*--signed-gradients"):
             merge(pre, tasks, trust_region="exemplar", gradients=grads)
+
+
+def test_one_did_you_mean_for_every_lookup() -> None:
+    """`did_you_mean` is the one suggestion helper; `unknown_name` (every registry) builds on it."""
+    from tatr.core.registry import did_you_mean, unknown_name
+
+    assert did_you_mean("widht", ["width", "layers"], prefix="suite.") == "; did you mean 'suite.width'?"
+    assert did_you_mean("Eurosat", ["EuroSAT", "DTD"]) == ""  # case counts unless told otherwise
+    assert did_you_mean("Eurosat", ["EuroSAT", "DTD"], fold_case=True) == "; did you mean 'EuroSAT'?"
+    assert did_you_mean("zzz", ["width"]) == ""
+    assert did_you_mean("tie", ["ta", "ties-sum", "ties-mean"], n=3, cutoff=0.5) == (
+        "; did you mean 'ties-sum' or 'ties-mean'?"
+    )
+    assert unknown_name("merge method", "tie", METHODS) == (
+        "unknown merge method 'tie'; did you mean 'ties-sum' or 'ties-mean'? (known: average, ta, ties-mean, ties-sum)"
+    )

@@ -21,7 +21,7 @@ import optuna
 import pytest
 
 from tatr.runs.store import read_store
-from tatr.runs.sweep.study import open_storage
+from tatr.runs.sweep.storage import open_storage
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 
 TS = optuna.trial.TrialState

@@ -113,10 +113,10 @@ def test_main_table_equals_pandas(full: Path) -> None:
                 assert got.at[label, f"{col}_std"] == pytest.approx(std[col], abs=1e-5), (label, col)
     assert got.at["TA", "seeds"] == 3 and got.at["Pretrained", "seeds"] == 1
     # TIES comes from the plug-in ablation (no sweep final for it)
-    plugin = test[(test["experiment"] == "plugin") & (test["method"] == "ties-sum") & (test["trust_region"] == "off")]
+    plugin = test[(test["ablation"] == "plugin") & (test["method"] == "ties-sum") & (test["trust_region"] == "off")]
     assert got.at["TIES (dis-sum)", "Average"] == pytest.approx(plugin["accuracy"].mean(), abs=1e-5)
     # TA+TR with exemplars comes from the trust-region ablation, over its 3 seeds
-    tr = test[(test["experiment"] == "trust-region") & (test["trust_region"] == "exemplar")]
+    tr = test[(test["ablation"] == "trust-region") & (test["trust_region"] == "exemplar")]
     mean, std = expected_row(tr)
     assert got.at["TA+TR (exemplar)", "Average"] == pytest.approx(mean["Average"], abs=1e-5)
     assert got.at["TA+TR (exemplar)", "Average_std"] == pytest.approx(std["Average"], abs=1e-5)
@@ -142,24 +142,24 @@ def test_ablation_tables_equal_pandas(full: Path) -> None:
     abl = store[(store["job_type"] == "ablation") & (store["split"] == "test")]
     comp = read_table(full, "ablation_components")
     assert list(comp.index) == ["positive", "negative", "orthogonal", "all"]
-    positive = abl[(abl["experiment"] == "components") & abl["components"].map(lambda c: c == ["positive"])]
+    positive = abl[(abl["ablation"] == "components") & abl["components"].map(lambda c: c == ["positive"])]
     mean, std = expected_row(positive)
     assert comp.at["positive", "Average"] == pytest.approx(mean["Average"], abs=1e-5)
     assert comp.at["positive", "Average_std"] == pytest.approx(std["Average"], abs=1e-5)
 
     mask = read_table(full, "ablation_mask_ratio")
-    point = abl[(abl["experiment"] == "mask-ratio") & (abl["method"] == "ties-sum") & np.isclose(abl["q"], 0.99)]
+    point = abl[(abl["ablation"] == "mask-ratio") & (abl["method"] == "ties-sum") & np.isclose(abl["q"], 0.99)]
     assert mask.at["1%", "TIES (dis-sum)+TR"] == pytest.approx(point["accuracy"].mean(), abs=1e-5)
     assert "0%" in mask.index  # q = 1: the trust region drops nothing
 
     count = read_table(full, "ablation_exemplar_count")
-    at16 = abl[(abl["experiment"] == "exemplar-count") & (abl["exemplars"] == 16)]
+    at16 = abl[(abl["ablation"] == "exemplar-count") & (abl["exemplars"] == 16)]
     per_seed = at16.groupby("seed")["accuracy"].mean()
     assert count.at[16, "TA+TR (exemplar)"] == pytest.approx(per_seed.mean(), abs=1e-5)
     assert count.at[16, "TA+TR (exemplar)_std"] == pytest.approx(per_seed.std(), abs=1e-5)
 
     corr = read_table(full, "ablation_gradient_correlation")
-    pair = store[(store["experiment"] == "gradient-correlation") & (store["task"] == "shapes|signs")]
+    pair = store[(store["ablation"] == "gradient-correlation") & (store["task"] == "shapes|signs")]
     assert corr.at["signs", "shapes"] == corr.at["shapes", "signs"] == pytest.approx(pair["accuracy"].mean(), abs=1e-5)
     assert corr.at["digits", "digits"] == 1.0
 
@@ -320,6 +320,7 @@ class FakeRun:
         self.config = {
             "name": "some-experiment-file",
             "experiment": value("experiment"),
+            "ablation": {"kind": value("ablation")} if value("ablation") else None,
             "benchmark": value("benchmark"),
             "merge": {k: value(k) for k in ("method", "trust_region", "q", "lam", "ties_k", "components")},
             "exemplars": {"n": value("exemplars") or 32, "seed": value("seed")},
@@ -442,3 +443,78 @@ def test_sweep_heatmap_bins_continuous_samples() -> None:
     best = df.groupby("run_id")["accuracy"].mean().max()
     assert np.nanmax(grid.to_numpy()) == pytest.approx(best)
     assert figures.sweep_heatmap(df) is not None
+
+
+def test_a_store_from_before_the_ablation_column_reports_the_same(full: Path, tmp_path: Path) -> None:
+    """Older stores kept the ablation kind in `experiment` and had no `ablation` column: same tables."""
+    store = read_store(full)
+    kind = store["job_type"] == "ablation"
+    legacy = store.assign(experiment=store["experiment"].where(~kind, store["ablation"])).drop(columns="ablation")
+    assert set(legacy.loc[kind, "experiment"]) >= {"plugin", "trust-region", "components"}
+    report.generate(full, out=tmp_path, published=None, rows=legacy, figures=False)
+    for name in TABLES:
+        a = (tmp_path / BENCHMARK / "tables" / f"{name}.csv").read_text()
+        assert a == (full / BENCHMARK / "tables" / f"{name}.csv").read_text(), name
+
+
+def test_every_ablation_kind_has_one_table_and_its_file_exists() -> None:
+    from tatr.report import tables
+    from tatr.runs.schema import ABLATION_KINDS
+
+    assert set(tables.ABLATION_TITLES) == set(ABLATION_KINDS)
+    assert set(report.ABLATION_FILES) <= set(ABLATION_KINDS)
+    repo = Path(__file__).resolve().parents[1]
+    for kind, path in report.ABLATION_FILES.items():
+        assert (repo / path).is_file(), (kind, path)
+    empty = tables.prepare(pd.DataFrame({"run_id": [], "task": [], "split": [], "accuracy": []}))
+    for kind in ABLATION_KINDS:
+        table = tables.ablation_table(empty, kind)
+        assert table.empty and table.name == f"ablation_{kind.replace('-', '_')}"
+
+
+def test_labels_are_the_methods_and_modes_own() -> None:
+    from tatr.core.methods import METHODS
+    from tatr.core.trust_region import MODES, TR_MODES
+    from tatr.report.labels import method_label, method_rank
+
+    for method in METHODS.values():
+        for mode in TR_MODES.values():
+            assert method_label(method.name, mode.name) == method.label + mode.label
+            assert method_label(method.name.upper(), mode.name) == method.label + mode.label
+        assert method_label(method.name, float("nan")) == method.label
+    assert method_label("ties", "zero-shot") == METHODS.get("ties-mean").label + "+TR"  # rows before the split
+    assert method_label("pretrained") == method_label("zeroshot") == "Pretrained"
+    assert method_label("fine-tuned") == "Individual"
+    assert method_label("new-method", "new-mode") == "new-method+TR (new-mode)"  # unknown names shown as stored
+    assert method_label(None) == "?"
+    pairs = [(m, t) for m in ("ties-mean", "ta", "individual", "ties-sum", "average", "pretrained") for t in MODES]
+    order = [method_label(*p) for p in sorted(pairs, key=lambda p: method_rank(*p))]
+    assert order[:2] == ["Pretrained", "Pretrained+TR"] and order[len(MODES)] == "Individual"
+    merges = list(dict.fromkeys(label.split("+", 1)[0] for label in order[2 * len(MODES) :]))
+    assert merges == ["Averaging", "TA", "TIES (dis-sum)", "TIES (dis-mean)"]  # METHODS' registration order
+    assert order[2 * len(MODES) : 3 * len(MODES)] == ["Averaging" + m.label for m in TR_MODES.values()]
+
+
+def test_the_baselines_file_is_a_source_of_the_main_table_and_has_its_table(full: Path) -> None:
+    """Rows of `tatr ablate experiments/baselines/...` (kind "baselines") rank with the baselines, before
+    the plug-in ablation, and get a table of their own with the λ chosen on validation."""
+    from tatr.report import tables
+
+    store = read_store(full)
+    plugin = store[(store["ablation"] == "plugin") & (store["method"] == "ties-sum") & (store["trust_region"] == "off")]
+    assert not plugin.empty
+    copy = plugin.assign(
+        run_id=plugin["run_id"] + "-b",
+        experiment="testbed-baselines",
+        ablation="baselines",
+        accuracy=plugin["accuracy"] + 1.0,
+        lam=0.7,
+    )
+    rows = tables.prepare(pd.concat([store, copy], ignore_index=True))
+    main = tables.main_table(rows)
+    want = plugin[plugin["split"] == "test"]["accuracy"].mean() + 1.0
+    assert main.mean.at["TIES (dis-sum)", "Average"] == pytest.approx(want, abs=1e-5)
+    assert "baselines: Pretrained, Individual, TIES (dis-sum)" in main.note
+    own = tables.ablation_table(rows, "baselines")
+    assert list(own.mean.index) == ["TIES (dis-sum)"] and list(own.info["λ"]) == ["0.7"]
+    assert own.mean.at["TIES (dis-sum)", "Average"] == pytest.approx(want, abs=1e-5)

@@ -15,9 +15,10 @@ import psutil
 import pytest
 import torch
 
-from tatr.runs.sweep.storage import worker_identity
-from tatr.runs.sweep.study import open_storage, run_sweep
-from tatr.runs.sweep.workers import fail_dead_trials, register_worker
+from tatr.runs.sweep.owners import worker_identity
+from tatr.runs.sweep.run import run_sweep
+from tatr.runs.sweep.storage import open_storage
+from tatr.runs.sweep.study import fail_dead_trials, register_worker
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 
 TATR = REPO / "sweeps" / "tatr.yaml"
@@ -124,3 +125,35 @@ def test_an_unsigned_trial_waits_while_another_worker_may_be_asking(env: Path) -
     number = storage.get_trial(orphan).number
     assert fail_dead_trials(study, me) == [number]  # now nobody can own it
     assert me == worker_identity()
+
+
+def test_a_trial_whose_heartbeat_stops_is_retried_by_optunas_callback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another machine's worker died: no pid to check, only its stale heartbeat (RDB storages).
+    Optuna fails the trial and its retry callback re-creates it with the same parameters; the copy
+    carries `retry_of` and not the dead worker's signature; a trial is retried at most twice."""
+    monkeypatch.setenv("TATR_HEARTBEAT", "1")  # grace period: 3 s
+    storage = open_storage(f"sqlite:///{tmp_path / 'h.db'}")
+    study = optuna.create_study(storage=storage, study_name="h", direction="maximize")
+    elsewhere = {"host": "another-machine", "pid": 1, "started": 0.0}
+    trial = study.ask({"lam": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    trial.set_user_attr("worker", elsewhere)
+    trial.set_user_attr("method", "ta")
+    for attempt in range(3):
+        storage.record_heartbeat(trial._trial_id)  # beats once, then its machine dies
+        time.sleep(4.5)  # past the grace period, with SQLite's whole-second timestamps
+        assert fail_dead_trials(study, None) == []  # not ours to judge by pid: another host
+        failed = study.trials[trial.number]
+        assert failed.state == TS.FAIL
+        waiting = study.get_trials(states=(TS.WAITING,))
+        if attempt == 2:
+            assert waiting == []  # the original and two retries failed: no third retry
+            break
+        assert len(waiting) == 1
+        copy = waiting[0]
+        assert copy.params == failed.params and copy.user_attrs["retry_of"] == failed.number
+        assert "worker" not in copy.user_attrs and copy.user_attrs["method"] == "ta"
+        trial = study.ask()  # a live worker takes the retry (the same parameters) and dies in turn
+        assert trial.number == copy.number and trial.params == failed.params
+        trial.set_user_attr("worker", elsewhere)

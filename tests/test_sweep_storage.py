@@ -15,8 +15,9 @@ import optuna
 import pytest
 
 from tatr.core.errors import TatrError
-from tatr.runs.sweep.storage import OwnedLock, repair_journal_bytes, worker_identity
-from tatr.runs.sweep.study import open_storage
+from tatr.runs.sweep.journal import OwnedLock, repair_journal_bytes
+from tatr.runs.sweep.owners import worker_identity
+from tatr.runs.sweep.storage import open_storage
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 from tests.test_postgres import free_port
 
@@ -108,7 +109,7 @@ def test_a_stale_journal_lock_of_a_dead_process_is_broken_at_once(tmp_path: Path
     journal = tmp_path / "s.journal"
     storage = open_storage(f"journal:{journal}", heartbeat=False)
     study = optuna.create_study(storage=storage, study_name="s")
-    code = "import json; from tatr.runs.sweep.storage import worker_identity as w; print(json.dumps(w()))"
+    code = "import json; from tatr.runs.sweep.owners import worker_identity as w; print(json.dumps(w()))"
     dead = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     owner = json.loads(dead.stdout)
     Path(f"{journal}.lock").write_text(json.dumps(owner))  # what a writer killed inside append leaves
@@ -120,7 +121,7 @@ def test_a_stale_journal_lock_of_a_dead_process_is_broken_at_once(tmp_path: Path
 
 
 def test_a_lock_of_a_live_process_is_respected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tatr.runs.sweep.storage as st
+    import tatr.runs.sweep.journal as st
 
     monkeypatch.setattr(st, "LOCK_GRACE_SECONDS", 1.5)
     lock_file = Path(f"{tmp_path / 's.journal'}.lock")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -232,20 +231,29 @@ def test_evaluation_of_a_merged_model(tiny_testbed) -> None:
     assert any(not torch.equal(merged[k], pre[k]) for k in pre)
 
 
-def test_baselines_command_writes_the_table(tiny_testbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tatr.suites import testbed_baselines as baselines
+def test_baselines_file_writes_the_table_rows(tiny_testbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baselines are an ablation file (`tatr ablate experiments/baselines/testbed.yaml`): every row of
+    the table reaches the store, tuned on the grid it was given, θ_0 as the suite measures it."""
+    from click.testing import CliRunner
 
-    monkeypatch.setattr(baselines, "LAMBDAS", (0.3, 1.0))
-    monkeypatch.setattr(baselines, "QS", (0.9, 0.99))
-    monkeypatch.setattr(baselines, "EXEMPLARS", 4)
-    out = tmp_path / "out"
-    baselines.main(["--seeds", "0", "--preset", "tiny", "--out", str(out), "--cache-dir", str(tiny_testbed.cache_root)])
-    table = (out / "baselines.md").read_text()
-    for row in baselines.ROWS:
-        assert f"| {row.name} |" in table
-    rows = list(csv.DictReader((out / "baselines.csv").read_text().splitlines()))
-    assert len(rows) == len(baselines.ROWS) * (len(tiny_testbed.tasks) + 1)
-    ta = [r for r in rows if r["row"] == "TA" and r["task"] != "average"]
-    assert {r["lam"] for r in ta} <= {"0.3", "1.0"} and all(r["q"] == "" for r in ta)
-    pre = {r["task"]: float(r["test_accuracy"]) for r in rows if r["row"] == "pretrained" and r["task"] != "average"}
+    from tatr.cli import ablate
+    from tatr.runs.store import read_store
+
+    monkeypatch.setenv("TATR_CACHE", str(tiny_testbed.cache_root))
+    root = tmp_path / "out"
+    overrides = ["ablation.seeds=[0]", "ablation.lam=[0.3,1.0]", "ablation.q=[0.9,0.99]", "exemplars.n=4",
+                 "suite.preset=tiny", "suite.progress=false"]  # fmt: skip
+    path = Path(__file__).resolve().parents[1] / "experiments" / "baselines" / "testbed.yaml"
+    result = CliRunner().invoke(ablate.command, [str(path), *overrides, "--root", str(root), "--no-wandb"])
+    assert result.exit_code == 0, result.output
+    store = read_store(root)
+    test = store[store["split"] == "test"]
+    labels = set(zip(test["method"], test["trust_region"].fillna("-"), strict=True))
+    assert labels == {("pretrained", "-"), ("individual", "-"), ("ta", "off"), ("ta", "zero-shot"),
+                      ("ta", "exemplar"), ("ties-sum", "off"), ("ties-sum", "zero-shot"), ("ties-mean", "off"),
+                      ("ties-mean", "zero-shot")}  # fmt: skip
+    assert len(test) == 9 * len(tiny_testbed.tasks)
+    ta = test[(test["method"] == "ta") & (test["trust_region"] == "off")]
+    assert set(ta["lam"]) <= {0.3, 1.0} and ta["q"].isna().all()
+    pre = test[test["method"] == "pretrained"].set_index("task")["accuracy"].to_dict()
     assert pre == pytest.approx(tiny_testbed.pretrained_accuracy("test"), abs=1e-3)

@@ -14,7 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tatr import pairwise_conflict, plan_merge
-from tatr.core.trust_region import ConflictAccumulator, arena_chunks, drop_count, drop_order, kth_largest
+from tatr.core.errors import TatrError
+from tatr.core.methods import METHODS, merge_label
+from tatr.core.trust_region import (
+    MODES,
+    NEEDS_GRADIENTS,
+    TR_MODES,
+    ConflictAccumulator,
+    arena_chunks,
+    check_mode,
+    conflict_terms,
+    drop_count,
+    drop_order,
+    kth_largest,
+    needs_gradients,
+)
 
 EPS32 = 2.0**-24
 
@@ -145,3 +159,40 @@ def test_plan_mask_matches_reference_over_all_keys(q: float) -> None:
     stats = plan.mask_stats(q)
     assert sum(d for d, _ in stats.values()) == int((~keep).sum())
     assert sum(n for _, n in stats.values()) == plan.num_coordinates
+
+
+# --- the mode registry: one entry per mode -------------------------------------------------------------
+def test_each_mode_rule_is_its_math() -> None:
+    """(s, a) of each mode, read from the registry, against the formulas of the module docstring."""
+    g = torch.Generator().manual_seed(4)
+    tau = torch.randn(50, generator=g)
+    grad = torch.rand(50, generator=g)  # the task's mean |∇ℓ| over its exemplars
+    mag = tau.abs()
+    rules = {m.name: m.rule for m in TR_MODES.values()}
+    assert rules["off"] is None
+    s, a = rules["zero-shot"](mag, grad)
+    assert torch.equal(s, tau.abs()) and torch.equal(a, tau.abs())  # s = |τ|, a = |τ|
+    s, a = rules["exemplar"](mag, grad)
+    assert torch.equal(s, grad) and torch.equal(a, tau.abs())  # s = mean |∇ℓ|, a = |τ|
+    s, a = rules["gradient-only"](mag, grad)
+    assert torch.equal(s, grad) and a is None  # a = 1
+    s, a = rules["magnitude-only"](mag, grad)
+    assert s is None and torch.equal(a, tau.abs())  # s = 1
+    for mode in MODES[1:]:
+        assert conflict_terms(mode, mag, grad) == rules[mode](mag, grad)
+    with pytest.raises(ValueError, match="no conflict terms for mode 'off'"):
+        conflict_terms("off", mag, grad)
+
+
+def test_gradient_needs_labels_and_names_come_from_the_registry() -> None:
+    assert MODES == ("off", "zero-shot", "exemplar", "gradient-only", "magnitude-only")
+    assert NEEDS_GRADIENTS == ("exemplar", "gradient-only")
+    assert [needs_gradients(m) for m in MODES] == [False, False, True, True, False]
+    assert not needs_gradients(None) and not needs_gradients("exemplr") and not needs_gradients(float("nan"))
+    assert merge_label("ta", "zero-shot") == "TA+TR"
+    assert merge_label("ties-sum", "exemplar") == "TIES (dis-sum)+TR (exemplar)"
+    assert merge_label("average", "off") == merge_label("average") == METHODS.get("average").label
+    for mode in TR_MODES.values():
+        assert merge_label("ta", mode.name) == "TA" + mode.label
+    with pytest.raises(TatrError, match="unknown trust-region mode 'exemplr'; did you mean 'exemplar'"):
+        check_mode("exemplr")

@@ -22,19 +22,22 @@ import click
 def command(items: tuple[str, ...], root: Path, resume: bool, no_wandb: bool, then_report: bool) -> None:
     """Run ablations, e.g. `tatr ablate experiments/ablations/ benchmark=testbed --report`.
 
+    The testbed baselines are an ablation file too: `tatr ablate experiments/baselines/testbed.yaml`.
+
     Arguments with '=' are dotted overrides applied to every file (`ablation.seeds=[0]`,
     `benchmark=clip8`, `suite.model=ViT-B-32`); the others are ablation files or folders of them.
     """
     import time
 
     from tatr.runs import ablations
+    from tatr.runs.ablation_spec import ablation_files, load_ablation
 
     overrides = [i for i in items if "=" in i]
     paths = [i for i in items if "=" not in i]
     if not paths:
         raise click.UsageError("name at least one ablation file or folder")
-    files = list(ablations.ablation_files(paths))
-    loaded = [(f, *ablations.load_ablation(f, overrides)) for f in files]  # all files are checked first
+    files = list(ablation_files(paths))
+    loaded = [(f, *load_ablation(f, overrides)) for f in files]  # all files are checked first
     benchmarks = []
     for path, config, spec in loaded:
         start = time.perf_counter()

@@ -16,51 +16,35 @@ from pathlib import Path
 import click
 
 from tatr.core.errors import TatrError
-from tatr.core.merging import merge
 from tatr.core.methods import get_method, uses_ties_k
 from tatr.core.registry import unknown_name
-from tatr.core.trust_region import NEEDS_GRADIENTS
 from tatr.runs.config import ExperimentConfig, config_dict, config_hash, load_config
+from tatr.runs.plan import PlanBook, uses_exemplars
+from tatr.runs.record import RunRecord, write_store
+from tatr.runs.store import new_run_id
+from tatr.runs.tune import test_choice
 from tatr.suites import Suite, get_suite
 from tatr.suites.scoring import Evaluation, evaluate_merged, normalized_accuracy
 
 
-def merge_config(suite: Suite, config: ExperimentConfig, progress: bool = False) -> dict:
-    """The merged state dict of `config.merge` on `suite`'s checkpoints (gradients fetched if needed)."""
-    m = config.merge
-    ckpts = suite.checkpoints()
-    finetuned = [ckpts.finetuned[t] for t in suite.tasks]
-    components = list(m.components) if m.components is not None else None  # None: no selection
-    gradients = signed = None
-    if m.trust_region in NEEDS_GRADIENTS or components is not None:
-        grads = suite.exemplar_gradients(config.exemplars.n, config.exemplars.seed)
-        gradients = [grads.abs_mean[t] for t in suite.tasks]
-        signed = [grads.signed_mean[t] for t in suite.tasks]
-    return merge(
-        ckpts.pretrained,
-        finetuned,
-        method=m.method,
-        trust_region=m.trust_region,
-        q=m.q,
-        lam=m.lam,
-        ties_k=m.ties_k,
-        components=components,
-        gradients=gradients,
-        signed_gradients=signed,
-        progress=progress,
-    )
+def evaluate_config(
+    suite: Suite, config: ExperimentConfig, model: str = "merged", cache_dir: Path | None = None
+) -> tuple[Evaluation, dict]:
+    """Evaluate the merged model (or θ_0 / the θ_t) of `config`; returns the result and timings.
 
-
-def evaluate_config(suite: Suite, config: ExperimentConfig, model: str = "merged") -> tuple[Evaluation, dict]:
-    """Evaluate the merged model (or θ_0 / the θ_t) of `config`; returns the result and timings."""
+    A merge goes through the run path (`tatr.runs.plan`, `tatr.runs.tune.test_choice`): its plan
+    is cached by content, so another q or λ of the same configuration merges without a new pass."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if model == "merged":
-        state = merge_config(suite, config)
-        timings["merge_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        result = evaluate_merged(suite, state, config.split)
-    elif model == "pretrained":
+        book = PlanBook(suite, config, config.merge.q, cache_root=cache_dir)
+        book.get(config.merge)  # the plan (and any gradients): part of the merge's cost
+        plan_seconds = time.perf_counter() - start
+        tested = test_choice(book, config.merge, split=config.split)
+        timings["merge_s"] = plan_seconds + tested.merge_seconds
+        timings["evaluate_s"] = tested.eval_seconds
+        return tested.evaluation, timings
+    if model == "pretrained":
         result = evaluate_merged(suite, None, config.split)
     else:
         individual = suite.individual_accuracy(config.split)
@@ -68,6 +52,25 @@ def evaluate_config(suite: Suite, config: ExperimentConfig, model: str = "merged
         result = Evaluation(config.split, acc, acc, normalized_accuracy(acc, individual))
     timings["evaluate_s"] = time.perf_counter() - start
     return result, timings
+
+
+def record(config: ExperimentConfig, model: str, result: Evaluation, timings: dict[str, float]) -> RunRecord:
+    """The store record of one `tatr evaluate` run (`job_type="evaluate"`)."""
+    return RunRecord(
+        run_id=f"evaluate-{new_run_id()}",
+        study=None,
+        trial=None,
+        job_type="evaluate",
+        config=config_dict(config),
+        config_hash=config_hash(config),
+        split=result.split,
+        accuracy=result.accuracy,
+        normalized=result.normalized,
+        merge_seconds=timings.get("merge_s"),
+        eval_seconds=timings.get("evaluate_s"),
+        value=result.mean_accuracy,
+        subject=model,
+    )
 
 
 def describe(config: ExperimentConfig, model: str) -> str:
@@ -81,7 +84,7 @@ def describe(config: ExperimentConfig, model: str) -> str:
     parts.append(f"λ={lam:g}")
     if uses_ties_k(m.method):
         parts.append(f"k={m.ties_k:g}%")
-    if m.trust_region in NEEDS_GRADIENTS:
+    if uses_exemplars(m.trust_region, m.components):
         parts.append(f"exemplars n={config.exemplars.n} seed={config.exemplars.seed}")
     if m.components is not None:
         parts.append(f"components={','.join(m.components)}")
@@ -111,12 +114,25 @@ def check_benchmark(name: str) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also append the result to the results store <root>/store/ (job_type=evaluate).",
+)
+@click.option(
     "--cache-dir",
     type=click.Path(path_type=Path),
     default=None,
     help="Cache root for suite builds and gradients (default: $TATR_CACHE or ~/.cache/tatr).",
 )
-def command(config_path: Path, overrides: tuple[str, ...], model: str, as_json: bool, cache_dir: Path | None) -> None:
+def command(
+    config_path: Path,
+    overrides: tuple[str, ...],
+    model: str,
+    as_json: bool,
+    root: Path | None,
+    cache_dir: Path | None,
+) -> None:
     """Evaluate one configuration of CONFIG (a YAML experiment) with dotted KEY=VALUE overrides.
 
     \b
@@ -125,13 +141,16 @@ def command(config_path: Path, overrides: tuple[str, ...], model: str, as_json: 
       tatr evaluate experiments/testbed.yaml merge.trust_region=exemplar merge.q=0.95 merge.lam=0.4
       tatr evaluate experiments/testbed.yaml merge.method=ties-sum split=test
       tatr evaluate experiments/testbed.yaml --model pretrained
+      tatr evaluate experiments/testbed.yaml split=test --root results
     """
     config = load_config(config_path, overrides)
     if model == "merged":
         get_method(config.merge.method)  # an unknown method fails before any build
     check_benchmark(config.benchmark)
     suite = get_suite(config.benchmark, config.suite, cache_dir)
-    result, timings = evaluate_config(suite, config, model)
+    result, timings = evaluate_config(suite, config, model, cache_dir)
+    if root is not None:
+        write_store(root, record(config, model, result, timings))
     if as_json:
         payload = {
             "config": config_dict(config),

@@ -1,4 +1,4 @@
-"""`tatr sweep`: an Optuna study over a merging configuration; see `tatr.runs.sweep.study`."""
+"""`tatr sweep`: an Optuna study over a merging configuration; see `tatr.runs.sweep.run`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ import click
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
     help="Search space, e.g. sweeps/tatr.yaml.",
+)
+@click.option(
+    "--sweep-set",
+    "space_overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a key of the search space, as KEY=VALUE does for the experiment (e.g. params.lam.high=2).",
 )
 @click.option("--trials", type=int, default=50, show_default=True, help="Finished trials the study should hold.")
 @click.option("--study", default=None, help="Study name [default: <experiment name>-<sweep file stem>].")
@@ -48,6 +55,7 @@ def command(
     experiment: Path,
     overrides: tuple[str, ...],
     sweep_file: Path,
+    space_overrides: tuple[str, ...],
     trials: int,
     study: str | None,
     storage: str | None,
@@ -67,12 +75,13 @@ def command(
     Example (the testbed, TA + trust region):
       tatr sweep experiments/testbed.yaml --sweep sweeps/tatr.yaml --trials 50
     """
-    from tatr.runs.sweep.study import run_sweep
+    from tatr.runs.sweep.run import run_sweep
 
     result = run_sweep(
         experiment,
         sweep_file,
         overrides,
+        space_overrides=space_overrides,
         trials=trials,
         study=study,
         storage=storage,

@@ -13,12 +13,14 @@ the orthogonal part is TATR up to the measure-zero G₋ⱼ[c]·τ_j[c] = 0 coord
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 COMPONENTS = ("orthogonal", "positive", "negative")
+COMPONENT_ORDER = ("positive", "negative", "orthogonal", "all")  # how tables and labels list them
 
 
 def check_components(components: Iterable[str] | None) -> frozenset[str] | None:
@@ -34,6 +36,21 @@ def check_components(components: Iterable[str] | None) -> frozenset[str] | None:
         if c not in COMPONENTS:
             raise TatrError(unknown_name("component", c, COMPONENTS))
     return chosen
+
+
+def components_label(value: object) -> str:
+    """A components choice as tables and variant names show it: 'all', 'positive', 'negative+orthogonal', …
+
+    Accepts what a config or a store row holds: a list, '+'- or ','-joined text, or None/NaN (no
+    selection, i.e. every component). All three parts together are plain merging, hence 'all'.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "all"
+    parts = value if isinstance(value, list | tuple) else str(value).replace(",", "+").split("+")
+    chosen = {str(p).strip() for p in parts if str(p).strip()}
+    if chosen >= set(COMPONENTS):
+        return "all"
+    return "+".join(c for c in COMPONENT_ORDER if c in chosen)
 
 
 def select_components(tau: Tensor, keep: Tensor, others_grad: Tensor, chosen: frozenset[str]) -> Tensor:

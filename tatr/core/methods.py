@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from tatr.core.registry import Registry
+from tatr.core.trust_region import TR_MODES
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,12 @@ class MergeMethod:
         return not self.trim and not self.elect_sign
 
 
+# Registration order is the order tables list the methods in (simplest first).
 METHODS: Registry[MergeMethod] = Registry("merge method")
 for _m in (
+    MergeMethod(
+        "average", "Averaging", False, False, "mean", 1.0, "simple averaging: θ0 + λ·mean τ_t (λ=1: weight average)"
+    ),
     MergeMethod("ta", "TA", False, False, "sum", 0.3, "task arithmetic: θ0 + λ Σ τ_t"),
     MergeMethod(
         "ties-sum",
@@ -70,15 +75,19 @@ for _m in (
         0.3,
         "TIES paper's reduction: top-k% per task, elected sign, disjoint mean",
     ),
-    MergeMethod(
-        "average", "Averaging", False, False, "mean", 1.0, "simple averaging: θ0 + λ·mean τ_t (λ=1: weight average)"
-    ),
 ):
     METHODS.add(_m.name, _m)
 
 
 def get_method(name: str) -> MergeMethod:
     return METHODS.get(name)
+
+
+def merge_label(method: str, trust_region: str | None = None) -> str:
+    """The display label of a merge configuration: the method's label, then its trust-region mode's,
+    e.g. "TA", "TA+TR", "TIES (dis-sum)+TR (exemplar)". Both names must be registered."""
+    label = get_method(method).label
+    return label if trust_region is None else label + TR_MODES.get(trust_region).label
 
 
 def uses_ties_k(name: object) -> bool:

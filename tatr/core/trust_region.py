@@ -30,30 +30,82 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-MODES = ("off", "zero-shot", "exemplar", "gradient-only", "magnitude-only")
-NEEDS_GRADIENTS = ("exemplar", "gradient-only")
+from tatr.core.errors import TatrError
+from tatr.core.registry import Registry, unknown_name
+
 CHUNK = 1 << 22
+
+# (s, a) for one task and tensor from mag = |τ| and grad = the task's mean |∇ℓ|; None stands for 1.
+ConflictRule = Callable[[Tensor, Tensor | None], tuple[Tensor | None, Tensor | None]]
+
+
+@dataclass(frozen=True)
+class TrustRegionMode:
+    """Everything tatr knows about one trust-region mode, in one place.
+
+    `label` is what the mode adds to a merge method's display label ("TA" + "+TR (exemplar)"), so
+    tables, figures and W&B never spell a mode themselves. `rule` is the mode's (s, a) in
+    Ω = Σ_{i≠j} s_i ⊙ a_j (see the module docstring); "off" has none: it computes no Ω.
+    """
+
+    name: str
+    label: str
+    needs_gradients: bool  # reads exemplar gradients, so a run with this mode draws exemplars
+    rule: ConflictRule | None
+
+
+def _zero_shot(mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    return mag, mag  # the same tensor twice: ConflictAccumulator then adds 2·a_i ⊙ A_{<i}
+
+
+def _exemplar(mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    return grad, mag
+
+
+def _gradient_only(mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    return grad, None
+
+
+def _magnitude_only(mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    return None, mag
+
+
+TR_MODES: Registry[TrustRegionMode] = Registry("trust-region mode")
+for _mode in (
+    TrustRegionMode("off", "", False, None),
+    TrustRegionMode("zero-shot", "+TR", False, _zero_shot),  # s = |τ|: TATR without data
+    TrustRegionMode("exemplar", "+TR (exemplar)", True, _exemplar),  # s = mean |∇ℓ| on exemplars
+    TrustRegionMode("gradient-only", "+TR (gradient-only)", True, _gradient_only),  # a = 1
+    TrustRegionMode("magnitude-only", "+TR (magnitude-only)", False, _magnitude_only),  # s = 1
+):
+    TR_MODES.add(_mode.name, _mode)
+
+# Derived views, in registration order, for callers that want plain names (click choices, checks).
+MODES: tuple[str, ...] = tuple(m.name for m in TR_MODES.values())
+NEEDS_GRADIENTS: tuple[str, ...] = tuple(m.name for m in TR_MODES.values() if m.needs_gradients)
 
 
 def check_mode(mode: str) -> str:
-    from tatr.core.errors import TatrError
-    from tatr.core.registry import unknown_name
-
-    if mode not in MODES:
+    """`mode` if it is a registered trust-region mode, else a one-line did-you-mean error."""
+    if mode not in TR_MODES:
         raise TatrError(unknown_name("trust-region mode", mode, MODES))
     return mode
+
+
+def needs_gradients(mode: object) -> bool:
+    """True for a mode that reads exemplar gradients; False for the others, None or an unknown name."""
+    return isinstance(mode, str) and mode in TR_MODES and TR_MODES.get(mode).needs_gradients
 
 
 def drop_count(q: float, n: int) -> int:
     """⌈(1−q)·n⌉, computed on q's decimal value so binary rounding cannot add a coordinate."""
     if not 0.0 < q <= 1.0:
-        from tatr.core.errors import TatrError
-
         raise TatrError(f"q must be in (0, 1], got {q}")
     return math.ceil((1 - Fraction(repr(float(q)))) * n)
 
@@ -120,15 +172,10 @@ class ConflictAccumulator:
 
 def conflict_terms(mode: str, mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """(s, a) for one task and tensor under `mode`, given mag = |τ|; None means the factor is 1."""
-    if mode == "zero-shot":
-        return mag, mag
-    if mode == "exemplar":
-        return grad, mag
-    if mode == "gradient-only":
-        return grad, None
-    if mode == "magnitude-only":
-        return None, mag
-    raise ValueError(f"no conflict terms for mode '{mode}'")
+    rule = TR_MODES.get(mode).rule if mode in TR_MODES else None
+    if rule is None:
+        raise ValueError(f"no conflict terms for mode '{mode}'")
+    return rule(mag, grad)
 
 
 def pairwise_conflict(s: list[Tensor], a: list[Tensor]) -> Tensor:

@@ -29,22 +29,26 @@ from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_dir, atomic_write, inside, safe_name, same_file
 from tatr.report import figures as F
 from tatr.report import tables as T
+from tatr.report.render import Table
+from tatr.report.selection import prepare
 from tatr.report.wandb_rows import rows_from_wandb, wandb_run_rows
+from tatr.runs.schema import ABLATION_KINDS, AblationKind
 from tatr.runs.store import read_store, store_dir
 
 __all__ = ["generate", "rows_from_wandb", "wandb_run_rows", "write_report"]
 
 DEFAULT_PUBLISHED = Path("results/reference/published.csv")
 
-# which experiment file fills each ablation, for the "missing" hints
+# which experiment file fills each ablation, for the "missing" hints; a kind without one (the
+# testbed's baselines file) gets a section only when the store has its rows
 ABLATION_FILES = {
-    T.COMPONENTS: "experiments/ablations/components.yaml",
-    T.TRUST_REGION: "experiments/ablations/trust_region.yaml",
-    T.SENSITIVITY: "experiments/ablations/sensitivity.yaml",
-    T.MASK_RATIO: "experiments/ablations/mask_ratio.yaml",
-    T.EXEMPLAR_COUNT: "experiments/ablations/exemplar_count.yaml",
-    T.PLUGIN: "experiments/ablations/plugin.yaml",
-    T.GRADIENT_CORRELATION: "experiments/ablations/gradient_correlation.yaml",
+    AblationKind.COMPONENTS: "experiments/ablations/components.yaml",
+    AblationKind.TRUST_REGION: "experiments/ablations/trust_region.yaml",
+    AblationKind.SENSITIVITY: "experiments/ablations/sensitivity.yaml",
+    AblationKind.MASK_RATIO: "experiments/ablations/mask_ratio.yaml",
+    AblationKind.EXEMPLAR_COUNT: "experiments/ablations/exemplar_count.yaml",
+    AblationKind.PLUGIN: "experiments/ablations/plugin.yaml",
+    AblationKind.GRADIENT_CORRELATION: "experiments/ablations/gradient_correlation.yaml",
 }
 
 
@@ -60,7 +64,7 @@ class Section:
     """One block of the page: a heading, its tables and figures, or why it is missing."""
 
     title: str
-    tables: list[T.Table] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
     figures: list[FigureSpec] = field(default_factory=list)
     missing: str = ""
 
@@ -114,7 +118,7 @@ def select_benchmark(rows: pd.DataFrame, benchmark: str) -> pd.DataFrame:
 
 # --- building -----------------------------------------------------------------------------------------
 def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame | None) -> list[Section]:
-    """Every table and figure of the report for one benchmark's rows (already `tables.prepare`d)."""
+    """Every table and figure of the report for one benchmark's rows (already `selection.prepare`d)."""
     main = T.main_table(rows)
     sections = [
         Section(
@@ -130,21 +134,19 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
             "" if F.sweep_grid(rows) is not None else "no sweep trials and no (q, λ) validation grid in the store",
         ),
     ]
-    ablation = dict(zip(T.ABLATIONS, T.ablation_tables(rows), strict=True))
-    figure_of: dict[str, Callable[[], object]] = {
-        T.COMPONENTS: lambda: F.variant_bars(ablation[T.COMPONENTS]),
-        T.TRUST_REGION: lambda: F.variant_bars(ablation[T.TRUST_REGION]),
-        T.SENSITIVITY: lambda: F.variant_bars(ablation[T.SENSITIVITY]),
-        T.MASK_RATIO: lambda: F.mask_ratio_curve(rows),
-        T.EXEMPLAR_COUNT: lambda: F.exemplar_curve(rows),
-        T.PLUGIN: lambda: F.variant_bars(ablation[T.PLUGIN]),
-        T.GRADIENT_CORRELATION: lambda: F.correlation_heatmap(rows),
+    curves: dict[str, Callable[[], object]] = {
+        AblationKind.MASK_RATIO: lambda: F.mask_ratio_curve(rows),
+        AblationKind.EXEMPLAR_COUNT: lambda: F.exemplar_curve(rows),
+        AblationKind.GRADIENT_CORRELATION: lambda: F.correlation_heatmap(rows),
     }
-    for name in T.ABLATIONS:
-        table = ablation[name]
-        hint = f"no rows yet: run `tatr ablate {ABLATION_FILES[name]}`" if table.empty else ""
-        spec = FigureSpec(name.replace("-", "_"), T.ABLATION_TITLES[name], figure_of[name])
-        sections.append(Section(f"Ablation: {T.ABLATION_TITLES[name]}", [table], [spec], hint))
+    for kind in ABLATION_KINDS:
+        table = T.ablation_table(rows, kind)
+        if table.empty and kind not in ABLATION_FILES:
+            continue
+        hint = f"no rows yet: run `tatr ablate {ABLATION_FILES[kind]}`" if table.empty else ""
+        figure = curves.get(kind, lambda table=table: F.variant_bars(table))
+        spec = FigureSpec(kind.replace("-", "_"), T.ABLATION_TITLES[kind], figure)
+        sections.append(Section(f"Ablation: {T.ABLATION_TITLES[kind]}", [table], [spec], hint))
     reference = T.reference_table(rows, published, benchmark)
     why = "" if not reference.empty else f"no published numbers for '{benchmark}' in {DEFAULT_PUBLISHED}"
     sections.append(Section("Reference: published numbers", [reference], [], why))
@@ -170,7 +172,7 @@ def write_report(
     final = report_folder(out, benchmark)
     outputs = [final / "tables", final / "figures", final / "index.html"]
     _refuse_overwriting(outputs, inputs)
-    prepared = T.prepare(rows)
+    prepared = prepare(rows)
     sections = build_sections(prepared, benchmark, published)
     written_tables, written_figures, skipped = [], [], []
     with (

@@ -2,8 +2,9 @@
 
 Why fixed rcParams and no timestamps: figures are committed, and a re-run on the same store must
 produce the same bytes so that a diff means the numbers changed. Each function takes prepared
-pandas data (see `tatr.report.tables`) and returns a `Figure`, or None when the store has nothing to
-draw; saving is the caller's job (`save`), so notebooks can show the same figure interactively.
+pandas data (see `tatr.report.selection` and `tatr.report.tables`) and returns a `Figure`, or None
+when the store has nothing to draw; saving is the caller's job (`save`), so notebooks can show the
+same figure interactively.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tatr.core.cache import atomic_write
-from tatr.report import tables as T
+from tatr.report.labels import drop_text, label_rank
+from tatr.report.render import Table
+from tatr.report.selection import AVERAGE, NORMALIZED
+from tatr.report.tables import correlation_frame, curve_frame
+from tatr.runs.schema import AblationKind
 
 COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper
 DPI = 220
@@ -92,14 +97,14 @@ def sweep_grid(df: pd.DataFrame, max_levels: int = 16, bins: int = 10) -> tuple[
         grid = grid.dropna(subset=["q", "lam"])
         if grid.empty:
             return None
-        keys = ["experiment", "label", "seed_key"]
+        keys = ["ablation", "label", "seed_key"]
         shape = grid.groupby(keys).agg(q=("q", "nunique"), lam=("lam", "nunique"), cells=("run_id", "nunique"))
         shape = shape[(shape["q"] > 1) & (shape["lam"] > 1)].sort_index()
         if shape.empty:
             return None
-        experiment, label, seed = shape["cells"].idxmax()  # the largest grid; first in sorted order on a tie
-        rows = grid[(grid["experiment"] == experiment) & (grid["label"] == label) & (grid["seed_key"] == seed)]
-        source = f"grid of ablation '{experiment}' ({label})"
+        kind, label, seed = shape["cells"].idxmax()  # the largest grid; first in sorted order on a tie
+        rows = grid[(grid["ablation"] == kind) & (grid["label"] == label) & (grid["seed_key"] == seed)]
+        source = f"grid of ablation '{kind}' ({label})"
     rows = rows.dropna(subset=["q", "lam", "accuracy"])
     if rows.empty:
         return None
@@ -130,7 +135,7 @@ def sweep_heatmap(df: pd.DataFrame) -> Figure | None:
     with matplotlib.rc_context(STYLE):
         values = grid.to_numpy(dtype=float)
         image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", origin="lower", cmap="viridis")
-        ax.set_xticks(range(grid.shape[1]), [T.drop_text(d) for d in grid.columns], rotation=45, ha="right")
+        ax.set_xticks(range(grid.shape[1]), [drop_text(d) for d in grid.columns], rotation=45, ha="right")
         ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
         ax.set_xlabel("dropped fraction 1−q")
         ax.set_ylabel("λ")
@@ -154,15 +159,15 @@ def _curve(ax: Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, label: st
 
 def mask_ratio_curve(df: pd.DataFrame) -> Figure | None:
     """Average test accuracy against the dropped fraction (log axis); q=1 drawn as a dashed line."""
-    wide = T.curve_frame(df, T.MASK_RATIO, "drop")
+    wide = curve_frame(df, AblationKind.MASK_RATIO, "drop")
     if wide.empty:
         return None
     fig, ax = new_figure()
     with matplotlib.rc_context(STYLE):
-        labels = sorted(wide["label"].unique(), key=T._label_rank)
+        labels = sorted(wide["label"].unique(), key=label_rank)
         for i, label in enumerate(labels):
             sub = wide[wide["label"] == label]
-            stats = sub.groupby("drop")[T.AVERAGE].agg(["mean", "std"]).sort_index()
+            stats = sub.groupby("drop")[AVERAGE].agg(["mean", "std"]).sort_index()
             inside = stats[stats.index > 0]
             if not inside.empty:
                 _curve(
@@ -173,22 +178,22 @@ def mask_ratio_curve(df: pd.DataFrame) -> Figure | None:
         ax.set_xscale("log")
         ax.set_xlabel("dropped fraction 1−q")
         ax.set_ylabel("avg test accuracy (%)")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: T.drop_text(v)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: drop_text(v)))
         ax.legend(frameon=False)
     return fig
 
 
 def exemplar_curve(df: pd.DataFrame) -> Figure | None:
     """Average test accuracy against exemplars per task (log₂ axis), mean ± std band over seeds."""
-    wide = T.curve_frame(df, T.EXEMPLAR_COUNT, "exemplars")
+    wide = curve_frame(df, AblationKind.EXEMPLAR_COUNT, "exemplars")
     if wide.empty:
         return None
     fig, ax = new_figure()
     with matplotlib.rc_context(STYLE):
-        labels = sorted(wide["label"].unique(), key=T._label_rank)
+        labels = sorted(wide["label"].unique(), key=label_rank)
         for i, label in enumerate(labels):
             sub = wide[wide["label"] == label]
-            stats = sub.groupby("exemplars")[T.AVERAGE].agg(["mean", "std", "count"]).sort_index()
+            stats = sub.groupby("exemplars")[AVERAGE].agg(["mean", "std", "count"]).sort_index()
             seeds = int(stats["count"].max())
             name = f"{label} (mean ± std, {seeds} seeds)" if seeds > 1 else label
             _curve(ax, stats.index.to_numpy(), stats["mean"].to_numpy(), stats["std"].to_numpy(), name, _color(i))
@@ -201,7 +206,7 @@ def exemplar_curve(df: pd.DataFrame) -> Figure | None:
 
 
 # --- bars ---------------------------------------------------------------------------------------
-def variant_bars(table: T.Table, column: str = T.AVERAGE, ylabel: str = "avg test accuracy (%)") -> Figure | None:
+def variant_bars(table: Table, column: str = AVERAGE, ylabel: str = "avg test accuracy (%)") -> Figure | None:
     """One bar per row of an ablation table, ± std over seeds as error bars."""
     if table.empty or column not in table.mean:
         return None
@@ -232,12 +237,12 @@ def variant_bars(table: T.Table, column: str = T.AVERAGE, ylabel: str = "avg tes
     return fig
 
 
-def methods_per_task(table: T.Table, skip: Sequence[str] = ()) -> Figure | None:
+def methods_per_task(table: Table, skip: Sequence[str] = ()) -> Figure | None:
     """Grouped bars: the tasks on x, one bar per method of the main table (its mean over seeds)."""
     if table.empty:
         return None
     rows = [r for r in table.mean.index if r not in skip]
-    tasks = [c for c in table.mean.columns if c not in (T.AVERAGE, T.NORMALIZED)]
+    tasks = [c for c in table.mean.columns if c not in (AVERAGE, NORMALIZED)]
     if not rows or not tasks:
         return None
     fig, ax = new_figure(2.6)
@@ -245,7 +250,7 @@ def methods_per_task(table: T.Table, skip: Sequence[str] = ()) -> Figure | None:
         width = 0.8 / len(rows)
         x = np.arange(len(tasks) + 1)
         for i, row in enumerate(rows):
-            values = [*table.mean.loc[row, tasks].to_numpy(dtype=float), float(table.mean.at[row, T.AVERAGE])]
+            values = [*table.mean.loc[row, tasks].to_numpy(dtype=float), float(table.mean.at[row, AVERAGE])]
             ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=str(row), color=_color(i), linewidth=0)
         ax.set_xticks(x, [*tasks, "avg"], rotation=35, ha="right")
         ax.set_ylabel("test accuracy (%)")
@@ -256,7 +261,7 @@ def methods_per_task(table: T.Table, skip: Sequence[str] = ()) -> Figure | None:
 
 # --- gradient correlation -----------------------------------------------------------------------
 def correlation_heatmap(df: pd.DataFrame) -> Figure | None:
-    mean, _, seeds = T.correlation_frame(df)
+    mean, _, seeds = correlation_frame(df)
     if mean.empty:
         return None
     fig, ax = new_figure(2.9)

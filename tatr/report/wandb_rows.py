@@ -18,6 +18,7 @@ import pandas as pd
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import inside, safe_name
+from tatr.runs.record import record_from_wandb, store_rows
 from tatr.runs.store import COLUMNS, INTEGERS, check_row
 
 
@@ -63,16 +64,14 @@ def _checked(row: dict) -> dict:
         raise TatrError(f"W&B run {row.get('run_id')!r}: {exc}") from None
 
 
-_GRADIENT_MODES = ("exemplar", "gradient-only")
-
-
 def wandb_run_rows(run: object, scratch: Path) -> list[dict]:
     """The store rows one W&B run mirrors (the layout `tatr.runs.tracking` logs).
 
     The run's config is the resolved experiment (`merge.*`, `exemplars.*`, `seed`, `benchmark`,
-    `name`) plus `study`, `trial`, `config_hash` and, for ablations, `experiment`; its summary has
+    `name`) plus `study`, `trial`, `config_hash` and, for ablations, `ablation` (its kind); its summary has
     `<split>/accuracy/<task>`, and normalized accuracies either as `<split>/normalized_accuracy/<task>`
-    or in the logged `accuracy_table` (fetched from the run's files when needed).
+    or in the logged `accuracy_table` (fetched from the run's files when needed). The rows are
+    built by `tatr.runs.record` (`record_from_wandb`, `store_rows`), as the store's own rows are.
     """
     summary = _as_dict(getattr(run, "summary", {}))
     config = _flatten(_as_dict(getattr(run, "config", {})))
@@ -88,36 +87,37 @@ def wandb_run_rows(run: object, scratch: Path) -> list[dict]:
         return []
     if len(normalized) < len(accuracy):
         normalized = {**_table_normalized(run, summary.get("accuracy_table"), scratch), **normalized}
-    merge = {k.removeprefix("merge."): v for k, v in config.items() if k.startswith("merge.")}
-    mode, method = merge.get("trust_region"), merge.get("method")
-    components = merge.get("components")
-    uses_exemplars = mode in _GRADIENT_MODES or components is not None
     timing = {"merge_seconds": summary.get("time/merge_seconds"), "eval_seconds": summary.get("time/eval_seconds")}
-    base = {
-        "run_id": getattr(run, "id", None) or getattr(run, "name", None),
-        "study": config.get("study", getattr(run, "group", None)),
-        "trial": config.get("trial"),
-        "job_type": getattr(run, "job_type", None),
-        "experiment": config.get("experiment", config.get("name")),
-        "benchmark": config.get("benchmark"),
-        "model": config.get("model", config.get("suite.model")),
-        "method": method,
-        "trust_region": mode,
-        "q": None if mode == "off" else merge.get("q"),
-        "lam": merge.get("lam"),
-        "ties_k": merge.get("ties_k") if method == "ties" else None,
-        "components": list(components) if components is not None else None,
-        "exemplars": config.get("exemplars.n") if uses_exemplars else None,
-        "seed": config.get("seed"),
-        "git_commit": getattr(run, "commit", None),
-        "config_hash": config.get("config_hash"),
-        "timestamp": _epoch(getattr(run, "created_at", None)),
-        **timing,
-    }
-    return [
-        {**base, "split": split, "task": task, "accuracy": acc, "normalized_accuracy": normalized.get((split, task))}
-        for (split, task), acc in accuracy.items()
-    ]
+    run_id = getattr(run, "id", None) or getattr(run, "name", None)
+    nested = _nest(config)
+    nested.setdefault("study", getattr(run, "group", None))
+    rows = []
+    for split in dict.fromkeys(s for s, _ in accuracy):  # the record type builds the rows (one schema)
+        rec = record_from_wandb(
+            nested,
+            run_id=run_id,  # type: ignore[arg-type]
+            job_type=getattr(run, "job_type", None),
+            split=split,
+            accuracy={t: a for (s, t), a in accuracy.items() if s == split},
+            normalized={t: v for (s, t), v in normalized.items() if s == split},
+            git_commit=getattr(run, "commit", None),
+            timestamp=_epoch(getattr(run, "created_at", None)),
+            **timing,
+        )
+        rows += store_rows(rec)
+    return rows
+
+
+def _nest(flat: dict) -> dict:
+    """`{"merge.q": 0.9}` → `{"merge": {"q": 0.9}}`: the config as it was logged."""
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, last = str(key).split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 def _table_normalized(run: object, ref: object, scratch: Path) -> dict[tuple[str, str], float]:

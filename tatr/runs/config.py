@@ -15,7 +15,6 @@ into a billion nodes ("billion laughs"), and no tatr file needs them.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import safe_name
+from tatr.core.registry import did_you_mean
 
 TrustRegionMode = Literal["off", "zero-shot", "exemplar", "gradient-only", "magnitude-only"]
 Component = Literal["orthogonal", "positive", "negative"]
@@ -91,7 +91,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise TatrError(_one_line(exc, path)) from None
+        raise TatrError(validation_error(exc, path)) from None
 
 
 class _AliasRefused(yaml.composer.ComposerError):
@@ -151,21 +151,20 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     return raw
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in a nested dict, refusing keys the schema does not know."""
+def apply_override(raw: dict[str, Any], item: str, schema: type[BaseModel] | None = None) -> None:
+    """Set `a.b.c=value` in a nested dict, refusing keys the schema (default: an experiment's) does not know."""
     if "=" not in item:
         raise TatrError(f"override '{item}' must look like key=value, e.g. merge.q=0.95")
     dotted, value_text = item.split("=", 1)
     parts = dotted.strip().split(".")
-    model: type[BaseModel] | None = ExperimentConfig
+    model: type[BaseModel] | None = schema or ExperimentConfig
     node = raw
     for depth, part in enumerate(parts):
         if model is not None:
             fields = model.model_fields
             if part not in fields:
-                known = sorted(fields)
-                close = difflib.get_close_matches(part, known, n=1)
-                hint = f"; did you mean '{'.'.join([*parts[:depth], close[0]])}'?" if close else ""
+                parent = "".join(f"{p}." for p in parts[:depth])
+                hint = did_you_mean(part, sorted(fields), prefix=parent)
                 raise TatrError(f"unknown config key '{dotted}'{hint}")
             annotation = fields[part].annotation
             model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
@@ -196,9 +195,12 @@ def config_hash(config: BaseModel) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _one_line(exc: ValidationError, path: Path | None) -> str:
+def validation_error(exc: ValidationError, path: str | Path | None, prefix: str = "") -> str:
+    """The one line a pydantic error becomes, for every tatr file: `<file>: <dotted key>: <problem>`.
+
+    `prefix` is the key of the section the model was read from (`ablation` for an ablation block)."""
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    prefix = f"{path}: " if path else ""
+    where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "config"
+    source = f"{path}: " if path else ""
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{prefix}{where}: {str(err['msg']).removeprefix('Value error, ')}{more}"
+    return f"{source}{where}: {str(err['msg']).removeprefix('Value error, ')}{more}"

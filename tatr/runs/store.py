@@ -1,5 +1,8 @@
 """The results store: append-only rows, one per (run, task, split), the source of truth for reports.
 
+This is the file layer; what a row means (its columns and their types) is `tatr.runs.schema`, and
+the one code that builds rows is `tatr.runs.record`.
+
 Each run writes one JSONL file under `<root>/store/`, atomically (temporary file, then rename), so
 concurrent workers never interleave and a crash never leaves half a run. Reading concatenates all
 files; W&B only mirrors this.
@@ -32,40 +35,7 @@ import pandas as pd
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write, inside, safe_name
-
-COLUMNS = (
-    "run_id",
-    "study",
-    "trial",
-    "job_type",  # trial | final | ablation | baseline
-    "experiment",
-    "benchmark",
-    "model",  # the suite's model (e.g. ViT-B-32 on clip8), so reference numbers are matched per model
-    "method",
-    "trust_region",
-    "q",
-    "lam",
-    "ties_k",
-    "components",
-    "exemplars",
-    "seed",
-    "split",
-    "task",
-    "accuracy",
-    "normalized_accuracy",
-    "merge_seconds",
-    "eval_seconds",
-    "git_commit",
-    "config_hash",
-    "timestamp",
-)
-
-# the type of each column; anything may also be null (None)
-NAMES = ("run_id", "benchmark", "study", "experiment")  # become paths or labels: safe names
-TEXT = ("job_type", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash")
-INTEGERS = ("trial", "exemplars", "seed")
-NUMBERS = ("q", "lam", "ties_k", "accuracy", "normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp")
-PAIR_SEPARATOR = "|"  # a gradient-correlation row's task is "a|b"
+from tatr.runs.schema import COLUMNS, INTEGERS, NAMES, NUMBERS, PAIR_SEPARATOR, TEXT
 
 
 def check_row(row: object) -> dict[str, Any]:

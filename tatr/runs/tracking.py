@@ -1,9 +1,10 @@
 """Tracking: every trial and final evaluation goes to the results store, and is mirrored to W&B.
 
 The store (`tatr.runs.store`) is the source of truth; W&B is a convenience that may fail. So:
-* A `RunRecord` is plain data built from what the objective leaves in the Optuna trial's user
-  attributes (per-task accuracy, mask statistics, timings, the resolved config). Optuna's storage
-  is transactional, so a trial that Optuna marks finished always carries its record.
+* A `RunRecord` (`tatr.runs.record`, the one writer of store rows) is plain data; a trial's is
+  built from what the objective leaves in the Optuna trial's user attributes (per-task accuracy,
+  mask statistics, timings, the resolved config). Optuna's storage is transactional, so a trial
+  that Optuna marks finished always carries its record.
 * `TrialCallback` (our own small Optuna callback; optuna-integration's W&B callback is
   deprecated) writes the store rows and one W&B run per finished trial.
 * A worker killed between Optuna's `tell` and the callback leaves a finished trial without rows;
@@ -24,43 +25,16 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tatr.core.methods import uses_ties_k
-from tatr.runs.store import append_rows, git_commit, store_dir
+from tatr.runs.record import RunRecord, in_store, wandb_config, write_store
+from tatr.runs.store import git_commit
 
 RECORD_ATTR = "tatr"  # the trial user attribute holding the record's payload
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 PROBE_SECONDS = 3.0  # the one wait an unreachable W&B server costs a sweep
 INIT_TIMEOUT = 30.0  # wandb.init's wait for a server that answered the probe (W&B's default: 90 s)
-GRADIENT_MODES = ("exemplar", "gradient-only")
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One evaluated merge: what the store and W&B get for a trial or a final evaluation."""
-
-    run_id: str
-    study: str | None
-    trial: int | None
-    job_type: str  # trial | final
-    config: dict[str, Any]  # the resolved ExperimentConfig, as config_dict gives it
-    config_hash: str
-    split: str
-    accuracy: dict[str, float]
-    normalized: dict[str, float]
-    merge_seconds: float | None = None
-    eval_seconds: float | None = None
-    mask: dict[str, list[int]] | None = None  # key -> [dropped, numel]
-    params: dict[str, Any] = field(default_factory=dict)
-    state: str = "COMPLETE"
-    value: float | None = None
-
-    @property
-    def merge(self) -> dict[str, Any]:
-        return self.config.get("merge", {})
 
 
 # --- run ids ---------------------------------------------------------------------------------------
@@ -122,61 +96,6 @@ def record_from_trial(study: str, trial: Any) -> RunRecord | None:
         state=state,
         value=trial.value if state == "COMPLETE" else None,
     )
-
-
-# --- the results store -----------------------------------------------------------------------------
-def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
-    """One row per task, with the store's columns (`tatr.runs.store.COLUMNS`)."""
-    cfg, merge = rec.config, rec.merge
-    mode = merge.get("trust_region")
-    components = merge.get("components")
-    needs_exemplars = mode in GRADIENT_MODES or components is not None
-    lam = merge.get("lam")
-    if lam is None:
-        from tatr.core.methods import get_method
-
-        lam = get_method(merge.get("method", "ta")).default_lam
-    common = {
-        "run_id": rec.run_id,
-        "study": rec.study,
-        "trial": rec.trial,
-        "job_type": rec.job_type,
-        "experiment": cfg.get("name"),
-        "benchmark": cfg.get("benchmark"),
-        "method": merge.get("method"),
-        "trust_region": mode,
-        "q": None if mode == "off" else merge.get("q"),
-        "lam": lam,
-        "ties_k": merge.get("ties_k") if uses_ties_k(merge.get("method")) else None,
-        "components": list(components) if components is not None else None,
-        "exemplars": cfg.get("exemplars", {}).get("n") if needs_exemplars else None,
-        "seed": cfg.get("seed"),
-        "split": rec.split,
-        "merge_seconds": rec.merge_seconds,
-        "eval_seconds": rec.eval_seconds,
-        "config_hash": rec.config_hash,
-    }
-    return [
-        {**common, "task": task, "accuracy": acc, "normalized_accuracy": rec.normalized.get(task)}
-        for task, acc in rec.accuracy.items()
-    ]
-
-
-def in_store(root: str | Path, run_id: str) -> bool:
-    return (store_dir(root) / f"{run_id}.jsonl").exists()
-
-
-def write_store(root: str | Path, rec: RunRecord) -> bool:
-    """Append the record's rows; False when this run is already in the store (never written twice)."""
-    if in_store(root, rec.run_id):
-        return False
-    try:
-        append_rows(root, store_rows(rec), rec.run_id)
-    except ValueError as exc:  # another process wrote the same run between the check and the write
-        if in_store(root, rec.run_id):
-            return False
-        raise exc
-    return True
 
 
 # --- W&B -------------------------------------------------------------------------------------------
@@ -242,18 +161,12 @@ class WandbLogger:
 
         self.root.mkdir(parents=True, exist_ok=True)
         merge = rec.merge
-        config = {
-            **rec.config,
-            "study": rec.study,
-            "trial": rec.trial,
-            "params": rec.params,
-            "config_hash": rec.config_hash,
-            "git_commit": git_commit(),
-        }
+        config = {**wandb_config(rec), "git_commit": git_commit()}
         tags = [
             f"benchmark:{rec.config.get('benchmark')}",
             f"method:{merge.get('method')}",
             f"mode:{merge.get('trust_region')}",
+            *([f"ablation:{rec.ablation}"] if rec.ablation else []),
         ]
         settings = _settings(wandb)
         run = wandb.init(

@@ -9,7 +9,8 @@
 * θ_t come from `suite.finetuned` (a pattern with `{task}` or a task → path mapping), in any format
   `tatr.suites.clip_convert.load_any` reads except pickled whole modules, which `tatr convert` turns into
   safetensors once. Files already in the right layout are used in place; others are normalised
-  into the cache (content-addressed by the source file's identity and θ_0's).
+  into the cache (content-addressed by the source file's identity and θ_0's): see
+  `tatr.suites.clip_checkpoints`.
 * heads: zero-shot classifiers from the pretrained text tower, the templates of
   `tatr.suites.clip_templates` and the class names found in the data; cached by content hash.
 * data: `tatr.suites.clip_data` (task_vectors / torchvision layouts, task_vectors' validation split).
@@ -21,10 +22,7 @@ in `suite.gradient_precision` (fp32 or bf16).
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -32,23 +30,22 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
-from tatr.core.checkpoints import header, load_state_dict, read_tensor, save_state_dict
+from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
 from tatr.suites import clip_heads as ch
 from tatr.suites import scoring as ev
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients
-from tatr.suites.clip_convert import FROM_PRETRAINED, VISUAL, check_architecture, load_any
-from tatr.suites.clip_data import TASKS, TaskData, load_task
+from tatr.suites.clip_checkpoints import CACHE_FORMAT, expand_path, finetuned_source, normalised_finetuned
+from tatr.suites.clip_convert import VISUAL
+from tatr.suites.clip_data import TASKS, TaskData, load_task, unknown_task
 from tatr.suites.clip_templates import TEMPLATES
 
 # Bump when a cached artefact changes meaning (θ_0 extraction, head recipe, normalisation).
-CACHE_FORMAT = 1
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -77,10 +74,7 @@ class Clip8Options(BaseModel):
     def _known_tasks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for task in value:
             if task not in TASKS:
-                lower = {t.lower(): t for t in TASKS}
-                close = difflib.get_close_matches(task.lower(), list(lower), n=1)
-                hint = f"; did you mean '{lower[close[0]]}'?" if close else ""
-                raise ValueError(f"unknown task '{task}'{hint} (known: {', '.join(TASKS)})")
+                raise ValueError(unknown_task(task))
         if not value or len(set(value)) != len(value):
             raise ValueError("tasks must be a non-empty list without repeats")
         return value
@@ -94,15 +88,6 @@ def parse_options(options: Mapping[str, Any]) -> Clip8Options:
         where = ".".join(str(p) for p in err["loc"]) or "suite"
         message = str(err["msg"]).removeprefix("Value error, ")
         raise TatrError(f"clip8 suite option suite.{where}: {message}") from None
-
-
-def _expand(path: str) -> Path:
-    """`~` and `$VAR`/`${VAR}` expanded; an unset variable is an error, not a literal folder name."""
-    expanded = os.path.expandvars(path)
-    unset = re.search(r"\$\{?(\w+)", expanded)
-    if unset:
-        raise TatrError(f"clip8: environment variable {unset.group(1)} in '{path}' is not set")
-    return Path(expanded).expanduser()
 
 
 class ImageEncoder(nn.Module):
@@ -132,7 +117,7 @@ class Clip8:
         self.options = options
         self.tasks: tuple[str, ...] = tuple(options.tasks)
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
-        self.data_root = _expand(options.data_root)
+        self.data_root = expand_path(options.data_root)
         self._data: dict[str, TaskData] = {}
         self._heads: dict[str, Tensor] = {}
         self._full_model: nn.Module | None = None
@@ -197,45 +182,19 @@ class Clip8:
         return Checkpoints(pretrained, {t: self.finetuned_file(t) for t in self.tasks})
 
     def finetuned_source(self, task: str) -> Path:
-        spec = self.options.finetuned
-        if isinstance(spec, dict):
-            if task not in spec:
-                raise TatrError(f"clip8: suite.finetuned has no entry for task '{task}' (it has: {', '.join(spec)})")
-            path = _expand(spec[task])
-        else:
-            if "{task}" not in spec:
-                raise TatrError(f"clip8: suite.finetuned '{spec}' must contain '{{task}}' or be a task -> path mapping")
-            path = _expand(spec.replace("{task}", task))
-        if not path.exists():
-            raise TatrError(f"clip8: fine-tuned checkpoint for {task} not found: {path}")
-        return path
+        return finetuned_source(self.options.finetuned, task)
 
     def finetuned_file(self, task: str) -> Path:
         """θ_t as `visual.*` safetensors matching θ_0: the source itself when it already is one."""
-        if task in self._finetuned:
-            return self._finetuned[task]
-        src = self.finetuned_source(task)
-        pretrained = self._pretrained_dir / "visual.safetensors"
-        expected = header(pretrained)
-        if src.suffix == ".safetensors" and _usable_in_place(src, expected):
-            self._finetuned[task] = src
-            return src
-        key = content_hash("clip8-finetuned", CACHE_FORMAT, ch.fingerprint(src), self.source.identity())
-
-        def build(folder: Path) -> None:
-            converted = load_any(src, allow_pickle=False)
-            shapes = {k: shape for k, (shape, _) in expected.items()}
-            check_architecture(
-                converted.state_dict, shapes, str(src), self.options.model, tuple(converted.from_pretrained)
+        if task not in self._finetuned:
+            self._finetuned[task] = normalised_finetuned(
+                self.finetuned_source(task),
+                self._pretrained_dir / "visual.safetensors",
+                task,
+                self.options.model,
+                self.source.identity(),
+                self.cache_root,
             )
-            visual = {k: v.to(expected[k][1]) for k, v in converted.state_dict.items()}
-            if converted.from_pretrained:
-                visual.update({k: read_tensor(pretrained, k) for k in converted.from_pretrained})
-            meta = {"task": task, "source": str(src), "source_format": converted.source_format}
-            save_state_dict(visual, folder / "visual.safetensors", metadata=meta)
-
-        folder = cached_dir(self.cache_root / "clip8" / "finetuned", key, build)
-        self._finetuned[task] = folder / "visual.safetensors"
         return self._finetuned[task]
 
     # --- Suite protocol: model and heads ---------------------------------------------------------
@@ -411,18 +370,6 @@ class _GradientView:
         device = self.suite.device
         for x, y in self.suite.exemplar_loader(task, n, seed):
             yield x.to(device), y.to(device)
-
-
-def _usable_in_place(path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> bool:
-    """A safetensors file with exactly θ_0's keys, shapes and dtypes and nothing to fill in."""
-    try:
-        with safe_open(str(path), "numpy") as fh:  # the header only: no mapping of the whole file
-            if (fh.metadata() or {}).get(FROM_PRETRAINED):
-                return False
-        found = header(path)
-    except Exception:  # unreadable here means "normalise it", which reports the problem properly
-        return False
-    return found == dict(expected)
 
 
 @SUITES.register("clip8")

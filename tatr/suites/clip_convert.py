@@ -231,16 +231,11 @@ def load_any(path: str | Path, fmt: str = "auto", trust_pickle: bool = False, al
 
 def visual_shapes(model_name: str) -> dict[str, tuple[int, ...]]:
     """Key → shape of open_clip's visual tower for `model_name`, built on the meta device (free)."""
-    import open_clip
     from open_clip.model import _build_vision_tower
 
-    config = open_clip.get_model_config(model_name)
-    if config is None:
-        import difflib
+    from tatr.suites.clip_heads import model_config
 
-        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise TatrError(f"unknown open_clip model '{model_name}'{hint}")
+    config = model_config(model_name)
     with torch.device("meta"):
         tower = _build_vision_tower(config["embed_dim"], config["vision_cfg"])
     return {VISUAL + k: tuple(v.shape) for k, v in tower.state_dict().items()}

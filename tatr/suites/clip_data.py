@@ -43,6 +43,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tatr.core.cache import content_hash
 from tatr.core.errors import TatrError
+from tatr.core.registry import did_you_mean
 from tatr.suites.clip_splits import (
     MAX_VAL,
     TASKS,
@@ -70,13 +71,19 @@ __all__ = [
     "TaskData",
     "load_task",
     "train_val_indices",
+    "unknown_task",
 ]
+
+
+def unknown_task(task: str) -> str:
+    """The one message for a task name that is not one of the eight, with a case-blind suggestion."""
+    return f"unknown task '{task}'{did_you_mean(task, TASKS, fold_case=True)} (known: {', '.join(TASKS)})"
 
 
 def load_task(task: str, root: str | Path, transform: Transform = None) -> TaskData:
     """Read `task` from `root`; a wrong layout or a missing class folder is a one-line error."""
     if task not in _LOADERS:
-        raise TatrError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+        raise TatrError(unknown_task(task))
     root = Path(root).expanduser()
     if not root.is_dir():
         raise TatrError(f"data root {root} does not exist or is not a folder")

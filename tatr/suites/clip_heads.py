@@ -16,7 +16,6 @@ text embeddings of all templates, normalised again (`open_clip.build_zero_shot_c
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tatr.core.errors import TatrError
+from tatr.core.registry import did_you_mean
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -49,8 +49,7 @@ def model_config(model_name: str) -> dict[str, Any]:
 
     config = open_clip.get_model_config(model_name)
     if config is None:
-        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        hint = did_you_mean(model_name, open_clip.list_models(), n=3)
         raise TatrError(f"unknown open_clip model '{model_name}'{hint}")
     return config
 

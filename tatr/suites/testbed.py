@@ -11,7 +11,6 @@ the fields of `TestbedSpec`, plus `preset: tiny` for the reduced build the tests
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Tensor
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
+from tatr.core.registry import did_you_mean, unknown_name
 from tatr.suites import scoring as ev
 from tatr.suites import testbed_build as tb
 from tatr.suites.base import SPLITS, SUITES, Checkpoints, ExemplarGradients
@@ -60,13 +60,11 @@ def spec_from_options(options: Mapping[str, Any]) -> tb.TestbedSpec:
     options = dict(options)
     preset = options.pop("preset", "default")
     if preset not in PRESETS:
-        raise TatrError(f"unknown testbed preset '{preset}' (known: {', '.join(PRESETS)})")
+        raise TatrError(unknown_name("testbed preset", preset, PRESETS))
     known = {f.name for f in fields(tb.TestbedSpec)}
     for key in options:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean 'suite.{close[0]}'?" if close else ""
-            raise TatrError(f"unknown testbed option 'suite.{key}'{hint}")
+            raise TatrError(f"unknown testbed option 'suite.{key}'{did_you_mean(key, sorted(known), prefix='suite.')}")
     merged = {**PRESETS[preset], **options}
     if "tasks" in merged:
         tasks = merged["tasks"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tatr.core.errors import TatrError
-from tatr.runs.sweep.study import open_storage, redact, storage_url
+from tatr.runs.sweep.storage import open_storage, redact, storage_url
 
 
 def default_storage(root: Path) -> str:

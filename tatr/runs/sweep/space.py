@@ -1,26 +1,38 @@
-"""Search spaces (`sweeps/*.yaml`): read once, every number checked at the door.
+"""Search spaces (`sweeps/*.yaml`): pydantic models read once, every number checked at the door.
 
 A space names the searched parameters (a float range `{low, high, log, step}` or a list of
-values), the fixed `merge:` settings, the sampler, the pruner and the metric. Every mistake is a
-one-line `TatrError` naming the file and the parameter, raised before any work: a NaN bound, an
-infinite step or a `q` of 1.5 would otherwise reach trial 37, or worse, evaluate a NaN model and
-store its rows.
+values), the fixed `merge:` settings, the sampler, the pruner and the metric. It is read like an
+experiment (`tatr.runs.config`: the same YAML reader, the same `key=value` overrides, the same
+one-line error `<file>: <dotted key>: <problem>`). Every mistake is raised before any work: a NaN
+bound, an infinite step or a `q` of 1.5 would otherwise reach trial 37, or worse, evaluate a NaN
+model and store its rows.
+
+Two forms of the same model: the file's (`params` maps a name to a range or a list) and the stored
+one (`to_dict`: `params` a list of `ParamSpec`s with their names), which a study hashes into its
+identity and hands to its worker processes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from tatr.core.errors import TatrError
-from tatr.runs.config import ExperimentConfig, MergeConfig, config_dict, read_yaml_mapping
+from tatr.core.registry import did_you_mean
+from tatr.runs.config import (
+    ExperimentConfig,
+    MergeConfig,
+    apply_override,
+    config_dict,
+    read_yaml_mapping,
+    validation_error,
+)
 
 PARAMS = ("lam", "q", "method", "trust_region", "ties_k")
 NUMERIC = ("lam", "q", "ties_k")
@@ -28,13 +40,25 @@ PAPER_DEFAULT = {"lam": 0.3, "q": 0.99, "ties_k": 20.0}  # ties_k: TIES as publi
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
 METRICS = ("accuracy", "normalized_accuracy")
-SPACE_KEYS = ("description", "merge", "params", "sampler", "pruner", "metric")
+RANGE_KEYS = ("low", "high", "log", "step")
 MAX_GRID = 100_000  # a grid is listed in memory: a tiny step must not allocate 10^12 values
 
 
-# --- search spaces ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ParamSpec:
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+def _error_at(key: str, message: str, value: Any) -> ValidationError:
+    """A validation error at `key` inside the field or model being validated.
+
+    Raised from a validator, pydantic puts the enclosing field before it, so a problem with the
+    range of `lam` reads `params.lam: …` like any other dotted key."""
+    detail = {"type": "value_error", "loc": (key,), "input": value, "ctx": {"error": ValueError(message)}}
+    return ValidationError.from_exception_data("search space", [detail])  # type: ignore[list-item]
+
+
+# --- one searched parameter ------------------------------------------------------------------------
+class ParamSpec(_Frozen):
     """One searched parameter: a float range (low, high, log, step) or a list of choices."""
 
     name: str
@@ -43,6 +67,45 @@ class ParamSpec:
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] | None = None
+
+    @classmethod
+    def parse(cls, name: str, spec: Any) -> ParamSpec:
+        """The file's form (`lam: {low: 0, high: 1}` or `lam: [0.1, 0.3]`), checked; ValueError if not."""
+        if name not in PARAMS:
+            raise ValueError(f"cannot search over '{name}'{did_you_mean(name, PARAMS)} (known: {', '.join(PARAMS)})")
+        if isinstance(spec, list):
+            if not spec:
+                raise ValueError("the list of choices is empty")
+            for value in spec:
+                check_value(name, value)
+            if len(set(spec)) != len(spec):
+                raise ValueError("the list of choices repeats a value")
+            return cls(name=name, choices=tuple(spec))
+        if not isinstance(spec, dict):
+            raise ValueError("give a range {low: …, high: …} or a list of values")
+        unknown = sorted(set(spec) - set(RANGE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown field '{unknown[0]}' (known: {', '.join(RANGE_KEYS)})")
+        if name in ("method", "trust_region"):
+            raise ValueError("give a list of names, not a range")
+        if "low" not in spec or "high" not in spec:
+            raise ValueError("a range needs numeric 'low' and 'high'")
+        low, high = _number("low", spec["low"]), _number("high", spec["high"])
+        step = None if spec.get("step") is None else _number("step", spec["step"])
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise ValueError(f"log must be true or false, got {log!r}")
+        if not low <= high:
+            raise ValueError(f"low ({low}) must not be above high ({high})")
+        if step is not None and not step > 0:
+            raise ValueError(f"step must be above 0, got {step}")
+        if log and step is not None:
+            raise ValueError("a log-scale range cannot have a step")
+        if log and not low > 0:
+            raise ValueError(f"a log-scale range needs low > 0, got {low}")
+        for value in (low, high):
+            check_value(name, value)
+        return cls(name=name, low=low, high=high, log=log, step=step)
 
     def suggest(self, trial: Any) -> Any:
         if self.choices is not None:
@@ -71,37 +134,135 @@ class ParamSpec:
         return min(self.choices) if self.choices is not None else float(self.low)  # type: ignore[type-var,arg-type]
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """A `sweeps/*.yaml` file: fixed merge settings, searched parameters, sampler, pruner, metric."""
+def _number(field_name: str, value: Any) -> float:
+    """A finite float from YAML: a number or a numeric string (PyYAML reads `1e-3` as text)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{field_name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{field_name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{field_name} must be finite, got {value!r}")
+    return number
+
+
+def check_value(name: str, value: Any) -> None:
+    """Refuse a value the merge would refuse (ValueError), now rather than in trial 37 (or never, for NaN)."""
+    from tatr.core.methods import get_method
+    from tatr.core.trust_region import check_mode
+
+    try:
+        if name == "method":
+            get_method(str(value))
+        elif name == "trust_region":
+            check_mode(str(value))
+        elif not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        elif not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        elif name == "q" and not 0 < value <= 1:
+            raise ValueError(f"q must be in (0, 1], got {value}")
+        elif name == "ties_k" and not 0 < value <= 100:
+            raise ValueError(f"ties_k must be in (0, 100], got {value}")
+    except TatrError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _choice(what: str, value: Any, known: Sequence[str]) -> str:
+    text = str(value)
+    if text not in known:
+        raise ValueError(f"unknown {what} '{text}'{did_you_mean(text, known)} (known: {', '.join(known)})")
+    return text
+
+
+# --- the space ---------------------------------------------------------------------------------------
+class SearchSpace(_Frozen):
+    """A `sweeps/*.yaml` file: fixed merge settings, searched parameters, sampler, pruner, metric.
+
+    `name` is the file's stem, given by `load_search_space` through the validation context (a file
+    cannot set it)."""
 
     name: str
-    merge: dict[str, Any] = field(default_factory=dict)
-    params: tuple[ParamSpec, ...] = ()
+    merge: dict[str, Any] = Field(default_factory=dict)
+    params: tuple[ParamSpec, ...] = Field(default=(), validate_default=True)
     sampler: str = "tpe"
     pruner: str = "median"
     metric: str = "accuracy"
     description: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any, info: Any) -> Any:
+        """Unknown keys get a did-you-mean; a file's space takes its name from the context."""
+        stem = (info.context or {}).get("name")
+        if stem is None or not isinstance(data, dict):
+            return data
+        known = [k for k in cls.model_fields if k != "name"]
+        for key in data:
+            if key not in known:
+                raise _error_at(str(key), f"unknown key '{key}'{did_you_mean(key, known)}", data[key])
+        return {**data, "name": stem}
+
+    @field_validator("merge", mode="before")
+    @classmethod
+    def _merge(cls, merge: Any) -> dict[str, Any]:
+        if merge is None:
+            return {}
+        if not isinstance(merge, dict):
+            raise ValueError("'merge' must be a mapping of merge settings")
+        for key, value in merge.items():
+            try:
+                if key not in MergeConfig.model_fields:
+                    raise ValueError(f"unknown merge setting '{key}'{did_you_mean(key, MergeConfig.model_fields)}")
+                if key in NUMERIC and not (key == "lam" and value is None):
+                    check_value(key, value)
+            except ValueError as exc:
+                raise _error_at(str(key), str(exc), value) from None
+        return merge
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params(cls, params: Any, info: Any) -> Any:
+        from_file = "name" in (info.context or {})
+        if not from_file and isinstance(params, list | tuple) and params:  # the stored form
+            return params
+        if not isinstance(params, dict) or not params:
+            raise ValueError(f"'params' must map at least one of {', '.join(PARAMS)} to a range or a list")
+        out = []
+        for name, spec in params.items():  # the file's form, in the file's order (the suggestion order)
+            try:
+                out.append(ParamSpec.parse(str(name), spec))
+            except ValueError as exc:
+                raise _error_at(str(name), str(exc), spec) from None
+        return tuple(out)
+
+    @field_validator("sampler", "pruner", "metric", "description", mode="before")
+    @classmethod
+    def _text(cls, value: Any, info: Any) -> str:
+        known = {"sampler": SAMPLERS, "pruner": PRUNERS, "metric": METRICS}.get(info.field_name)
+        return str(value) if known is None else _choice(info.field_name, value, known)
+
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The stored form (what a study's identity hashes; what worker processes receive)."""
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
-        params = tuple(
-            ParamSpec(**{**p, "choices": tuple(p["choices"]) if p.get("choices") is not None else None})
-            for p in data["params"]
-        )
-        return cls(**{**data, "params": params})
+        return cls.model_validate(dict(data))
 
     def with_options(self, sampler: str | None = None, pruner: str | None = None, where: object = None) -> SearchSpace:
+        """This space with another sampler or pruner (the command line's), checked like the file's."""
         where = self.name if where is None else where
-        out = dataclasses.replace(self, sampler=sampler or self.sampler, pruner=pruner or self.pruner)
-        _check_choice("sampler", out.sampler, SAMPLERS, where)
-        _check_choice("pruner", out.pruner, PRUNERS, where)
+        try:
+            out = self.from_dict(
+                {**self.to_dict(), "sampler": sampler or self.sampler, "pruner": pruner or self.pruner}
+            )
+        except ValidationError as exc:
+            raise TatrError(validation_error(exc, str(where))) from None
         if out.sampler == "grid":
             for p in out.params:
                 try:
@@ -130,122 +291,17 @@ class SearchSpace:
         return [f"merge.{k}={json.dumps(v)}" for k, v in self.merge.items()]
 
 
-def load_search_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search-space file; every mistake is a one-line `TatrError`."""
+def load_search_space(path: str | Path, overrides: Sequence[str] = ()) -> SearchSpace:
+    """Read and validate a search-space file, then `key=value` overrides; one-line `TatrError`s."""
     path = Path(path)
     raw = read_yaml_mapping(path, "search-space file")
-    for key in raw:
-        if key not in SPACE_KEYS:
-            raise TatrError(f"{path}: unknown key '{key}'{_did_you_mean(key, SPACE_KEYS)}")
-    merge = raw.get("merge") or {}
-    if not isinstance(merge, dict):
-        raise TatrError(f"{path}: 'merge' must be a mapping of merge settings")
-    for key, value in merge.items():
-        if key not in MergeConfig.model_fields:
-            raise TatrError(f"{path}: unknown merge setting '{key}'{_did_you_mean(key, MergeConfig.model_fields)}")
-        if key in NUMERIC and not (key == "lam" and value is None):
-            _check_value(f"{path}: merge.{key}", key, value)
-    params_raw = raw.get("params") or {}
-    if not isinstance(params_raw, dict) or not params_raw:
-        raise TatrError(f"{path}: 'params' must map at least one of {', '.join(PARAMS)} to a range or a list")
-    params = tuple(_param(path, name, spec) for name, spec in params_raw.items())
-    space = SearchSpace(
-        name=path.stem,
-        merge=merge,
-        params=params,
-        sampler=str(raw.get("sampler", "tpe")),
-        pruner=str(raw.get("pruner", "median")),
-        metric=str(raw.get("metric", "accuracy")),
-        description=str(raw.get("description", "")),
-    )
-    _check_choice("metric", space.metric, METRICS, path)
+    for item in overrides:
+        apply_override(raw, item, SearchSpace)
+    try:
+        space = SearchSpace.model_validate(raw, context={"name": path.stem})
+    except ValidationError as exc:
+        raise TatrError(validation_error(exc, path)) from None
     return space.with_options(where=path)
-
-
-def _param(path: Path, name: str, spec: Any) -> ParamSpec:
-    if name not in PARAMS:
-        raise TatrError(
-            f"{path}: cannot search over '{name}'{_did_you_mean(name, PARAMS)} (known: {', '.join(PARAMS)})"
-        )
-    where = f"{path}: params.{name}"
-    if isinstance(spec, list):
-        if not spec:
-            raise TatrError(f"{where}: the list of choices is empty")
-        for value in spec:
-            _check_value(where, name, value)
-        if len(set(spec)) != len(spec):
-            raise TatrError(f"{where}: the list of choices repeats a value")
-        return ParamSpec(name, choices=tuple(spec))
-    if not isinstance(spec, dict):
-        raise TatrError(f"{where}: give a range {{low: …, high: …}} or a list of values")
-    unknown = sorted(set(spec) - {"low", "high", "log", "step"})
-    if unknown:
-        raise TatrError(f"{where}: unknown field '{unknown[0]}' (known: low, high, log, step)")
-    if name in ("method", "trust_region"):
-        raise TatrError(f"{where}: give a list of names, not a range")
-    if "low" not in spec or "high" not in spec:
-        raise TatrError(f"{where}: a range needs numeric 'low' and 'high'")
-    low, high = _number(where, "low", spec["low"]), _number(where, "high", spec["high"])
-    step = None if spec.get("step") is None else _number(where, "step", spec["step"])
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise TatrError(f"{where}: log must be true or false, got {log!r}")
-    if not low <= high:
-        raise TatrError(f"{where}: low ({low}) must not be above high ({high})")
-    if step is not None and not step > 0:
-        raise TatrError(f"{where}: step must be above 0, got {step}")
-    if log and step is not None:
-        raise TatrError(f"{where}: a log-scale range cannot have a step")
-    if log and not low > 0:
-        raise TatrError(f"{where}: a log-scale range needs low > 0, got {low}")
-    for value in (low, high):
-        _check_value(where, name, value)
-    return ParamSpec(name, low=low, high=high, log=log, step=step)
-
-
-def _number(where: str, field_name: str, value: Any) -> float:
-    """A finite float from YAML: a number or a numeric string (PyYAML reads `1e-3` as text)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise TatrError(f"{where}: {field_name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise TatrError(f"{where}: {field_name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise TatrError(f"{where}: {field_name} must be finite, got {value!r}")
-    return number
-
-
-def _check_value(where: str, name: str, value: Any) -> None:
-    """Refuse a value the merge would refuse, now rather than in trial 37 (or never, for NaN)."""
-    from tatr.core.methods import get_method
-    from tatr.core.trust_region import check_mode
-
-    try:
-        if name == "method":
-            get_method(str(value))
-        elif name == "trust_region":
-            check_mode(str(value))
-        elif not isinstance(value, int | float) or isinstance(value, bool):
-            raise TatrError(f"expected a number, got {value!r}")
-        elif not math.isfinite(value):
-            raise TatrError(f"{name} must be finite, got {value}")
-        elif name == "q" and not 0 < value <= 1:
-            raise TatrError(f"q must be in (0, 1], got {value}")
-        elif name == "ties_k" and not 0 < value <= 100:
-            raise TatrError(f"ties_k must be in (0, 100], got {value}")
-    except TatrError as exc:
-        raise TatrError(f"{where}: {exc}") from None
-
-
-def _did_you_mean(name: str, known: Sequence[str] | Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(str(name), list(known), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _check_choice(what: str, value: str, known: Sequence[str], where: object) -> None:
-    if value not in known:
-        raise TatrError(f"{where}: unknown {what} '{value}'{_did_you_mean(value, known)} (known: {', '.join(known)})")
 
 
 def trial_config(base: ExperimentConfig, params: Mapping[str, Any]) -> ExperimentConfig:
@@ -256,6 +312,7 @@ def trial_config(base: ExperimentConfig, params: Mapping[str, Any]) -> Experimen
 
 
 def make_sampler(space: SearchSpace, seed: int) -> Any:
+    """The space's sampler, seeded (TPE multivariate with constant liar for parallel workers)."""
     import optuna
 
     with warnings.catch_warnings():
@@ -265,22 +322,3 @@ def make_sampler(space: SearchSpace, seed: int) -> Any:
         if space.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
-
-
-def make_pruner(name: str, num_tasks: int) -> Any:
-    """Steps are tasks; a trial's intermediate value is the part of its mean already secured.
-
-    A trial is judged once, when half of its tasks are in. Earlier, the comparison is as good as a
-    task or two predict the mean, which on 8 unrelated tasks is poor (on the testbed, a pruner
-    acting from the first task stopped the trial that would have been the best); judged at every
-    later task too, a trial must beat the median four times in a row and most trials are stopped
-    (41 of 50 in one testbed sweep). Once, at half, saves half of a below-median trial's evaluation.
-    """
-    import optuna
-
-    half = max(1, num_tasks // 2)
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=half - 1, interval_steps=num_tasks)
-    if name == "halving":  # rungs at steps (half − 1)·2^r: the first once half of the tasks are in
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, half - 1), reduction_factor=2)
-    return optuna.pruners.NopPruner()

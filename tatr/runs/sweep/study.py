@@ -1,91 +1,40 @@
-"""`tatr sweep`: an Optuna study over a merging configuration, tuned on validation, tested once.
+"""The study: created once with what it is about, and recovered when its workers die.
 
-The flow of one sweep (`run_sweep`):
-1. Load the search space (`sweeps/*.yaml`) and the experiment; the space's fixed `merge:` settings
-   and then the command line's `key=value` overrides are applied to the experiment.
-2. Build, once, everything that does not depend on a trial's parameters: the suite's checkpoints,
-   exemplar gradients (modes that need them), and per trust-region mode a merge plan (Σ τ, Ω and
-   the drop ranking down to the lowest q of the space), saved in a content-addressed cache folder
-   keyed by the checkpoint files, the mode and the gradient files. Workers only load it.
-3. Create the study once (schema included) before any worker starts: workers racing on an empty
-   database collide on schema creation. The study remembers a hash of the experiment and space;
-   resuming with another experiment under the same name is refused.
-4. Workers (this process, or K spawned processes) run trials until the study holds the requested
-   number of finished (complete or pruned) trials. A trial loads the plan once per process, then
-   costs one masked multiply-add (`MergePlan.merged`) plus its evaluation; it reports after each task
-   the part of the mean it has secured, so a median or successive-halving pruner stops hopeless ones.
-5. The best trial is merged again and evaluated on test: the `final` run.
+Creation. The study is created once (schema included) before any worker starts: workers racing on
+an empty database collide on schema creation. It remembers a hash of the experiment and the search
+space (resuming with another experiment under the same name is refused), names its metric for the
+dashboard, and holds the paper default (λ=0.3, q=0.99) as its first, enqueued trial.
 
-Resume. A worker records its host, pid and process start time in the study and in its running
-trial. A later start fails the running trials of dead processes on this host at once, and
-`fail_stale_trials` fails those of other hosts once their heartbeat (RDB storages) is stale; each
-failed trial is re-enqueued with the same parameters. Trials are counted before they start (a
-trial that would exceed the target is failed before evaluating anything), so the study ends with
-exactly the requested count.
-
-The parts: `tatr.runs.sweep.space` (search spaces, checked at the door), `tatr.runs.sweep.storage` (storage
-URLs, opening, journal repair), `tatr.runs.sweep.trial` (plans and the objective), `tatr.runs.sweep.workers`
-(worker loop, dead-trial recovery, signals). The names tests and benchmarks use are re-exported.
+Recovery. A worker records its identity (host, pid, process start time) in the study before it
+asks for its first trial, and in each trial it runs. A RUNNING trial whose recorded worker is on
+this host and gone is failed and retried at once. A trial that died before its worker could sign
+it (a kill -9 while the sampler was choosing its parameters) is failed at once too when no other
+registered worker can still be alive; otherwise it gets `UNSIGNED_GRACE_SECONDS`, far more than
+the milliseconds between Optuna creating a trial and the objective signing it. Other hosts' trials
+are left to Optuna's RDB heartbeat (`fail_stale_trials` with its retry callback, see
+`tatr.runs.sweep.storage`): the PID checks are our own code only because Optuna has no same-host
+equivalent, and journal storages have no heartbeat.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+import datetime as dt
+import warnings
 from typing import Any
+
+import optuna
 
 from tatr.core.cache import content_hash
 from tatr.core.errors import TatrError
 from tatr.core.outputs import safe_name
-from tatr.runs.config import ExperimentConfig, config_dict, config_hash, load_config
-from tatr.runs.sweep.space import (
-    PAPER_DEFAULT,
-    PARAMS,
-    ParamSpec,
-    SearchSpace,
-    load_search_space,
-    make_pruner,
-    make_sampler,
-    trial_config,
-)
-from tatr.runs.sweep.storage import open_storage, redact, storage_url, worker_identity
-from tatr.runs.sweep.trial import (
-    Objective,
-    PlanBook,
-    SweepSpec,
-    counts,
-    load_plugins,
-    merge_once,
-    modes_of,
-    q_min_of,
-    secured,
-)
-from tatr.runs.sweep.workers import fail_dead_trials, run_worker, run_workers
+from tatr.runs.config import ExperimentConfig, config_dict
+from tatr.runs.sweep.owners import owner_dead, worker_identity
+from tatr.runs.sweep.space import SearchSpace, make_sampler
+from tatr.runs.sweep.storage import retry_dead_trial
+from tatr.runs.sweep.trial import make_pruner, metric_name
 
-__all__ = [
-    "PAPER_DEFAULT",
-    "PARAMS",
-    "Objective",
-    "ParamSpec",
-    "SearchSpace",
-    "SweepResult",
-    "create_study",
-    "load_search_space",
-    "open_storage",
-    "redact",
-    "run_sweep",
-    "run_worker",
-    "secured",
-    "storage_url",
-]
-
-
-MAX_WORKERS = max(8, 4 * (os.cpu_count() or 1))
+UNSIGNED_GRACE_SECONDS = 60.0  # an unsigned running trial, while another worker may be in its ask()
+REGISTRY = "tatr_worker:"  # study user attribute prefix: one per worker process that ran
 
 
 # --- study creation (once, before the workers) -----------------------------------------------------
@@ -97,26 +46,16 @@ def default_study_name(experiment: str, space: str) -> str:
         raise TatrError(f"{exc}; give --study NAME") from None
 
 
-def check_merge_numbers(config: ExperimentConfig) -> None:
-    """λ finite, q in (0, 1], ties_k in (0, 100]: a NaN λ would evaluate a NaN model and store it."""
-    merge = config.merge
-    if merge.lam is not None and not math.isfinite(merge.lam):
-        raise TatrError(f"merge.lam must be finite, got {merge.lam}")
-    if not (math.isfinite(merge.q) and 0 < merge.q <= 1):
-        raise TatrError(f"merge.q must be in (0, 1], got {merge.q}")
-    if not (math.isfinite(merge.ties_k) and 0 < merge.ties_k <= 100):
-        raise TatrError(f"merge.ties_k must be in (0, 100], got {merge.ties_k}")
-
-
 def identity(config: ExperimentConfig, space: SearchSpace) -> str:
     """What a study is about: resuming it under another experiment or space would mix results."""
     return content_hash("sweep", config_dict(config), space.to_dict())
 
 
 def create_study(storage: Any, name: str, config: ExperimentConfig, space: SearchSpace, num_tasks: int) -> Any:
-    """Create the study (or load it after checking it is the same sweep); enqueue the paper default."""
-    import optuna
+    """Create the study (or load it after checking it is the same sweep).
 
+    A new study gets its identity, its metric's name (optuna-dashboard shows it instead of
+    "Objective 0") and the paper default as its first trial."""
     wanted = identity(config, space)
     study = optuna.create_study(
         storage=storage,
@@ -131,6 +70,9 @@ def create_study(storage: Any, name: str, config: ExperimentConfig, space: Searc
         study.set_user_attr("tatr_identity", wanted)
         study.set_user_attr("tatr_config", config_dict(config))
         study.set_user_attr("tatr_space", space.to_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([metric_name(space.metric, config.split)])
         default = space.default_params()
         if default and space.sampler != "grid":
             study.enqueue_trial(default, user_attrs={"paper_default": True}, skip_if_exists=True)
@@ -144,247 +86,51 @@ def create_study(storage: Any, name: str, config: ExperimentConfig, space: Searc
     return study
 
 
-# --- the whole sweep -------------------------------------------------------------------------------
-@dataclass
-class SweepResult:
-    """What `tatr sweep` prints at the end, and what tests check."""
-
-    study: str
-    storage: str
-    results: Path
-    trials: int
-    complete: int
-    pruned: int
-    best_number: int | None = None
-    best_params: dict[str, Any] = field(default_factory=dict)
-    best_value: float | None = None
-    metric: str = "accuracy"
-    validation: dict[str, float] = field(default_factory=dict)
-    test: Any = None  # tatr.suites.scoring.Evaluation of the final run, or None
-    final_run_id: str | None = None
-    wandb_dir: Path | None = None
-    wandb_note: str = ""
-    seconds: float = 0.0
-
-    def table(self) -> str:
-        lines = [
-            f"Study '{self.study}': {self.complete + self.pruned} trials "
-            f"({self.complete} complete, {self.pruned} pruned) in {self.seconds:.1f} s",
-        ]
-        if self.best_number is None:
-            lines.append("No completed trial yet.")
-        else:
-            params = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_params.items())
-            lines.append(
-                f"Best trial #{self.best_number}: {params}  (mean validation {self.metric} {self.best_value:.2f})"
-            )
-            tasks = list(self.validation)
-            width = max(len("average"), *(len(t) for t in tasks))
-            lines.append(f"{'task':<{width}}  {'val acc %':>9}  {'test acc %':>10}  {'test norm %':>11}")
-            lines.append("-" * (width + 36))
-            test_acc = self.test.accuracy if self.test is not None else {}
-            test_norm = self.test.normalized if self.test is not None else {}
-            for t in tasks:
-                val, acc, norm = self.validation[t], _num(test_acc.get(t)), _num(test_norm.get(t))
-                lines.append(f"{t:<{width}}  {val:9.2f}  {acc:>10}  {norm:>11}")
-            lines.append("-" * (width + 36))
-            val_mean = sum(self.validation.values()) / len(self.validation)
-            t_mean = self.test.mean_accuracy if self.test is not None else None
-            n_mean = self.test.mean_normalized if self.test is not None else None
-            lines.append(f"{'average':<{width}}  {val_mean:9.2f}  {_num(t_mean):>10}  {_num(n_mean):>11}")
-        lines.append(f"Results store: {self.results / 'store'}  (final run: {self.final_run_id or 'none'})")
-        lines.append(f"Optuna storage: {redact(self.storage)}")
-        lines.append(f"Dashboard: tatr dashboard --storage '{redact(self.storage)}'")
-        if self.wandb_dir is not None:
-            lines.append(f"W&B runs: {self.wandb_dir} {self.wandb_note}".rstrip())
-        return "\n".join(lines)
+# --- recovery -------------------------------------------------------------------------------------
+def register_worker(study: Any) -> dict[str, Any]:
+    """Record this process in the study before it asks for a trial (see the module docstring)."""
+    me = worker_identity()
+    study.set_user_attr(f"{REGISTRY}{me['host']}:{me['pid']}:{me['started']}", me)
+    return me
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _others_may_live(study: Any, me: dict[str, Any] | None) -> bool:
+    for key, owner in study.user_attrs.items():
+        if not key.startswith(REGISTRY) or owner == me:
+            continue
+        if not owner_dead(owner):  # alive here, or on another host where we cannot tell
+            return True
+    return False
 
 
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def fail_dead_trials(study: Any, me: dict[str, Any] | None = None) -> list[int]:
+    """Fail the running trials of dead workers on this host (and stale ones elsewhere); retry them.
 
+    Other hosts: Optuna's heartbeats (`fail_stale_trials`, RDB storages). This host: our PID checks
+    (see the module docstring), which need no grace period and also serve the journal storage,
+    which has no heartbeat. Either way the retry is `storage.retry_dead_trial`. `me` is the calling
+    worker's identity (None for the parent before its workers start).
+    """
 
-def run_sweep(
-    experiment: str | Path | None,
-    sweep: str | Path,
-    overrides: Sequence[str] = (),
-    *,
-    trials: int = 50,
-    study: str | None = None,
-    storage: str | None = None,
-    workers: int = 1,
-    sampler: str | None = None,
-    pruner: str | None = None,
-    allow_test_tuning: bool = False,
-    wandb: bool = True,
-    final: bool = True,
-    create_only: bool = False,
-    results: str | Path = "results",
-    progress: bool = True,
-    echo: Callable[[str], None] = print,
-) -> SweepResult:
-    """The whole of `tatr sweep` (see the module docstring)."""
-    import optuna
-
-    from tatr.runs.tracking import WandbLogger, reconcile, wandb_mode
-    from tatr.suites import get_suite
-
-    started = time.perf_counter()
-    load_plugins()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if trials < 1:
-        raise TatrError(f"--trials must be at least 1, got {trials}")
-    if workers < 1:
-        raise TatrError(f"--workers must be at least 1, got {workers}")
-    if workers > MAX_WORKERS:
-        raise TatrError(f"--workers {workers} is more than {MAX_WORKERS} (4 per CPU core) on this machine")
-    space = load_search_space(sweep).with_options(sampler, pruner)
-    config = load_config(experiment, [*space.merge_overrides(), *overrides])
-    if config.split == "test" and not allow_test_tuning:
-        raise TatrError(
-            "refusing to tune on the test split (split=test); use the validation split, "
-            "or pass --allow-test-tuning if you really mean it"
-        )
-    if space.sampler == "grid" and space.grid_size() < trials:
-        echo(f"note: the grid has {space.grid_size()} points; the study stops there, not at {trials}")
-        trials = space.grid_size()
-    check_merge_numbers(config)
-    results = Path(results)
-    name = safe_name(study, "--study") if study is not None else default_study_name(config.name, space.name)
-    url = storage_url(storage, results, workers)
-    optuna_storage = open_storage(url)  # a damaged storage gets its one line before the long work
-    suite = get_suite(config.benchmark, config.suite)
-    plans = PlanBook(suite, config, q_min_of(space, config), progress=progress)
-    for mode in modes_of(space, config):  # everything trial-independent, once, before the workers
-        plans.folder(mode)
-    the_study = create_study(optuna_storage, name, config, space, len(suite.tasks))
-    if create_only:
-        echo(f"Created study '{name}' in {redact(url)}")
-        return SweepResult(name, url, results, trials, 0, 0, metric=space.metric, seconds=time.perf_counter() - started)
-    logger = WandbLogger(results, wandb)
-    logger.check()  # an unreachable server costs seconds once, here, and W&B is off for the sweep
-    reconcile(the_study, results, logger)
-    fail_dead_trials(the_study, worker_identity())  # before our workers register: dead local trials go now
-    use_wandb = wandb and logger.failed is None
-    spec = SweepSpec(config_dict(config), space.to_dict(), name, url, trials, str(results), use_wandb, config.seed)
-    with _progress(the_study, trials, progress) as bar:
-        if counts(the_study)[0] >= trials:
-            pass  # already complete: no worker to start
-        elif workers == 1:
-            run_worker(spec, 0, on_trial=bar, logger=logger)
-        else:
-            run_workers(spec, workers, the_study, bar)
-    reconcile(the_study, results, logger)
-    result = _summarize(the_study, space, url, results, trials, logger)
-    if final and result.best_number is not None:
-        _final(the_study, result, config, plans, results, logger)
-    if wandb and logger.enabled:
-        mode = wandb_mode()
-        result.wandb_dir = logger.folder
-        if logger.failed:
-            result.wandb_note = f"(W&B failed: {logger.failed})"
-        elif mode == "offline":
-            result.wandb_note = f"(offline; upload with: wandb sync {logger.folder}/offline-run-*)"
-        else:
-            result.wandb_note = f"({mode})"
-    result.seconds = time.perf_counter() - started
-    return result
-
-
-@contextlib.contextmanager
-def _progress(study: Any, total: int, enabled: bool) -> Iterator[Callable[[Any, Any], None]]:
-    """A tqdm bar over finished trials with the best value so far; call it as an Optuna callback."""
-    from tqdm.auto import tqdm
-
-    finished, _ = counts(study)
-    bar = tqdm(
-        total=total,
-        initial=min(finished, total),
-        desc=f"sweep {study.study_name}",
-        unit="trial",
-        disable=not enabled,
-        dynamic_ncols=True,
-    )
-
-    def update(study_: Any, _trial: Any) -> None:
-        done, _ = counts(study_)
-        bar.n = min(done, total)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # other hosts, RDB heartbeats
+    now, failed = dt.datetime.now(), []
+    others: bool | None = None
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker is None:
+            if others is None:
+                others = _others_may_live(study, me)
+            started = trial.datetime_start or now
+            if others and (now - started).total_seconds() < UNSIGNED_GRACE_SECONDS:
+                continue
+        elif not owner_dead(worker):
+            continue
         try:
-            best = study_.best_trial
-            bar.set_postfix_str(f"best {best.value:.2f} (#{best.number})", refresh=False)
-        except ValueError:
-            pass
-        bar.refresh()
-
-    try:
-        yield update
-    finally:
-        bar.close()
-
-
-def _summarize(study: Any, space: SearchSpace, url: str, results: Path, trials: int, logger: Any) -> SweepResult:
-    import optuna
-
-    from tatr.runs.tracking import RECORD_ATTR
-
-    TS = optuna.trial.TrialState
-    complete = len(study.get_trials(deepcopy=False, states=(TS.COMPLETE,)))
-    pruned = len(study.get_trials(deepcopy=False, states=(TS.PRUNED,)))
-    result = SweepResult(study.study_name, url, results, trials, complete, pruned, metric=space.metric)
-    if complete:
-        best = study.best_trial
-        result.best_number, result.best_params, result.best_value = best.number, dict(best.params), best.value
-        result.validation = dict(best.user_attrs.get(RECORD_ATTR, {}).get("accuracy", {}))
-    return result
-
-
-def _final(
-    study: Any, result: SweepResult, config: ExperimentConfig, plans: PlanBook, results: Path, logger: Any
-) -> None:
-    """Merge the best trial again and evaluate it on test; skipped when the store already has it."""
-    from tatr.runs.store import read_store
-    from tatr.runs.tracking import RunRecord, in_store, run_id_for, write_store
-    from tatr.suites.scoring import evaluate_merged
-
-    best = study.best_trial
-    run_id = run_id_for(study.study_name, best.number, best.datetime_start, job_type="final")
-    result.final_run_id = run_id
-    cfg = trial_config(config, best.params)
-    if in_store(results, run_id):
-        rows = read_store(results)
-        rows = rows[rows["run_id"] == run_id]
-        from tatr.suites.scoring import Evaluation
-
-        result.test = Evaluation(
-            "test",
-            dict(zip(rows["task"], rows["accuracy"], strict=True)),
-            {},
-            dict(zip(rows["task"], rows["normalized_accuracy"], strict=True)),
-        )
-        return
-    merged, seconds, mask = merge_once(plans, cfg.merge)
-    start = time.perf_counter()
-    evaluation = evaluate_merged(plans.suite, merged, "test")
-    rec = RunRecord(
-        run_id=run_id,
-        study=study.study_name,
-        trial=best.number,
-        job_type="final",
-        config=config_dict(cfg),
-        config_hash=config_hash(cfg),
-        split="test",
-        accuracy=evaluation.accuracy,
-        normalized=evaluation.normalized,
-        merge_seconds=seconds,
-        eval_seconds=time.perf_counter() - start,
-        mask=None if mask is None else {k: [d, n] for k, (d, n) in mask.items()},
-        params=dict(best.params),
-        value=evaluation.mean_accuracy,
-    )
-    if write_store(results, rec):
-        logger.log(rec)
-    result.test = evaluation
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process failed it first
+        retry_dead_trial(study, trial)
+        failed.append(trial.number)
+    return failed

@@ -1,117 +1,31 @@
-"""One sweep trial: the plans built once per process, the objective, and the per-task metrics.
+"""One sweep trial: the objective, what it reports to the pruner, and what it tells the dashboard.
 
 A trial costs one masked multiply-add (`MergePlan.merged`) plus its evaluation; everything that
-does not depend on the trial's parameters is in a `PlanBook`, built once and shared through a
-content-addressed cache folder. The objective reports after each task the part of the mean it has
-secured, so that a pruner can stop a hopeless trial early.
+does not depend on the trial's parameters is in a `tatr.runs.plan.PlanBook`, built once and shared
+through a content-addressed cache folder.
+
+What a trial shows (optuna-dashboard reads these):
+* its intermediate value after each task is the mean metric over the tasks evaluated so far
+  (`mean_metric`), so a pruned trial is plotted at the level it reached, not at a fraction of it;
+  at the last task it is the objective itself;
+* its user attributes say what it was (`definition`: method, trust-region mode, components,
+  exemplar count, seed), beside `worker` (who ran it) and the record payload.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
+import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tatr.core.cache import cached_dir, content_hash, default_cache_root
-from tatr.core.errors import TatrError
-from tatr.runs.config import ExperimentConfig, MergeConfig, config_dict, config_hash
+import optuna
+
+from tatr.runs.config import ExperimentConfig, config_dict, config_hash
+from tatr.runs.plan import PlanBook, merge_once, uses_exemplars
+from tatr.runs.sweep.owners import worker_identity
 from tatr.runs.sweep.space import SearchSpace, trial_config
-from tatr.runs.sweep.storage import worker_identity
-
-PLAN_FORMAT = 2  # bump when the cached plan's meaning changes (2: float64 arenas for float64 models)
-
-
-# --- plugins (suites registered by other modules, e.g. a test's toy suite) -------------------------
-def load_plugins() -> None:
-    """Import the modules named in `TATR_PLUGINS` (comma-separated) so their registrations run."""
-    for name in filter(None, (m.strip() for m in os.environ.get("TATR_PLUGINS", "").split(","))):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise TatrError(f"TATR_PLUGINS: cannot import '{name}' ({exc})") from None
-
-
-# --- merge plans: built once, content-addressed, shared by workers ---------------------------------
-class PlanBook:
-    """Per process: the suite's inputs and one `MergePlan` per (method, mode, TIES k, components).
-
-    Arenas (Σ τ, Ω, the drop ranking) depend only on the checkpoints, the trust-region mode and the
-    gradient files, so one cache folder per mode serves every method.
-    """
-
-    def __init__(self, suite: Any, config: ExperimentConfig, q_min: float, progress: bool = False) -> None:
-        self.suite = suite
-        self.config = config
-        self.q_min = q_min
-        self.progress = progress
-        ckpt = suite.checkpoints()
-        self.pretrained = Path(ckpt.pretrained)
-        self.finetuned = [Path(ckpt.finetuned[t]) for t in suite.tasks]
-        self._grads: Any = None
-        self._plans: dict[tuple, Any] = {}
-        self._folders: dict[str, Path] = {}
-
-    def gradients(self) -> Any:
-        if self._grads is None:
-            ex = self.config.exemplars
-            self._grads = self.suite.exemplar_gradients(ex.n, ex.seed)
-        return self._grads
-
-    def _gradient_files(self, signed: bool = False) -> list[Path]:
-        grads = self.gradients()
-        files = grads.signed_mean if signed else grads.abs_mean
-        return [Path(files[t]) for t in self.suite.tasks]
-
-    def folder(self, mode: str) -> Path:
-        """The cached arenas of `mode`, built here if no process built them before."""
-        from tatr.core.merging import plan_merge
-        from tatr.core.trust_region import NEEDS_GRADIENTS, check_mode
-
-        check_mode(mode)
-        if mode in self._folders:
-            return self._folders[mode]
-        grads = self._gradient_files() if mode in NEEDS_GRADIENTS else None
-        key = content_hash("sweep-plan", PLAN_FORMAT, self.pretrained, self.finetuned, mode, grads)
-
-        def build(tmp: Path) -> None:
-            plan = plan_merge(
-                self.pretrained, self.finetuned, trust_region=mode, gradients=grads, progress=self.progress
-            )
-            plan.prepare([self.q_min])
-            plan.save(tmp)
-
-        self._folders[mode] = cached_dir(default_cache_root() / "sweep-plans", key, build)
-        return self._folders[mode]
-
-    def get(self, merge: MergeConfig) -> Any:
-        """The plan for one merge configuration (loaded once per process)."""
-        from tatr.core.components import check_components
-        from tatr.core.merging import MergePlan
-        from tatr.core.methods import get_method
-        from tatr.core.trust_region import NEEDS_GRADIENTS
-        from tatr.core.vectors import open_task_set
-
-        components = check_components(merge.components)
-        key = (merge.method, merge.trust_region, merge.ties_k, components)
-        if key in self._plans:
-            return self._plans[key]
-        method = get_method(merge.method)
-        if components is not None and merge.trust_region == "off":
-            raise TatrError("components need a trust region: choose a trust-region mode other than 'off'")
-        folder = self.folder(merge.trust_region)
-        grads = self._gradient_files() if merge.trust_region in NEEDS_GRADIENTS else None
-        signed = self._gradient_files(signed=True) if components is not None else None
-        task_set = open_task_set(self.pretrained, self.finetuned, grads, signed)
-        plan = MergePlan.load(
-            folder, task_set, method, merge.trust_region, merge.ties_k, components, cache_pretrained=True
-        )
-        plan.prepare([self.q_min])
-        self._plans[key] = plan
-        return plan
 
 
 def modes_of(space: SearchSpace, config: ExperimentConfig) -> list[str]:
@@ -177,6 +91,8 @@ class Objective:
         self._check_surplus(trial)
         params = {p.name: p.suggest(trial) for p in self.space.params}
         cfg = trial_config(self.config, params)
+        for key, value in definition(cfg).items():
+            trial.set_user_attr(key, value)
         merged, seconds, mask = merge_once(self.plans, cfg.merge)
         split, tasks = cfg.split, tuple(self.suite.tasks)
         individual = self.individual(split)
@@ -195,7 +111,7 @@ class Objective:
 
         def on_task(task: str, acc: float) -> None:
             accuracy[task] = acc
-            trial.report(secured(accuracy, individual, tasks, metric), step=len(accuracy) - 1)
+            trial.report(mean_metric(accuracy, individual, metric), step=len(accuracy) - 1)
             if len(accuracy) < len(tasks) and trial.should_prune():
                 record()
                 raise optuna.TrialPruned(f"pruned after {len(accuracy)} of {len(tasks)} tasks")
@@ -218,33 +134,82 @@ class Objective:
             raise SurplusTrial(f"trial {trial.number} is beyond the requested {self.spec.trials} trials")
 
 
-def merge_once(plans: PlanBook, merge: MergeConfig) -> tuple[dict, float, dict[str, tuple[int, int]] | None]:
-    """The merged state dict, the seconds the merge took, and the mask statistics (None without a mask)."""
-    plan = plans.get(merge)
-    start = time.perf_counter()
-    merged = plan.merged(merge.q, merge.lam)
-    seconds = time.perf_counter() - start
-    mask = None if merge.trust_region == "off" else plan.mask_stats(merge.q)
-    return merged, seconds, mask
+# --- what a trial is, and what its value means ----------------------------------------------------
+def definition(config: ExperimentConfig) -> dict[str, Any]:
+    """What defines a trial beyond its searched parameters, as the store's rows say it.
+
+    The same rules as the store (`tatr.runs.record.store_rows`): the exemplar count only when the
+    merge uses exemplars (`tatr.runs.plan.uses_exemplars`), the seed of the experiment.
+    """
+    merge = config.merge
+    components = list(merge.components) if merge.components is not None else None
+    exemplars = config.exemplars.n if uses_exemplars(merge.trust_region, merge.components) else None
+    return {
+        "method": merge.method,
+        "trust_region": merge.trust_region,
+        "components": components,
+        "exemplars": exemplars,
+        "seed": config.seed,
+    }
 
 
-def task_metric(acc: float, individual: float, metric: str) -> float:
-    if metric == "accuracy":
-        return acc
-    return 100.0 * acc / individual if individual > 0 else float("nan")
+def metric_name(metric: str, split: str) -> str:
+    """The objective's name on the dashboard, e.g. "mean validation accuracy (%)"."""
+    return f"mean {split} {metric.replace('_', ' ')} (%)"
 
 
 def mean_metric(accuracy: Mapping[str, float], individual: Mapping[str, float], metric: str) -> float:
-    return sum(task_metric(a, individual[t], metric) for t, a in accuracy.items()) / len(accuracy)
+    """The mean over the tasks in `accuracy` of their accuracy or normalized accuracy.
 
-
-def secured(accuracy: Mapping[str, float], individual: Mapping[str, float], tasks: Sequence[str], metric: str) -> float:
-    """The part of the final mean a trial has secured: measured tasks summed, divided by all tasks.
-
-    Why not the running mean: Optuna's pruners compare a trial's *best* intermediate value (the
-    maximum over its steps, for maximisation) with the other trials' values at the same step. This
-    value never decreases from task to task, so its best is its latest; and at the same step all
-    trials have measured the same tasks, so the comparison orders them like their running means.
-    At the last step it is the objective itself.
+    The objective (all tasks) and the intermediate value after each task (the tasks so far: every
+    trial evaluates them in the same order, so at a given step all trials are compared on the
+    same tasks). Normalized accuracy is `tatr.suites.scoring.normalized_accuracy`'s.
     """
-    return sum(task_metric(a, individual[t], metric) for t, a in accuracy.items() if t in tasks) / len(tasks)
+    from tatr.suites.scoring import normalized_accuracy
+
+    values = accuracy if metric == "accuracy" else normalized_accuracy(accuracy, individual)
+    return sum(values.values()) / len(values)
+
+
+class LatestValue(optuna.pruners.BasePruner):
+    """A pruner that judges a trial by its latest intermediate value, not by its best so far.
+
+    Optuna's percentile (median) pruner compares a trial's *best* intermediate value with the
+    others' values at the current step. A running mean can fall from task to task, so its best
+    would be an earlier, easier mean, compared with the others' later one. Shown its latest value
+    at every step, the median pruner compares trials on the same tasks, as it did when the
+    reported value was the part of the mean secured so far (a fixed fraction of the running mean
+    at each step, so the same order and the same decisions). Successive halving already compares
+    the values at the rung's step and needs no wrapper.
+    """
+
+    def __init__(self, pruner: Any) -> None:
+        self.pruner = pruner
+
+    def prune(self, study: Any, trial: Any) -> bool:
+        """The wrapped pruner's decision, on a copy of `trial` whose every value is its latest."""
+        step = trial.last_step
+        if step is None:
+            return False
+        view = copy.copy(trial)
+        latest = trial.intermediate_values[step]
+        view.intermediate_values = dict.fromkeys(trial.intermediate_values, latest)
+        return bool(self.pruner.prune(study, view))
+
+
+def make_pruner(name: str, num_tasks: int) -> optuna.pruners.BasePruner:
+    """Steps are tasks; a trial's intermediate value is its mean over the tasks so far.
+
+    A trial is judged once, when half of its tasks are in. Earlier, the comparison is as good as a
+    task or two predict the mean, which on 8 unrelated tasks is poor (on the testbed, a pruner
+    acting from the first task stopped the trial that would have been the best); judged at every
+    later task too, a trial must beat the median four times in a row and most trials are stopped
+    (41 of 50 in one testbed sweep). Once, at half, saves half of a below-median trial's evaluation.
+    """
+    half = max(1, num_tasks // 2)
+    if name == "median":
+        median = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=half - 1, interval_steps=num_tasks)
+        return LatestValue(median)
+    if name == "halving":  # rungs at steps (half − 1)·2^r: the first once half of the tasks are in
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, half - 1), reduction_factor=2)
+    return optuna.pruners.NopPruner()

@@ -1,13 +1,5 @@
-"""Sweep workers: run trials until the study is full, recover dead workers' trials at once, and
-never outlive the `tatr sweep` that started them.
-
-Dead workers. A worker records its identity (host, pid, process start time) in the study before
-it asks for its first trial, and in each trial it runs. A RUNNING trial whose recorded worker is
-on this host and gone is failed and re-enqueued at once. A trial that died before its worker
-could sign it (a kill -9 while the sampler was choosing its parameters) is failed at once too
-when no other registered worker can still be alive; otherwise it gets `UNSIGNED_GRACE_SECONDS`,
-far more than the milliseconds between Optuna creating a trial and the objective signing it.
-Other hosts' trials are left to the RDB heartbeat (`fail_stale_trials`).
+"""Sweep workers: run trials until the study is full, and never outlive the `tatr sweep` that
+started them.
 
 Signals. `tatr sweep --workers K` spawns K processes. SIGINT or SIGTERM to the parent terminates
 them all and waits (then kills a worker that ignores SIGTERM for `STOP_SECONDS`). Each worker
@@ -19,81 +11,34 @@ parent pid), so even a SIGKILLed parent leaves no worker running.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import importlib
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 from tatr.core.errors import TatrError
-from tatr.runs.sweep.space import SearchSpace, make_pruner, make_sampler
-from tatr.runs.sweep.storage import open_storage, owner_dead, worker_identity
-from tatr.runs.sweep.trial import Objective, SurplusTrial, SweepSpec, counts, load_plugins
+from tatr.runs.sweep.space import SearchSpace, make_sampler
+from tatr.runs.sweep.storage import open_storage
+from tatr.runs.sweep.study import fail_dead_trials, register_worker
+from tatr.runs.sweep.trial import Objective, SurplusTrial, SweepSpec, counts, make_pruner
 
 POLL_SECONDS = 0.5
-UNSIGNED_GRACE_SECONDS = 60.0  # an unsigned running trial, while another worker may be in its ask()
 STOP_SECONDS = 10.0  # a worker that has not stopped this long after SIGTERM is killed
-REGISTRY = "tatr_worker:"  # study user attribute prefix: one per worker process that ran
 
 
-def register_worker(study: Any) -> dict[str, Any]:
-    """Record this process in the study before it asks for a trial (see the module docstring)."""
-    me = worker_identity()
-    study.set_user_attr(f"{REGISTRY}{me['host']}:{me['pid']}:{me['started']}", me)
-    return me
-
-
-def _others_may_live(study: Any, me: dict[str, Any] | None) -> bool:
-    for key, owner in study.user_attrs.items():
-        if not key.startswith(REGISTRY) or owner == me:
-            continue
-        if not owner_dead(owner):  # alive here, or on another host where we cannot tell
-            return True
-    return False
-
-
-def retry_failed_trial(study: Any, trial: Any) -> None:
-    """Re-enqueue a trial whose worker died, with its parameters (at most twice per original trial)."""
-    retries = int(trial.user_attrs.get("retries", 0))
-    if retries >= 2 or not trial.params:
-        return
-    study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number, "retries": retries + 1})
-
-
-def fail_dead_trials(study: Any, me: dict[str, Any] | None = None) -> list[int]:
-    """Fail the running trials of dead workers on this host (and stale ones elsewhere); re-enqueue them.
-
-    `me` is the calling worker's identity (None for the parent before its workers start).
-    """
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # other hosts, RDB heartbeats
-    now, failed = dt.datetime.now(), []
-    others: bool | None = None
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
-        if worker is None:
-            if others is None:
-                others = _others_may_live(study, me)
-            started = trial.datetime_start or now
-            if others and (now - started).total_seconds() < UNSIGNED_GRACE_SECONDS:
-                continue
-        elif not owner_dead(worker):
-            continue
+# --- plugins (suites registered by other modules, e.g. a test's toy suite) -------------------------
+def load_plugins() -> None:
+    """Import the modules named in `TATR_PLUGINS` (comma-separated) so their registrations run."""
+    for name in filter(None, (m.strip() for m in os.environ.get("TATR_PLUGINS", "").split(","))):
         try:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-            continue  # another process failed it first
-        retry_failed_trial(study, trial)
-        failed.append(trial.number)
-    return failed
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise TatrError(f"TATR_PLUGINS: cannot import '{name}' ({exc})") from None
 
 
 def run_worker(

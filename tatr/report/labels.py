@@ -1,0 +1,123 @@
+"""What the report calls things: row labels, their order, and the names of published rows.
+
+Why a module of its own: a label is derived from what a row *is* (its merge method, trust-region
+mode, model), and each of those owns its display name — `MergeMethod.label` in `tatr.core.methods`,
+`TrustRegionMode.label` in `tatr.core.trust_region`, `components_label` in `tatr.core.components`.
+This module adds only what is not a merge configuration: the pretrained and individual baselines,
+rows stored under older names, the order rows are listed in, the key that identifies a model,
+and the aliases a published CSV may use.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from tatr.core.methods import METHODS, merge_label
+from tatr.core.trust_region import MODES, TR_MODES
+
+__all__ = [
+    "drop_text",
+    "label_rank",
+    "method_label",
+    "method_rank",
+    "missing",
+    "model_key",
+    "reference_label",
+]
+
+# Rows that are not a merge: θ_0 itself and each task's fine-tuned model, under the names stores use.
+_BASELINES = {
+    "pretrained": "Pretrained",
+    "zeroshot": "Pretrained",
+    "zero-shot": "Pretrained",
+    "individual": "Individual",
+    "finetuned": "Individual",
+    "fine-tuned": "Individual",
+}
+_LEGACY = {"ties": "ties-mean"}  # rows stored before TIES was split: they were the disjoint mean
+# Table order: the baselines, then the merge methods in their registration order, then legacy names.
+_METHOD_ORDER = [*_BASELINES, *(m.name for m in METHODS.values()), *_LEGACY]
+
+
+def missing(value: object) -> bool:
+    """None or NaN: what a store row holds where a column does not apply."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def method_label(method: object, trust_region: object = None) -> str:
+    """'TA', 'TA+TR', 'TIES (dis-sum)+TR (exemplar)', 'Pretrained', … for a store row.
+
+    Merge configurations are labelled by `merge_label` (their method's and mode's own labels);
+    this adds the baselines, legacy names, and names no registry knows (shown as stored).
+    """
+    name = "?" if missing(method) else str(method)
+    key = _LEGACY.get(name.lower(), name.lower())
+    mode = None if missing(trust_region) else str(trust_region)
+    if key in METHODS and (mode is None or mode in TR_MODES):
+        return merge_label(key, mode)
+    label = METHODS.get(key).label if key in METHODS else _BASELINES.get(key, name)
+    if mode is None:
+        return label
+    return label + (TR_MODES.get(mode).label if mode in TR_MODES else f"+TR ({mode})")
+
+
+def method_rank(method: object, trust_region: object) -> tuple[int, int, str]:
+    """Sort key: baselines first, then the merge methods, each followed by its trust-region modes."""
+    name = "" if missing(method) else str(method).lower()
+    m = _METHOD_ORDER.index(name) if name in _METHOD_ORDER else len(_METHOD_ORDER)
+    tr = "off" if missing(trust_region) else str(trust_region)
+    t = MODES.index(tr) if tr in MODES else len(MODES)
+    return (m, t, name)
+
+
+def label_rank(label: str) -> tuple[int, str]:
+    """Sort key for a label alone (curves, whose series are labels): its method's rank, then the text."""
+    base = label.split("+", 1)[0]
+    known = [method_label(m) for m in _METHOD_ORDER]
+    return (known.index(base) if base in known else len(known), label)
+
+
+def model_key(model: object) -> str | None:
+    """'ViT-B/32' and open_clip's 'ViT-B-32' name the same model: compare lower-case alphanumerics."""
+    return None if missing(model) else re.sub(r"[^a-z0-9]", "", str(model).lower())
+
+
+def drop_text(drop: float) -> str:
+    """A dropped fraction as a short percentage: 0.0001 → '0.01%'."""
+    return f"{100 * drop:.4g}%"
+
+
+# --- names in a published CSV ----------------------------------------------------------------------
+_TA, _AVG = METHODS.get("ta").label, METHODS.get("average").label
+_TIES_SUM, _TIES_MEAN = METHODS.get("ties-sum").label, METHODS.get("ties-mean").label
+_TR = TR_MODES.get("zero-shot").label
+_REFERENCE_ALIASES = {
+    "task arithmetic": _TA,
+    "task-arithmetic": _TA,
+    "ta": _TA,
+    # published TIES rows come from AdaMerging's script: the disjoint sum (`ties-sum`)
+    "ties": _TIES_SUM,
+    "ties-merging": _TIES_SUM,
+    "ties merging": _TIES_SUM,
+    "ties-sum": _TIES_SUM,
+    "ties (dis-sum)": _TIES_SUM,
+    "ties-mean": _TIES_MEAN,
+    "ties (dis-mean)": _TIES_MEAN,
+    "tatr": _TA + _TR,
+    "ta+tatr": _TA + _TR,
+    "ta+tr": _TA + _TR,
+    "task arithmetic+tatr": _TA + _TR,
+    "ties+tatr": _TIES_SUM + _TR,
+    "ties+tr": _TIES_SUM + _TR,
+    "weight averaging": _AVG,
+    "averaging": _AVG,
+    "average": _AVG,
+    **_BASELINES,
+}
+
+
+def reference_label(method: str) -> str:
+    """The main table's label for a method as a published CSV names it ('TIES' → 'TIES (dis-sum)')."""
+    key = " ".join(str(method).strip().lower().split())
+    return _REFERENCE_ALIASES.get(key, str(method).strip())

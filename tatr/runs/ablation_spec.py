@@ -1,0 +1,219 @@
+"""Ablation files: one YAML file each (`experiments/ablations/`), read into pydantic models.
+
+An ablation file is an ordinary experiment (benchmark, suite options, base `merge`, `exemplars`)
+plus an `ablation:` block that says what to vary:
+
+    ablation:
+      kind: components            # one of tatr.runs.schema.AblationKind
+      seeds: [0, 1, 2]            # exemplar draws; variants that use no exemplars run once
+      lam: [0.1, 0.2, 0.3, …]     # λ grid, tuned on `tune_split`
+      q: [0.9, 0.99, …]           # q grid, tuned with λ (a single value fixes q)
+      variants:                   # merge settings that differ between the compared rows
+        - {components: [positive]}
+      drops: [0, 1.0e-4, …]       # mask-ratio: the dropped fraction 1−q of each point (q fixed there)
+      exemplars: [1, 2, 4, …]     # exemplar-count: exemplars per task of each point
+      suite_seeds: false          # true: each seed is also the suite's `seed` (a testbed build per seed)
+
+The file is read like an experiment (`tatr.runs.config`: one YAML reader, one `key=value`
+override syntax, one error format); `ablation.x=…` overrides go to the block, through the same
+value parser, and a misspelt key gets the one did-you-mean (`tatr.core.registry.did_you_mean`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tatr.core.components import components_label
+from tatr.core.errors import TatrError
+from tatr.core.methods import merge_label
+from tatr.core.registry import did_you_mean
+from tatr.runs.config import (
+    Component,
+    ExperimentConfig,
+    MergeConfig,
+    Split,
+    TrustRegionMode,
+    apply_override,
+    override_value,
+    read_yaml_mapping,
+    validation_error,
+)
+from tatr.runs.plan import uses_exemplars
+from tatr.runs.schema import AblationKind
+from tatr.runs.tune import refuse_test_tuning
+
+DEFAULT_LAMS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class _Frozen(BaseModel):
+    """Frozen, typo-proof, and no NaN or ±inf in any float (a λ grid with NaN would store NaN rows)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class Variant(_Frozen):
+    """The merge settings one compared row changes; unset fields keep the file's `merge` values."""
+
+    method: str | None = None
+    trust_region: TrustRegionMode | None = None
+    components: tuple[Component, ...] | None = None
+    ties_k: float | None = Field(None, gt=0.0, le=100.0)
+
+
+class AblationSpec(_Frozen):
+    kind: AblationKind
+    seeds: tuple[Annotated[int, Field(ge=0)], ...] = (0,)
+    lam: tuple[float, ...] = DEFAULT_LAMS  # finite (allow_inf_nan=False); negative λ is task negation
+    q: tuple[float, ...] = (0.99,)
+    variants: tuple[Variant, ...] = ()
+    drops: tuple[float, ...] = ()
+    exemplars: tuple[int, ...] = ()
+    max_coordinates: int = Field(2_000_000, ge=100)
+    tune_split: Split = "validation"
+    eval_split: Split = "test"
+    allow_test_tuning: bool = False
+    baselines: bool = False  # also record θ_0 and the fine-tuned θ_t on the evaluation split
+    suite_seeds: bool = False  # each seed is also the suite's `seed` option: one suite (build) per seed
+
+    @model_validator(mode="after")
+    def _check(self) -> AblationSpec:
+        if not self.seeds or not self.lam or not self.q:
+            raise ValueError("seeds, lam and q need at least one value each")
+        if any(not 0.0 < q <= 1.0 for q in self.q):
+            raise ValueError("every q must be in (0, 1]")
+        if self.kind == AblationKind.MASK_RATIO and not self.drops:
+            raise ValueError("a mask-ratio ablation needs `drops` (the dropped fractions 1−q)")
+        if any(not 0.0 <= d < 1.0 for d in self.drops):
+            raise ValueError("every drop must be in [0, 1)")
+        if self.kind == AblationKind.EXEMPLAR_COUNT and not self.exemplars:
+            raise ValueError("an exemplar-count ablation needs `exemplars` (counts per task)")
+        if any(n < 1 for n in self.exemplars):
+            raise ValueError("exemplar counts must be at least 1")
+        if self.kind != AblationKind.GRADIENT_CORRELATION and not self.variants:
+            raise ValueError(f"a {self.kind} ablation needs `variants` (the merge settings it compares)")
+        try:
+            refuse_test_tuning(self.tune_split, self.allow_test_tuning, "set ablation.allow_test_tuning=true")
+        except TatrError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+@dataclass(frozen=True)
+class Point:
+    """One tuned evaluation: a merge configuration, its exemplars, and the (q, λ) grid it searches."""
+
+    merge: MergeConfig
+    seed: int
+    exemplars: int
+    qs: tuple[float, ...]
+    lams: tuple[float, ...]
+
+    @property
+    def uses_exemplars(self) -> bool:
+        return uses_exemplars(self.merge.trust_region, self.merge.components)
+
+    def describe(self) -> str:
+        m = self.merge
+        text = merge_label(m.method, m.trust_region)
+        if m.components is not None:
+            text += f" components={components_label(list(m.components))}"
+        if self.uses_exemplars:
+            text += f" n={self.exemplars} seed={self.seed}"
+        if len(self.qs) == 1 and m.trust_region != "off":
+            text += f" q={self.qs[0]:g}"
+        return text
+
+
+# --- the file --------------------------------------------------------------------------------------
+def load_ablation(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, AblationSpec]:
+    """Read an ablation file; `ablation.x=…` overrides the block, anything else the experiment."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "ablation file")
+    if not isinstance(raw.get("ablation"), dict):
+        raise TatrError(f"{path}: an ablation file needs an `ablation:` block with at least `kind`")
+    block = raw.pop("ablation")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("ablation."):
+            _set_ablation(block, item, path)
+        else:
+            apply_override(raw, item)
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise TatrError(validation_error(exc, path)) from None
+    try:
+        spec = AblationSpec.model_validate(block)
+    except ValidationError as exc:
+        raise TatrError(validation_error(exc, path, "ablation")) from None
+    return config, spec
+
+
+def _set_ablation(block: dict[str, Any], item: str, path: Path) -> None:
+    if "=" not in item:
+        raise TatrError(f"override '{item}' must look like key=value, e.g. ablation.seeds=[0]")
+    dotted, value = item.split("=", 1)
+    key = dotted.strip().removeprefix("ablation.")
+    if key not in AblationSpec.model_fields:
+        hint = did_you_mean(key, AblationSpec.model_fields, prefix="ablation.")
+        raise TatrError(f"{path}: unknown ablation key '{key}'{hint}")
+    block[key] = override_value(value)
+
+
+def suite_model(config: ExperimentConfig) -> str | None:
+    """The model a suite's options name (clip8: `suite.model`), for the store's `model` column."""
+    model = config.suite.get("model")
+    return None if model is None else str(model)
+
+
+# --- what to run -----------------------------------------------------------------------------------
+def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
+    """Every tuned evaluation the ablation needs, in a fixed order."""
+    out: list[Point] = []
+    variants = spec.variants or (Variant(),)
+    for variant in variants:
+        merge = MergeConfig.model_validate({**config.merge.model_dump(), **variant.model_dump(exclude_none=True)})
+        uses = uses_exemplars(merge.trust_region, merge.components)
+        seeds = spec.seeds if uses or spec.suite_seeds else spec.seeds[:1]
+        counts = spec.exemplars if spec.kind == AblationKind.EXEMPLAR_COUNT else (config.exemplars.n,)
+        if spec.kind == AblationKind.MASK_RATIO:
+            grids = [(round(1.0 - d, 12),) for d in spec.drops]
+        elif merge.trust_region == "off":
+            grids = [(1.0,)]  # no mask: q has no effect, tune λ only
+        else:
+            grids = [tuple(spec.q)]
+        for qs, n, seed in itertools.product(grids, counts, seeds):
+            out.append(Point(merge, seed, n, qs, tuple(spec.lam)))
+    return out
+
+
+def per_suite_seed(config: ExperimentConfig, spec: AblationSpec) -> list[tuple[ExperimentConfig, AblationSpec]]:
+    """The (config, spec) pairs to run: one per seed with `suite_seeds` (the suite's `seed` option set
+    to it, as the testbed baselines build one testbed per seed), else the file as it is."""
+    if not spec.suite_seeds:
+        return [(config, spec)]
+    return [
+        (
+            config.model_copy(update={"suite": {**config.suite, "seed": seed}}),
+            spec.model_copy(update={"seeds": (seed,)}),
+        )
+        for seed in spec.seeds
+    ]
+
+
+def ablation_files(paths: Sequence[str | Path]) -> Iterator[Path]:
+    """Expand folders to their *.yaml files (sorted); files pass through."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.yaml"))
+            if not found:
+                raise TatrError(f"{p}: no *.yaml ablation files in this folder")
+            yield from found
+        else:
+            yield p

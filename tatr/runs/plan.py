@@ -1,0 +1,145 @@
+"""Plans: the one builder of a merge plan from (suite, merge config, exemplars), cached by content.
+
+Everything of a merge that does not depend on (q, λ) is a `MergePlan` (`tatr.core.merging`): Σ τ,
+the conflict scores Ω and the ranked drop order. Sweeps, ablations, the baselines and `tatr
+evaluate` all get their plans here, so they merge the same way:
+
+* The arenas depend only on the checkpoint files, the trust-region mode and the gradient files, so
+  one content-addressed cache folder per (mode, gradient files) serves every method, TIES k and
+  component selection; sweep workers on one machine share it instead of each streaming the task
+  vectors again.
+* A `PlanBook` keeps, per process, the exemplar gradients per draw (n, seed) and one loaded plan
+  per (method, mode, TIES k, components, exemplar draw).
+
+A plan loaded from the cache gives the same merges as one built in memory: the arrays are the same,
+and the drop order of a lower q extends that of a higher one (ties by ascending index), so which q
+a folder was first prepared for does not change a mask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tatr.core.cache import cached_dir, content_hash, default_cache_root
+from tatr.core.errors import TatrError
+from tatr.core.trust_region import needs_gradients
+from tatr.runs.config import ExemplarConfig, ExperimentConfig, MergeConfig
+
+PLAN_FORMAT = 2  # bump when the cached plan's meaning changes (2: float64 arenas for float64 models)
+
+
+def uses_exemplars(trust_region: object, components: Sequence[str] | None) -> bool:
+    """Whether a merge needs exemplar gradients: a gradient-based mode, or a component selection."""
+    return needs_gradients(trust_region) or components is not None
+
+
+class PlanBook:
+    """Per process: the suite's inputs, exemplar gradients per draw, and the plans built from them.
+
+    `config` gives the default exemplar draw (`config.exemplars`); ablation points that vary the
+    draw pass their own. `q_min` is the lowest q the plans are ranked for up front (a lower q asked
+    later extends the ranking, as Ω is kept). `cache_root` is where the plan folders go (the
+    `--cache-dir` of a command), under `sweep-plans/`.
+    """
+
+    def __init__(
+        self,
+        suite: Any,
+        config: ExperimentConfig,
+        q_min: float = 1.0,
+        progress: bool = False,
+        cache_root: Path | None = None,
+    ) -> None:
+        self.suite = suite
+        self.cache_root = cache_root  # None: $TATR_CACHE or ~/.cache/tatr, read when a folder is needed
+        self.config = config
+        self.q_min = q_min
+        self.progress = progress
+        ckpt = suite.checkpoints()
+        self.pretrained = Path(ckpt.pretrained)
+        self.finetuned = [Path(ckpt.finetuned[t]) for t in suite.tasks]
+        self._grads: dict[tuple[int, int], Any] = {}
+        self._plans: dict[tuple, Any] = {}
+        self._folders: dict[tuple, Path] = {}
+
+    def gradients(self, exemplars: ExemplarConfig | None = None) -> Any:
+        """The suite's `ExemplarGradients` of one draw (computed or read from its cache once)."""
+        ex = exemplars or self.config.exemplars
+        if (ex.n, ex.seed) not in self._grads:
+            self._grads[ex.n, ex.seed] = self.suite.exemplar_gradients(ex.n, ex.seed)
+        return self._grads[ex.n, ex.seed]
+
+    def _gradient_files(self, exemplars: ExemplarConfig | None, signed: bool = False) -> list[Path]:
+        grads = self.gradients(exemplars)
+        files = grads.signed_mean if signed else grads.abs_mean
+        return [Path(files[t]) for t in self.suite.tasks]
+
+    def folder(self, mode: str, exemplars: ExemplarConfig | None = None) -> Path:
+        """The cached arenas of `mode`, built here if no process built them before."""
+        from tatr.core.merging import plan_merge
+        from tatr.core.trust_region import check_mode
+
+        check_mode(mode)
+        grads = self._gradient_files(exemplars) if needs_gradients(mode) else None
+        memo = (mode, None if grads is None else tuple(grads))
+        if memo in self._folders:
+            return self._folders[memo]
+        key = content_hash("sweep-plan", PLAN_FORMAT, self.pretrained, self.finetuned, mode, grads)
+
+        def build(tmp: Path) -> None:
+            plan = plan_merge(
+                self.pretrained, self.finetuned, trust_region=mode, gradients=grads, progress=self.progress
+            )
+            plan.prepare([self.q_min])
+            plan.save(tmp)
+
+        root = self.cache_root if self.cache_root is not None else default_cache_root()
+        self._folders[memo] = cached_dir(Path(root) / "sweep-plans", key, build)
+        return self._folders[memo]
+
+    def get(self, merge: MergeConfig, exemplars: ExemplarConfig | None = None) -> Any:
+        """The plan for one merge configuration and exemplar draw (loaded once per process)."""
+        from tatr.core.components import check_components
+        from tatr.core.merging import MergePlan
+        from tatr.core.methods import get_method
+        from tatr.core.vectors import open_task_set
+
+        components = check_components(merge.components)
+        ex = exemplars or self.config.exemplars
+        draw = (ex.n, ex.seed) if uses_exemplars(merge.trust_region, merge.components) else None
+        key = (merge.method, merge.trust_region, merge.ties_k, components, draw)
+        if key in self._plans:
+            return self._plans[key]
+        method = get_method(merge.method)
+        if components is not None and merge.trust_region == "off":
+            raise TatrError("components need a trust region: choose a trust-region mode other than 'off'")
+        folder = self.folder(merge.trust_region, ex)
+        grads = self._gradient_files(ex) if needs_gradients(merge.trust_region) else None
+        signed = self._gradient_files(ex, signed=True) if components is not None else None
+        task_set = open_task_set(self.pretrained, self.finetuned, grads, signed)
+        plan = MergePlan.load(
+            folder, task_set, method, merge.trust_region, merge.ties_k, components, cache_pretrained=True
+        )
+        plan.prepare([self.q_min])
+        self._plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        """Drop the loaded plans (their arenas), keeping the cache folders: an ablation point uses its
+        plan once, and a few dozen CLIP plans would not fit in memory together."""
+        self._plans.clear()
+
+
+def merge_once(
+    plans: PlanBook, merge: MergeConfig, exemplars: ExemplarConfig | None = None
+) -> tuple[dict, float, dict[str, tuple[int, int]] | None]:
+    """The merged state dict, the seconds the merge took, and the mask statistics (None without a mask)."""
+    plan = plans.get(merge, exemplars)
+    start = time.perf_counter()
+    merged = plan.merged(merge.q, merge.lam)
+    seconds = time.perf_counter() - start
+    mask = None if merge.trust_region == "off" else plan.mask_stats(merge.q)
+    return merged, seconds, mask

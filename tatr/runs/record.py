@@ -1,0 +1,181 @@
+"""The one record type: what a run evaluated, and the only code that turns it into store rows.
+
+A `RunRecord` is one evaluated model on one split: a sweep trial or final, an ablation point or
+one of its grid trials, a baseline, a `tatr evaluate --root` run. Every writer builds one and calls
+`write_store`; the W&B mirror (`tatr.runs.tracking`) logs the same record, and `tatr report
+--from-wandb` rebuilds records from W&B runs (`record_from_wandb`) and gets its rows from
+`store_rows` too, so the columns (`tatr.runs.schema`) mean the same whatever wrote them:
+
+* `experiment` is the experiment's `name` (its config's), `ablation` the ablation kind or null;
+* `model` is the suite's `model` option wherever the suite has one;
+* merge columns come from the resolved merge config: q is null without a trust region, λ is the
+  method's default when unset, TIES k only for TIES, exemplars only when the merge uses them;
+* `subject` says what was evaluated: a merge, θ_0 (`pretrained`), each fine-tuned θ_t on its own
+  task (`individual`), or exemplar gradients (`gradients`, the correlation ablation): the last
+  three have no merge columns; a reference model's seed is its suite's build seed (`suite.seed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tatr.core.methods import METHODS, uses_ties_k
+from tatr.runs.plan import uses_exemplars
+from tatr.runs.store import append_rows, store_dir
+
+SUBJECTS = ("merged", "pretrained", "individual", "gradients")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One evaluated model on one split: what the store and W&B get for it."""
+
+    run_id: str
+    study: str | None
+    trial: int | None
+    job_type: str | None  # tatr.runs.schema.JOB_TYPES (None only for a W&B run that has none)
+    config: dict[str, Any]  # the resolved ExperimentConfig, as config_dict gives it
+    config_hash: str
+    split: str
+    accuracy: dict[str, float]
+    normalized: dict[str, float]
+    merge_seconds: float | None = None
+    eval_seconds: float | None = None
+    mask: dict[str, list[int]] | None = None  # key -> [dropped, numel]
+    params: dict[str, Any] = field(default_factory=dict)
+    state: str = "COMPLETE"
+    value: float | None = None
+    ablation: str | None = None  # the ablation kind (tatr.runs.schema.AblationKind)
+    subject: str = "merged"  # see SUBJECTS
+    git_commit: str | None = None  # None: the working tree's commit, when written
+    timestamp: float | None = None  # None: the time of writing
+
+    def __post_init__(self) -> None:
+        if self.subject not in SUBJECTS:
+            raise ValueError(f"subject must be one of {SUBJECTS}, got {self.subject!r}")
+
+    @property
+    def merge(self) -> dict[str, Any]:
+        return self.config.get("merge", {}) if self.subject == "merged" else {}
+
+    @property
+    def model(self) -> str | None:
+        """The suite's model (`suite.model`), or None for suites without one."""
+        model = (self.config.get("suite") or {}).get("model", self.config.get("model"))
+        return None if model is None else str(model)
+
+
+def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
+    """One row per task, with the store's columns (`tatr.runs.schema.COLUMNS`)."""
+    cfg, merge = rec.config, rec.merge
+    mode = merge.get("trust_region")
+    components = merge.get("components")
+    method = merge.get("method") if rec.subject == "merged" else None
+    lam = merge.get("lam")
+    if rec.subject == "merged" and lam is None and isinstance(method, str) and method in METHODS:
+        lam = METHODS.get(method).default_lam  # the method's default, resolved
+    exemplars = cfg.get("exemplars", {}).get("n")
+    if rec.subject in ("pretrained", "individual"):
+        method, exemplars, seed = rec.subject, None, (cfg.get("suite") or {}).get("seed")
+    else:
+        seed = cfg.get("seed")
+        if rec.subject == "merged" and not uses_exemplars(mode, components):
+            exemplars = None
+    common = {
+        "run_id": rec.run_id,
+        "study": rec.study,
+        "trial": rec.trial,
+        "job_type": rec.job_type,
+        "experiment": cfg.get("experiment", cfg.get("name")),
+        "ablation": rec.ablation,
+        "benchmark": cfg.get("benchmark"),
+        "model": rec.model,
+        "method": method,
+        "trust_region": mode,
+        "q": None if mode in (None, "off") else merge.get("q"),
+        "lam": lam,
+        "ties_k": merge.get("ties_k") if uses_ties_k(method) else None,
+        "components": list(components) if components is not None else None,
+        "exemplars": exemplars,
+        "seed": seed,
+        "split": rec.split,
+        "merge_seconds": rec.merge_seconds,
+        "eval_seconds": rec.eval_seconds,
+        "git_commit": rec.git_commit,
+        "config_hash": rec.config_hash,
+        "timestamp": rec.timestamp,
+    }
+    return [
+        {**common, "task": task, "accuracy": acc, "normalized_accuracy": rec.normalized.get(task)}
+        for task, acc in rec.accuracy.items()
+    ]
+
+
+def in_store(root: str | Path, run_id: str) -> bool:
+    return (store_dir(root) / f"{run_id}.jsonl").exists()
+
+
+def write_store(root: str | Path, rec: RunRecord) -> bool:
+    """Append the record's rows; False when this run is already in the store (never written twice)."""
+    if in_store(root, rec.run_id):
+        return False
+    try:
+        append_rows(root, store_rows(rec), rec.run_id)
+    except ValueError as exc:  # another process wrote the same run between the check and the write
+        if in_store(root, rec.run_id):
+            return False
+        raise exc
+    return True
+
+
+def wandb_config(rec: RunRecord) -> dict[str, Any]:
+    """What a W&B run's config holds: the resolved config plus what `record_from_wandb` reads back."""
+    extra: dict[str, Any] = {"study": rec.study, "trial": rec.trial, "params": rec.params}
+    extra["config_hash"] = rec.config_hash
+    if rec.ablation is not None and not isinstance(rec.config.get("ablation"), dict):
+        extra["ablation"] = {"kind": rec.ablation}
+    return {**rec.config, **extra}
+
+
+def record_from_wandb(
+    config: Mapping[str, Any],
+    run_id: str,
+    job_type: str | None,
+    split: str,
+    accuracy: Mapping[str, float],
+    normalized: Mapping[str, float],
+    merge_seconds: float | None = None,
+    eval_seconds: float | None = None,
+    git_commit: str | None = None,
+    timestamp: float | None = None,
+) -> RunRecord:
+    """The record a W&B run mirrors (its config as `wandb_config` logged it, nested), for one split.
+
+    An `ablation` entry is the kind, or the ablation block (`{kind: …, …}`); a run with neither
+    belongs to no ablation. A run whose `merge.method` is `pretrained` or `individual` mirrors a
+    reference model, not a merge.
+    """
+    ablation = config.get("ablation")
+    if isinstance(ablation, Mapping):
+        ablation = ablation.get("kind")
+    method = (config.get("merge") or {}).get("method")
+    return RunRecord(
+        run_id=run_id,
+        study=config.get("study"),
+        trial=config.get("trial"),
+        job_type=job_type,
+        config=dict(config),
+        config_hash=config.get("config_hash"),  # type: ignore[arg-type]
+        split=split,
+        accuracy=dict(accuracy),
+        normalized={t: v for t, v in normalized.items() if v is not None},
+        merge_seconds=merge_seconds,
+        eval_seconds=eval_seconds,
+        ablation=None if ablation is None else str(ablation),
+        subject=method if method in ("pretrained", "individual") else "merged",
+        git_commit=git_commit,
+        timestamp=timestamp,
+    )

@@ -1,0 +1,80 @@
+"""The results store's schema: its columns, their types, the job types and the ablation kinds.
+
+Why a module of its own, importing nothing: the store (`tatr.runs.store`), the one record type
+(`tatr.runs.record`) and the report (`tatr.report`) all need these facts, and each must read them
+from one place. The report may import this module; it holds no run machinery. A row's display
+labels belong to what the row names (`tatr.core.methods.merge_label`, the trust-region modes'
+registry, `tatr.core.components.components_label`), not to the schema.
+
+Every row means the same whatever wrote it (a sweep trial or final, an ablation, a baseline,
+`tatr evaluate`):
+
+* `experiment`: the experiment file's `name` (always; never the ablation kind);
+* `ablation`: the ablation kind (`ABLATION_KINDS`) of an ablation's rows, else null;
+* `model`: the suite's model (`suite.model`, e.g. ViT-B-32 on clip8) wherever the suite has one;
+* `job_type`: one of `JOB_TYPES`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+COLUMNS = (
+    "run_id",
+    "study",
+    "trial",
+    "job_type",  # see JOB_TYPES
+    "experiment",  # the experiment file's name
+    "ablation",  # the ablation kind (ABLATION_KINDS), null outside ablations
+    "benchmark",
+    "model",  # the suite's model (e.g. ViT-B-32 on clip8), so reference numbers are matched per model
+    "method",
+    "trust_region",
+    "q",
+    "lam",
+    "ties_k",
+    "components",
+    "exemplars",
+    "seed",
+    "split",
+    "task",
+    "accuracy",
+    "normalized_accuracy",
+    "merge_seconds",
+    "eval_seconds",
+    "git_commit",
+    "config_hash",
+    "timestamp",
+)
+
+# the type of each column; anything may also be null (None)
+NAMES = ("run_id", "benchmark", "study", "experiment")  # become paths or labels: safe names
+TEXT = ("job_type", "ablation", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash")
+INTEGERS = ("trial", "exemplars", "seed")
+NUMBERS = ("q", "lam", "ties_k", "accuracy", "normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp")
+PAIR_SEPARATOR = "|"  # a gradient-correlation row's task is "a|b"
+
+# trial, final: a sweep; ablation: a tuned point of an ablation file (its grid trials too);
+# baseline: θ_0 or the fine-tuned θ_t (no merge); evaluate: one `tatr evaluate --root` run
+JOB_TYPES = ("trial", "final", "ablation", "baseline", "evaluate")
+
+
+class AblationKind(StrEnum):
+    """What the `ablation` column may hold; an ablation file's `ablation.kind` is one of these.
+
+    Members are text (`AblationKind.PLUGIN == "plugin"`), so pandas filters and dict keys take them.
+    `BASELINES` is the testbed baselines file (`experiments/baselines/testbed.yaml`): the reference
+    rows and TA, TATR and TIES tuned per testbed build seed.
+    """
+
+    COMPONENTS = "components"
+    TRUST_REGION = "trust-region"
+    SENSITIVITY = "sensitivity"
+    MASK_RATIO = "mask-ratio"
+    EXEMPLAR_COUNT = "exemplar-count"
+    PLUGIN = "plugin"
+    GRADIENT_CORRELATION = "gradient-correlation"
+    BASELINES = "baselines"
+
+
+ABLATION_KINDS: tuple[str, ...] = tuple(k.value for k in AblationKind)  # the order the report lists them

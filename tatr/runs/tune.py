@@ -1,0 +1,147 @@
+"""The one tuner: choose (q, λ) on validation, then evaluate the choice once on the evaluation split.
+
+Two ways to choose, one way to test:
+
+* `tune_grid` (ablations, the baselines): every (q, λ) of a small grid is merged from one plan
+  (`tatr.runs.plan`) and evaluated on the tuning split; the best mean accuracy wins, the first in
+  grid order (q outer, λ inner) on a tie. Why a grid and not Optuna there: a point has at most a few
+  dozen cheap trials sharing one plan, and a grid is deterministic, so committed results can be
+  re-derived exactly.
+* A sweep (`tatr.runs.sweep`) lets Optuna choose: its best trial's configuration goes to
+  `test_choice` like a grid's winner does.
+
+`refuse_test_tuning` is the one guard against choosing on the test split: the test split is for
+the single evaluation of the choice, so tuning on it needs an explicit override.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tatr.core.errors import TatrError
+from tatr.runs.config import ExemplarConfig, MergeConfig
+from tatr.runs.plan import PlanBook, merge_once
+
+
+def refuse_test_tuning(split: str, allowed: bool, hint: str) -> None:
+    """Raise a one-line `TatrError` when asked to tune on the test split without `allowed`.
+
+    `hint` says how to insist, in the caller's own terms (a flag, a file key)."""
+    if split == "test" and not allowed:
+        raise TatrError(
+            f"refusing to tune on the test split (tuning on the test split is refused: it is kept for "
+            f"the one evaluation of the choice); use the validation split, or {hint} if you really mean it"
+        )
+
+
+@dataclass(frozen=True)
+class Tested:
+    """One merge evaluated once: the evaluation, the merge and evaluation seconds, the mask statistics."""
+
+    evaluation: Any  # tatr.suites.scoring.Evaluation
+    merge_seconds: float
+    eval_seconds: float
+    mask: dict[str, tuple[int, int]] | None = None
+
+    def mask_lists(self) -> dict[str, list[int]] | None:
+        """The mask statistics as JSON-able lists (`RunRecord.mask`)."""
+        return None if self.mask is None else {k: [int(d), int(n)] for k, (d, n) in self.mask.items()}
+
+
+def test_choice(
+    book: PlanBook, merge: MergeConfig, exemplars: ExemplarConfig | None = None, split: str = "test"
+) -> Tested:
+    """Merge `merge` (its q and λ are the choice) with the book's plan and evaluate it once on `split`."""
+    from tatr.suites.scoring import evaluate_merged
+
+    merged, merge_seconds, mask = merge_once(book, merge, exemplars)
+    start = time.perf_counter()
+    evaluation = evaluate_merged(book.suite, merged, split)
+    return Tested(evaluation, merge_seconds, time.perf_counter() - start, mask)
+
+
+@dataclass(frozen=True)
+class GridTrial:
+    """One (q, λ) of a grid on the tuning split."""
+
+    q: float
+    lam: float
+    accuracy: dict[str, float]
+    normalized: dict[str, float]
+    merge_seconds: float
+    eval_seconds: float
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracy.values()) / len(self.accuracy)
+
+
+@dataclass
+class Tuned:
+    """A grid's choice, its trials in grid order, and the choice tested once."""
+
+    merge: MergeConfig  # with the chosen q and λ
+    validation: float  # the chosen trial's mean accuracy on the tuning split
+    tested: Tested
+    trials: list[GridTrial] = field(default_factory=list)
+    seconds: float = 0.0  # the whole tuning, plan included
+
+    @property
+    def lam(self) -> float:
+        return float(self.merge.lam)  # type: ignore[arg-type]
+
+    @property
+    def q(self) -> float | None:
+        """The chosen q, or None without a trust region (q changes nothing there)."""
+        return None if self.merge.trust_region == "off" else self.merge.q
+
+    @property
+    def test(self) -> dict[str, float]:
+        """The choice's accuracy per task on the evaluation split."""
+        return self.tested.evaluation.accuracy
+
+
+def tune_grid(
+    book: PlanBook,
+    merge: MergeConfig,
+    qs: Sequence[float],
+    lams: Sequence[float],
+    exemplars: ExemplarConfig | None = None,
+    tune_split: str = "validation",
+    eval_split: str = "test",
+    allow_test_tuning: bool = False,
+) -> Tuned:
+    """Grid over (q, λ) on `tune_split` with one plan, then the best (q, λ) once on `eval_split`.
+
+    Without a trust region q changes nothing: pass `qs=(1.0,)`. The plan's building time is counted
+    in the tested merge's seconds (it is the cost of getting that merge)."""
+    from tatr.suites.scoring import evaluate_merged
+
+    refuse_test_tuning(tune_split, allow_test_tuning, "set allow_test_tuning")
+    if not qs or not lams:
+        raise TatrError("a tuning grid needs at least one q and one λ")
+    start = time.perf_counter()
+    plan = book.get(merge, exemplars)
+    plan.prepare(qs)  # rank once for the lowest q; Ω is kept so the best q can be revisited
+    plan_seconds = time.perf_counter() - start
+    trials: list[GridTrial] = []
+    best: GridTrial | None = None
+    for q in qs:
+        for lam in lams:
+            t0 = time.perf_counter()
+            merged = plan.merged(q, lam)
+            merge_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ev = evaluate_merged(book.suite, merged, tune_split)
+            trial = GridTrial(q, lam, ev.accuracy, ev.normalized, merge_seconds, time.perf_counter() - t0)
+            trials.append(trial)
+            if best is None or trial.mean > best.mean:
+                best = trial
+    assert best is not None
+    chosen = merge.model_copy(update={"q": best.q, "lam": best.lam})
+    tested = test_choice(book, chosen, exemplars, eval_split)
+    tested = Tested(tested.evaluation, plan_seconds + tested.merge_seconds, tested.eval_seconds, tested.mask)
+    return Tuned(chosen, best.mean, tested, trials, time.perf_counter() - start)
