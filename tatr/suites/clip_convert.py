@@ -9,7 +9,7 @@ Three sources of fine-tuned CLIP image encoders exist in the wild:
   (`tanganke/clip-vit-base-patch32_<task>`), whose keys and attention layout differ.
 
 `load_any` reads all three and returns the visual tower under open_clip's names; `tatr convert`
-writes it once to safetensors so that every later read is memory-mapped and free of pickle.
+writes it once to safetensors so that every later read is key by key and free of pickle.
 
 Pickles are read by `tatr.core.pickled_modules` over `tatr.core.torchfile`, never by `torch.load`: it
 resolves only an explicit
