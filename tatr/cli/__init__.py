@@ -25,6 +25,7 @@ COMMANDS = {
     "ablate": "tatr.cli.ablate",
     "report": "tatr.cli.report",
     "convert": "tatr.cli.convert",
+    "prepare-text": "tatr.cli.prepare_text",
 }
 
 

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tatr.core.errors import TatrError
 from tatr.core.outputs import safe_name
 from tatr.core.registry import did_you_mean
+from tatr.suites.safe_yaml import load_yaml as _load
+from tatr.suites.safe_yaml import parse_yaml
 
 TrustRegionMode = Literal["off", "zero-shot", "exemplar", "gradient-only", "magnitude-only"]
 Component = Literal["orthogonal", "positive", "negative"]
@@ -92,42 +94,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise TatrError(validation_error(exc, path)) from None
-
-
-class _AliasRefused(yaml.composer.ComposerError):
-    pass
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses aliases (`*name`) before they are expanded."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise _AliasRefused(None, None, "alias", self.peek_event().start_mark)
-        return super().compose_node(parent, index)
-
-
-def _load(text: str, source: object) -> Any:
-    """YAML → Python, with the two refusals that are never "just text": aliases and deep nesting."""
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: no arbitrary objects
-    except _AliasRefused as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
-        raise TatrError(
-            f"{source}: line {line}: YAML aliases (*name) are refused (they can expand a small file into billions of "
-            "values); write the value out"
-        ) from None
-    except RecursionError:
-        raise TatrError(f"{source}: YAML nested too deeply") from None
-
-
-def parse_yaml(text: str, source: object) -> Any:
-    """Safe YAML without aliases; `source` (a file, or an override) names the problem in one line."""
-    try:
-        return _load(text, source)
-    except yaml.YAMLError as exc:
-        problem = " ".join(str(exc).split())
-        raise TatrError(f"{source}: not valid YAML ({problem})") from None
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:

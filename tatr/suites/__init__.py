@@ -14,7 +14,7 @@ from tatr.core.errors import TatrError
 from tatr.core.registry import unknown_name
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, Suite
 
-_MODULES = {"testbed": "tatr.suites.testbed", "clip8": "tatr.suites.clip8"}
+_MODULES = {"testbed": "tatr.suites.testbed", "clip8": "tatr.suites.clip8", "text": "tatr.suites.text"}
 
 
 def get_suite(name: str, options: dict[str, Any] | None = None, cache_dir: Path | None = None) -> Suite:

