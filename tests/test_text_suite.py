@@ -199,7 +199,7 @@ def test_heads_follow_the_zero_shot_recipe(tiny_text) -> None:
         ({"model": "/no/such/folder"}, "no such folder"),
         ({"tasks": "/no/such/tasks.yaml"}, "no such tasks file"),
         ({"only": ["colors", "nope"]}, "suite.only must name distinct tasks"),
-        ({"n_val": 20}, "class 'red' has 24 texts"),
+        ({"n_val": 20}, "class 'blue' has 24 texts"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_text, options: dict, message: str, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ and a regeneration that was cut off resumes where it stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -126,6 +127,7 @@ class TextSuite:
         self._heads: dict[str, Tensor] | None = None
         self._data: dict[str, dict[str, Tensor]] = {}
         self._meta: dict[str, Any] | None = None
+        self._template: nn.Module | None = None
 
     # --- the build ------------------------------------------------------------------------------
     @property
@@ -167,7 +169,11 @@ class TextSuite:
         )
 
     def encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
-        model = make_encoder(self.source, self.spec.trust_pickle)
+        """A fresh module each call (a copy of one loaded once: `from_pretrained` costs more than an evaluation
+        pass over a small split), so no caller's encoder changes under it."""
+        if self._template is None:
+            self._template = make_encoder(self.source, self.spec.trust_pickle)
+        model = copy.deepcopy(self._template)
         sd = dict(state_dict) if state_dict is not None else load_state_dict(self.checkpoints().pretrained)
         try:
             model.load_state_dict(sd)
