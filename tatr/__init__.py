@@ -15,11 +15,13 @@ The package is laid out by layer; imports point down only (checked by import-lin
     tatr/core/     task vectors, trust region, merges, files (torch and safetensors only)
 """
 
+from tatr.core.adamerging import adamerging  # also registers AdaMerging's method names and labels
 from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.components import COMPONENTS, select_components
 from tatr.core.errors import TatrError
 from tatr.core.merging import MergePlan, merge, plan_merge
 from tatr.core.methods import METHODS, MergeMethod, get_method
+from tatr.core.sparsify import Sparsity, breadcrumbs, dare, task_seed
 from tatr.core.trust_region import MODES, drop_count, drop_order, kth_largest, pairwise_conflict
 from tatr.core.vectors import ParamSpace, TaskSet, open_task_set
 
@@ -30,8 +32,12 @@ __all__ = [
     "MergeMethod",
     "MergePlan",
     "ParamSpace",
+    "Sparsity",
     "TaskSet",
     "TatrError",
+    "adamerging",
+    "breadcrumbs",
+    "dare",
     "drop_count",
     "drop_order",
     "get_method",
@@ -43,5 +49,6 @@ __all__ = [
     "plan_merge",
     "save_state_dict",
     "select_components",
+    "task_seed",
 ]
 __version__ = "0.1.0"

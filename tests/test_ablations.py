@@ -77,7 +77,8 @@ def test_every_committed_ablation_file_loads() -> None:
     per_mode = pd.Series([p.merge.trust_region for p in sens]).value_counts().to_dict()
     assert per_mode == {"exemplar": 3, "gradient-only": 3, "magnitude-only": 1}
     plugin = kinds["plugin"]
-    assert [(p.merge.method, p.merge.trust_region) for p in plugin] == [
+    pairs = [(p.merge.method, p.merge.trust_region) for p in plugin]
+    assert pairs[:6] == [
         ("ta", "off"),
         ("ta", "zero-shot"),
         ("ties-sum", "off"),
@@ -85,7 +86,13 @@ def test_every_committed_ablation_file_loads() -> None:
         ("ties-mean", "off"),
         ("ties-mean", "zero-shot"),
     ]
+    for method in ("dare", "dare-ties", "breadcrumbs"):  # each with and without the trust region, once
+        assert [mode for m, mode in pairs if m == method] == ["off", "zero-shot"], method
     assert plugin[0].qs == (1.0,)  # no trust region: only λ is tuned
+    # components: the negative part with its own λ_neg, tuned on the block's grid (0 leaves it out)
+    scaled = [p for p in kinds["components"] if p.lam_negs is not None]
+    assert {p.merge.components for p in scaled} == {("orthogonal", "negative")} and len(scaled) == 3
+    assert scaled[0].lam_negs[0] == 0.0 and scaled[0].merge.lam_neg is None
 
 
 def test_overrides_pick_the_benchmark_and_the_block(tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def _bad(files: dict, tmp: Path) -> dict[str, tuple[list, str]]:
         "ties-k 101": (["-p", pre, "-f", *ft, "--ties-k", "101", "-o", out], "ties_k must be in (0, 100]"),
         "old ties name": (
             ["-p", pre, "-f", *ft, "--method", "ties", "-o", out],
-            "unknown merge method 'ties'; did you mean 'ties-sum' or 'ties-mean'?",
+            "unknown merge method 'ties'; did you mean 'ties-sum' or 'ties-mean'",
         ),
         "negative gradient": (
             [*exemplar, "--gradients", *[tmp / f"neg{i}.safetensors" for i in range(3)], "-o", out],

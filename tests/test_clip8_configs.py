@@ -54,11 +54,16 @@ def _published() -> pd.DataFrame:
 def test_published_numbers_are_the_paper_numbers():
     pub = _published()
     assert list(pub.columns) == ["benchmark", "model", "method", "setting", "task", "accuracy", "source"]
-    assert set(pub["benchmark"]) == {"clip8"} and pub["source"].str.contains("2501.15065").all()
+    adamerging = pub["method"].str.startswith("AdaMerging")
+    assert set(pub["benchmark"]) == {"clip8"} and pub["source"][~adamerging].str.contains("2501.15065").all()
     # every row names its method setting; the ViT-B/32 rows name their table
     assert pub["setting"].notna().all() and (pub["setting"].str.len() > 10).all()
-    b32 = pub[pub["model"] == "ViT-B/32"]
+    b32 = pub[(pub["model"] == "ViT-B/32") & ~adamerging]
     assert (b32["source"] == "TATR paper (arXiv 2501.15065), Table 1").all()
+    # AdaMerging's own paper, Table 1 (ViT-B/32), with its setting: test inputs, 500 steps, batch 16
+    ada = pub[adamerging]
+    assert (ada["source"] == "AdaMerging paper (arXiv 2310.02575), Table 1").all() and set(ada["model"]) == {"ViT-B/32"}
+    assert ada["setting"].str.contains("unlabeled test inputs").all() and ada["setting"].str.contains("500 steps").all()
     ties = pub[pub["method"].str.startswith("TIES")]["setting"]
     assert len(ties) == 5 and ties.str.contains("dis-sum").all() and ties.str.contains("k=20").all()
     assert (
@@ -74,6 +79,8 @@ def test_published_numbers_are_the_paper_numbers():
         ("ViT-B/32", "TIES"): 72.4,
         ("ViT-B/32", "TATR"): 72.8,
         ("ViT-B/32", "TIES+TATR"): 73.3,
+        ("ViT-B/32", "AdaMerging (task-wise)"): 71.1,
+        ("ViT-B/32", "AdaMerging (layer-wise)"): 80.1,
         ("ViT-L/14", "Task Arithmetic"): 84.5,
         ("ViT-L/14", "TIES"): 86.0,
         ("ViT-L/14", "TATR"): 85.3,
@@ -88,7 +95,19 @@ def test_published_numbers_are_the_paper_numbers():
     assert per_task["accuracy"].tolist() == [62.7, 59.3, 72.3, 82.3, 80.5, 72.6, 97.0, 55.4]
     assert round(per_task["accuracy"].mean(), 1) == 72.8  # consistent with the published average
     labels = {reference_label(m) for m in pub["method"]}
-    assert labels == {"Pretrained", "Individual", "TA", "TIES (dis-sum)", "TA+TR", "TIES (dis-sum)+TR"}
+    assert labels == {
+        "Pretrained",
+        "Individual",
+        "TA",
+        "TIES (dis-sum)",
+        "TA+TR",
+        "TIES (dis-sum)+TR",
+        "AdaMerging (task-wise)",  # the methods' own labels (tatr.core.adamerging), as the main table shows them
+        "AdaMerging (layer-wise)",
+    }
+    from tatr.core.methods import merge_label
+
+    assert {merge_label("adamerging-task"), merge_label("adamerging-layer")} <= labels
 
 
 def test_report_places_a_reproduced_run_beside_the_published_numbers(tmp_path: Path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.gradients import gradient_stats_loop
 from tatr.suites import scoring as ev
-from tatr.suites.base import Checkpoints, Suite
+from tatr.suites.base import Checkpoints, Suite, input_seed, seeded_batches
 
 
 class ToySuite:
@@ -54,6 +54,9 @@ class ToySuite:
     def exemplar_loader(self, task: str, n: int, seed: int) -> DataLoader:
         idx = torch.randperm(40, generator=torch.Generator().manual_seed(seed))[:n]
         return DataLoader(TensorDataset(self.x[task][idx], self.labels(task)[idx]), batch_size=7)
+
+    def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
+        return (self.x[task][idx] for idx in seeded_batches(40, batch_size, input_seed(seed, task)))
 
     def evaluate(self, state_dict, split, tasks=None, on_task=None):
         return ev.accuracy(self, state_dict, split, tasks, on_task)

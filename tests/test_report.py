@@ -83,7 +83,7 @@ def test_every_table_and_figure_is_written(full: Path) -> None:
     for name in FIGURES:
         assert f"figures/{name}.png" in page
     assert page.count("<table") == len(TABLES)
-    assert sorted(p.name for p in folder.iterdir()) == ["figures", "index.html", "tables"]  # no temporaries left
+    assert sorted(p.name for p in folder.iterdir()) == ["baselines.csv", "figures", "index.html", "tables"]  # no temporaries left
 
 
 def test_main_table_equals_pandas(full: Path) -> None:
@@ -518,3 +518,27 @@ def test_the_baselines_file_is_a_source_of_the_main_table_and_has_its_table(full
     own = tables.ablation_table(rows, "baselines")
     assert list(own.mean.index) == ["TIES (dis-sum)"] and list(own.info["λ"]) == ["0.7"]
     assert own.mean.at["TIES (dis-sum)", "Average"] == pytest.approx(want, abs=1e-5)
+
+
+def test_baselines_csv_is_the_long_form_of_the_baselines_rows(full: Path, tmp_path: Path) -> None:
+    """`baselines.csv`: one line per (seed, row, task) of the baselines file's test rows and the reference
+    models, each number the store's own (rounded to 3 places), the rows in the main table's order."""
+    from tatr.report import tables
+    from tatr.report.labels import method_label
+
+    store = read_store(full)
+    plugin = store[(store["ablation"] == "plugin") & (store["trust_region"] == "off")]
+    copy = plugin.assign(run_id=plugin["run_id"] + "-b", experiment="testbed-baselines", ablation="baselines")
+    rows = pd.concat([store, copy], ignore_index=True)
+    report.generate(full, out=tmp_path, published=None, rows=rows, figures=False)
+    long = pd.read_csv(tmp_path / BENCHMARK / "baselines.csv")
+    assert tuple(long.columns) == tables.BASELINES_LONG
+    tested = copy[copy["split"] == "test"]
+    labels = {method_label(m, t) for m, t in zip(tested["method"], tested["trust_region"], strict=True)}
+    assert set(long["row"]) == {"Pretrained", "Individual", *labels}
+    assert list(dict.fromkeys(long["row"]))[:2] == ["Pretrained", "Individual"]
+    for _, line in tested.iterrows():
+        label = method_label(line["method"], line["trust_region"])
+        got = long[(long["row"] == label) & (long["seed"] == line["seed"]) & (long["task"] == line["task"])]
+        assert len(got) == 1 and got["test_accuracy"].iloc[0] == pytest.approx(line["accuracy"], abs=1e-3)
+    assert len(long) == long.groupby(["seed", "row", "task"], dropna=False).ngroups

@@ -173,6 +173,18 @@ def test_vectorised_gradients_match_the_per_sample_loop_on_bert(tiny_text) -> No
         torch.testing.assert_close(got_signed[key], ref_signed[key], rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_unlabeled_inputs_are_the_split_inputs_without_labels(tiny_text) -> None:
+    """AdaMerging's inputs: seeded batches of the split's token tensors, no labels; each pass covers every text once."""
+    x, _ = tiny_text._split("animals", "test")
+    stream = tiny_text.unlabeled_loader("animals", "test", batch_size=8, seed=1)
+    batches = [next(stream) for _ in range(len(x) // 8)]
+    assert all(isinstance(b, torch.Tensor) and b.shape[:2] == (8, 2) for b in batches)
+    seen = sorted(tuple(row[0][row[1] == 1].tolist()) for b in batches for row in b)
+    assert seen == sorted(tuple(row[0][row[1] == 1].tolist()) for row in x)
+    again = tiny_text.unlabeled_loader("animals", "test", batch_size=8, seed=1)
+    assert all(torch.equal(next(again), b) for b in batches)
+
+
 def test_heads_follow_the_zero_shot_recipe(tiny_text) -> None:
     """Reference (CLIP's zero-shot head, as task_vectors builds it): per class, normalise each template's
     embedding, average, normalise again."""

@@ -6,8 +6,11 @@ key by key, keeping only running sums — Σ_t τ_t and Ω as arenas over the me
 vectors. `MergePlan.merged(q, λ)` then costs, for the linear
 methods (TA, averaging), one multiply-add plus O(|Δk|) writes to move the mask from the last q:
     θ(q, λ) = θ_0 + λ·c·(m_q ⊙ Σ_t τ_t),  c = 1 (sum) or 1/T (mean).
-Non-linear configurations (TIES, component selection) need the per-task vectors after masking,
-so they stream the tasks again for each new q (and reuse that result across λ).
+Non-linear configurations (TIES, DARE, Breadcrumbs, component selection) need the per-task
+vectors after masking, so they stream the tasks again for each new q (and reuse that result across
+λ). With a λ_neg (`merged(q, λ, λ_neg)`) the component merge is kept as two arenas, the negative
+part and the rest, θ(q, λ, λ_neg) = θ_0 + λ·M_rest(q) + λ_neg·M_neg(q): one stream per q, then a
+multiply-add per (λ, λ_neg) trial.
 
 Every result is computed from θ_0 afresh: trying λ₁ then λ₂ gives θ_0 + λ₂·M, never
 θ_0 + (λ₁+λ₂)·M.
@@ -18,18 +21,37 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from tatr.core.components import check_components, select_components
+from tatr.core.components import check_components, check_lam_neg
 from tatr.core.errors import TatrError
-from tatr.core.methods import MergeMethod, get_method
-from tatr.core.passes import arena_dtype, first_pass, reduce_tasks, trim_thresholds
+from tatr.core.methods import MergeMethod, fixed_method, get_method
+from tatr.core.passes import (
+    Filter,
+    Split,
+    arena_dtype,
+    first_pass,
+    reduce_split,
+    reduce_tasks,
+    task_filter,
+    task_split,
+    trim_thresholds,
+)
+from tatr.core.sparsify import (
+    BREADCRUMBS_BETA,
+    BREADCRUMBS_DENSITY,
+    DARE_P,
+    DARE_SEED,
+    Sparsifier,
+    Sparsity,
+    sparsifier,
+)
 from tatr.core.trust_region import NEEDS_GRADIENTS, check_mode, drop_count, drop_order
-from tatr.core.vectors import ParamSpace, TaskSet, gradient_tensor, open_task_set, pretrained_tensor
+from tatr.core.vectors import ParamSpace, TaskSet, open_task_set, pretrained_tensor
 
 StateInput = str | Path | Mapping[str, Tensor]
 
@@ -46,6 +68,7 @@ class MergePlan:
         components: frozenset[str] | None = None,
         cache_pretrained: bool = False,
         progress: bool = False,
+        sparsity: Sparsity | None = None,
     ) -> None:
         check_numbers(ties_k=ties_k)
         self.task_set = task_set
@@ -53,6 +76,7 @@ class MergePlan:
         self.mode = trust_region
         self.ties_k = ties_k
         self.components = components
+        self.sparsity = sparsity or Sparsity()  # DARE's and Breadcrumbs' options (the others ignore them)
         self.progress = progress
         self._theta0: dict[str, Tensor] | None = {} if cache_pretrained else None
         self.space, self.tau_sum, self.omega = first_pass(task_set, trust_region, progress)
@@ -61,6 +85,7 @@ class MergePlan:
         self._k = 0
         self._consume_sum = False
         self._reduced: tuple[float, Tensor] | None = None
+        self._split: tuple[float, tuple[Tensor, Tensor]] | None = None  # (q, (M_rest, M_neg)) for λ_neg
 
     # --- the mask ------------------------------------------------------------------------------
     @property
@@ -128,21 +153,38 @@ class MergePlan:
         return self._masked
 
     # --- merging -------------------------------------------------------------------------------
-    def merged(self, q: float = 0.99, lam: float | None = None) -> dict[str, Tensor]:
+    def merged(self, q: float = 0.99, lam: float | None = None, lam_neg: float | None = None) -> dict[str, Tensor]:
         """θ_0 + λ·M(q) as a full state dict: every key of θ_0, each in its own dtype.
 
         For TA/averaging this is one multiply-add per tensor on the masked sum. A coordinate the
         merge does not move (dropped, never changed, Σ exactly 0, or λ = 0) keeps θ_0's bits,
         −0.0 included; a moved one is rounded once, from the arena's precision to its dtype.
+        `lam_neg` (components with negative and another part, a method without sign election):
+        θ_0 + λ·M(rest) + λ_neg·M(negative); None scales every part by λ.
         """
-        check_numbers(q=q, lam=lam)
+        check_numbers(q=q, lam=lam, lam_neg=lam_neg)
         lam = self.method.default_lam if lam is None else float(lam)
         ts, space = self.task_set, self.space
-        if self.method.linear and self.components is None:
-            scale = 1.0 / ts.num_tasks if self.method.reduce == "mean" else 1.0
-            reduced, alpha = self.masked_sum(q), lam * scale
+        if lam_neg is not None:
+            self.check_lam_neg()
+            rest, neg = self.split_task_vectors(q)
+            lam_n = float(lam_neg)
+
+            def step(i: int) -> Tensor:
+                return space.view(rest, i) * lam + space.view(neg, i) * lam_n
+
+            what = f"λ={lam:g}, λ_neg={lam_n:g}"
         else:
-            reduced, alpha = self.merged_task_vector(q), lam
+            if self.method.linear and self.components is None:
+                scale = 1.0 / ts.num_tasks if self.method.reduce == "mean" else 1.0
+                reduced, alpha = self.masked_sum(q), lam * scale
+            else:
+                reduced, alpha = self.merged_task_vector(q), lam
+
+            def step(i: int) -> Tensor:
+                return space.view(reduced, i) * alpha
+
+            what = f"λ={alpha:g}"
         out: dict[str, Tensor] = {}
         position = {k: i for i, k in enumerate(space.keys)}
         for key in ts.output_keys:
@@ -151,8 +193,35 @@ class MergePlan:
             if i is None:
                 out[key] = theta0.clone() if isinstance(ts.pretrained, Mapping) else theta0
                 continue
-            out[key] = _apply(key, theta0, space.view(reduced, i), alpha)
+            out[key] = _apply(key, theta0, step(i), what)
         return out
+
+    def check_lam_neg(self) -> None:
+        """Refuse λ_neg for a plan it cannot apply to (one line): see `check_lam_neg_method`."""
+        check_lam_neg_method(self.method, self.components)
+
+    def split_task_vectors(self, q: float) -> tuple[Tensor, Tensor]:
+        """(M_rest(q), M_neg(q)): the merge of the chosen components other than negative, and of the
+        negative one, as two arenas (cached for the last q); they add up to `merged_task_vector(q)`."""
+        self.check_lam_neg()
+        if self._split is not None and self._split[0] == q:
+            return self._split[1]
+        keep = self.keep_mask(q)
+
+        def split_for(i: int) -> Split:
+            return self._task_split(i, keep)
+
+        parts = reduce_split(
+            self.task_set,
+            self.space,
+            self.method.reduce,
+            split_for,
+            self._pretrained,
+            self.tau_sum.dtype,
+            self.progress,
+        )
+        self._split = (q, parts)
+        return parts
 
     def merged_task_vector(self, q: float) -> Tensor:
         """M(q) as an arena over the merged coordinates (cached for the last q)."""
@@ -189,6 +258,7 @@ class MergePlan:
         components: frozenset[str] | None = None,
         cache_pretrained: bool = False,
         progress: bool = False,
+        sparsity: Sparsity | None = None,
     ) -> MergePlan:
         """Rebuild a plan saved by `save` for the same inputs, skipping the streaming pass."""
         from safetensors.torch import load_file
@@ -204,10 +274,11 @@ class MergePlan:
         plan = cls.__new__(cls)
         plan.task_set, plan.method, plan.mode = task_set, method, trust_region
         plan.ties_k, plan.components, plan.progress = ties_k, components, progress
+        plan.sparsity = sparsity or Sparsity()
         plan._theta0 = {} if cache_pretrained else None
         plan.space = ParamSpace.build(layout["keys"], task_set.shapes)
         plan.tau_sum, plan.omega, plan._order = arrays["tau_sum"], arrays.get("omega"), arrays["order"]
-        plan._masked, plan._k, plan._consume_sum, plan._reduced = None, 0, False, None
+        plan._masked, plan._k, plan._consume_sum, plan._reduced, plan._split = None, 0, False, None, None
         return plan
 
     # --- internals -----------------------------------------------------------------------------
@@ -218,26 +289,21 @@ class MergePlan:
             self._theta0[key] = pretrained_tensor(self.task_set, key)
         return self._theta0[key]
 
-    def _task_filter(self, i: int, keep: Tensor | None) -> Callable[[int, Tensor], Tensor]:
-        """τ_t ↦ the admissible part of τ_t for tensor i: masked, or the chosen components."""
-        ts, key = self.task_set, self.space.keys[i]
-        keep_view = None if keep is None else self.space.view(keep, i)
-        if self.components is None:
-            if keep_view is None:
-                return lambda t, tau: tau
-            return lambda t, tau: torch.where(keep_view, tau, torch.zeros((), dtype=tau.dtype))
-        assert keep_view is not None
-        total = sum(gradient_tensor(ts, t, key, signed=True) for t in range(ts.num_tasks))
-        chosen = self.components
-        return lambda t, tau: select_components(
-            tau, keep_view, total - gradient_tensor(ts, t, key, signed=True), chosen
-        )
+    def _task_filter(self, i: int, keep: Tensor | None) -> Filter:
+        return task_filter(self.task_set, self.space, i, keep, self.components, self._sparsifier(i))
+
+    def _task_split(self, i: int, keep: Tensor) -> Split:
+        assert self.components is not None
+        return task_split(self.task_set, self.space, i, keep, self.components, self._sparsifier(i))
+
+    def _sparsifier(self, i: int) -> Sparsifier | None:
+        return sparsifier(self.method.sparsify, self.sparsity, self.space.keys[i])
 
     def _stream_reduce(self, q: float) -> Tensor:
         keep = None if self.mode == "off" else self.keep_mask(q)
         dtype = self.tau_sum.dtype
 
-        def admissible_for(i: int) -> Callable[[int, Tensor], Tensor]:
+        def admissible_for(i: int) -> Filter:
             return self._task_filter(i, keep)
 
         ts, space = self.task_set, self.space
@@ -249,24 +315,38 @@ class MergePlan:
         return reduce_tasks(ts, space, self.method, thresholds, admissible_for, self._pretrained, dtype, self.progress)
 
 
-def _apply(key: str, theta0: Tensor, m: Tensor, alpha: float) -> Tensor:
-    """θ_0 + α·M for one tensor, in θ_0's dtype, θ_0's bits wherever α·M is 0."""
-    step = m * alpha
+def _apply(key: str, theta0: Tensor, step: Tensor, what: str) -> Tensor:
+    """θ_0 + step for one tensor (step = λ·M, …), in θ_0's dtype, θ_0's bits wherever the step is 0."""
     moved = step != 0
     result = torch.where(moved, (theta0.to(step.dtype) + step).to(theta0.dtype), theta0)
     if not bool(torch.isfinite(result.sum())) and not bool(torch.isfinite(result).all()):
-        raise TatrError(f"key '{key}': λ={alpha:g} overflows {theta0.dtype} (the merged values are infinite)")
+        raise TatrError(f"key '{key}': {what} overflows {theta0.dtype} (the merged values are infinite)")
     return result
 
 
-def check_numbers(q: float | None = None, lam: float | None = None, ties_k: float | None = None) -> None:
-    """Refuse a bad q, λ or TIES k at the door, with one line naming the value."""
+def check_lam_neg_method(method: MergeMethod, components: object) -> None:
+    """λ_neg needs components with negative and another part, and a method that sums the parts:
+    with a sign election the negative part's own scale would change the elected signs."""
+    check_lam_neg(components)  # type: ignore[arg-type]
+    if method.elect_sign:
+        raise TatrError(
+            f"lam_neg needs a method that sums the task vectors without a sign election (e.g. ta, dare, breadcrumbs); "
+            f"{method.name} elects signs over the parts together"
+        )
+
+
+def check_numbers(
+    q: float | None = None, lam: float | None = None, ties_k: float | None = None, lam_neg: float | None = None
+) -> None:
+    """Refuse a bad q, λ, λ_neg or TIES k at the door, with one line naming the value."""
     if q is not None:
         if not _real(q):
             raise TatrError(f"q must be a number in (0, 1], got {q!r}")
         drop_count(float(q), 1)
     if lam is not None and not (_real(lam) and math.isfinite(float(lam))):
         raise TatrError(f"λ (lam) must be a finite number (negative is allowed), got {lam!r}")
+    if lam_neg is not None and not (_real(lam_neg) and math.isfinite(float(lam_neg))):
+        raise TatrError(f"λ_neg (lam_neg) must be a finite number (negative is allowed), got {lam_neg!r}")
     if ties_k is not None and not (_real(ties_k) and 0 < float(ties_k) <= 100):
         raise TatrError(f"ties_k must be in (0, 100], got {ties_k!r}")
 
@@ -287,12 +367,20 @@ def plan_merge(
     signed_gradients: Sequence[StateInput] | None = None,
     cache_pretrained: bool = False,
     progress: bool = False,
+    dare_p: float = DARE_P,
+    dare_seed: int = DARE_SEED,
+    breadcrumbs_beta: float = BREADCRUMBS_BETA,
+    breadcrumbs_density: float = BREADCRUMBS_DENSITY,
 ) -> MergePlan:
-    """Validate the inputs and compute the (q, λ)-independent part of a merge."""
-    merge_method = get_method(method)
+    """Validate the inputs and compute the (q, λ)-independent part of a merge.
+
+    `dare_p`/`dare_seed` (DARE's drop rate and mask seed) and `breadcrumbs_beta`/`breadcrumbs_density`
+    are read by the methods that use them (`tatr.core.sparsify` has their defaults' sources)."""
+    merge_method = fixed_method(method)
     check_mode(trust_region)
     chosen = check_components(components)
     check_numbers(ties_k=ties_k)
+    sparsity = Sparsity(dare_p, dare_seed, breadcrumbs_beta, breadcrumbs_density)
     if trust_region in NEEDS_GRADIENTS and gradients is None:
         raise TatrError(f"trust-region mode '{trust_region}' needs exemplar gradients (--gradients, one file per task)")
     if chosen is not None:
@@ -301,7 +389,7 @@ def plan_merge(
         if signed_gradients is None:
             raise TatrError("components need signed mean gradients (--signed-gradients, one file per task)")
     task_set = open_task_set(pretrained, finetuned, gradients, signed_gradients)
-    return MergePlan(task_set, merge_method, trust_region, ties_k, chosen, cache_pretrained, progress)
+    return MergePlan(task_set, merge_method, trust_region, ties_k, chosen, cache_pretrained, progress, sparsity)
 
 
 def merge(
@@ -317,9 +405,18 @@ def merge(
     gradients: Sequence[StateInput] | None = None,
     signed_gradients: Sequence[StateInput] | None = None,
     progress: bool = False,
+    dare_p: float = DARE_P,
+    dare_seed: int = DARE_SEED,
+    breadcrumbs_beta: float = BREADCRUMBS_BETA,
+    breadcrumbs_density: float = BREADCRUMBS_DENSITY,
+    lam_neg: float | None = None,
 ) -> dict[str, Tensor]:
-    """Merge once: θ_0 + λ·M with the trust region at q. Returns every key of θ_0."""
-    check_numbers(q=q, lam=lam, ties_k=ties_k)  # before any work
+    """Merge once: θ_0 + λ·M with the trust region at q (θ_0 + λ·M_rest + λ_neg·M_neg with `lam_neg`).
+    Returns every key of θ_0."""
+    check_numbers(q=q, lam=lam, ties_k=ties_k, lam_neg=lam_neg)  # before any work
+    Sparsity(dare_p, dare_seed, breadcrumbs_beta, breadcrumbs_density)
+    if lam_neg is not None:
+        check_lam_neg_method(get_method(method), check_components(components))
     plan = plan_merge(
         pretrained,
         finetuned,
@@ -330,6 +427,10 @@ def merge(
         gradients=gradients,
         signed_gradients=signed_gradients,
         progress=progress,
+        dare_p=dare_p,
+        dare_seed=dare_seed,
+        breadcrumbs_beta=breadcrumbs_beta,
+        breadcrumbs_density=breadcrumbs_density,
     )
     plan.prepare([q], release_scores=True)
-    return plan.merged(q, lam)
+    return plan.merged(q, lam, lam_neg)

@@ -1,7 +1,8 @@
-"""One generalized task-arithmetic merge; TA, TIES and averaging are configurations of it.
+"""One generalized task-arithmetic merge; TA, TIES, DARE, Breadcrumbs and averaging are configurations of it.
 
-    sparsify (TIES: keep each task's top-k% |τ| over the whole model) → sign consensus (TIES: elect
-    the sign of Σ_t trimmed τ_t, keep only agreeing entries) → reduce (sum or mean) → scale by λ.
+    sparsify each τ_t (TIES: keep each task's top-k% |τ| over the whole model; DARE: drop entries at
+    random and rescale; Breadcrumbs: keep a band of |τ| per tensor) → sign consensus (TIES: elect
+    the sign of Σ_t sparsified τ_t, keep only agreeing entries) → reduce (sum or mean) → scale by λ.
 
 TIES comes in two configurations, each with its own name and label:
 
@@ -17,6 +18,15 @@ that majority is itself 0 the reference keeps the negative entries (`sign > 0` i
 majority is a global quantity; `SignedSums.finish` therefore returns the "+" choice plus the few
 zero-sum coordinates' "−" alternative, and the merge fixes those once every tensor is seen.
 
+DARE and Breadcrumbs follow mergekit's `GeneralizedTaskArithmeticMerge` configurations (the
+sparsifiers themselves are `tatr.core.sparsify`):
+
+* `dare`, "DARE": mergekit's `dare_linear` (random drop with rescaling, no consensus, sum).
+* `dare-ties`, "DARE-TIES": mergekit's `dare_ties` (the same drop, then the sign election of its
+  `get_mask(method="sum")`, disjoint sum: `normalize` is false there). Where Σ_t τ_t is exactly 0
+  mergekit elects + (`sign_weight >= 0`), not TIES' model-wide majority (`zero_sum_positive`).
+* `breadcrumbs`, "Breadcrumbs": mergekit's `breadcrumbs` (per-tensor magnitude band, sum).
+
 The trust-region mask and the component selection act on each τ_t *before* sparsification: they
 define which parts of a task vector are admissible at all, as the TATR paper applies its mask to
 the task vectors before running the TIES code.
@@ -30,37 +40,65 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from tatr.core.errors import TatrError
 from tatr.core.registry import Registry
 from tatr.core.trust_region import TR_MODES
+
+Sparsify = Literal["none", "top-k", "dare", "breadcrumbs"]
+# The merge options (`MergeConfig` fields) each sparsifier reads: stores and reports record these only.
+SPARSIFY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "top-k": ("ties_k",),
+    "dare": ("dare_p", "dare_seed"),
+    "breadcrumbs": ("breadcrumbs_beta", "breadcrumbs_density"),
+}
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
     label: str  # the one display name of this configuration (tables, reports, W&B)
-    trim: bool  # keep each task's top-k% magnitudes (TIES)
+    sparsify: Sparsify  # top-k: TIES' model-wide trim; dare, breadcrumbs: per tensor (tatr.core.sparsify)
     elect_sign: bool  # TIES sign election and disjoint reduction
     reduce: Literal["sum", "mean"]  # with elect_sign: the disjoint sum or the disjoint mean
     default_lam: float
     summary: str
+    zero_sum_positive: bool = False  # elect + where Σ_t τ_t = 0 (mergekit), not the model-wide majority
+    # "fixed": λ is given (or tuned on a grid); "task"/"layer": AdaMerging learns one λ per task or per
+    # parameter tensor on unlabeled inputs (`tatr.core.adamerging`), so there is no fixed-λ merge
+    coefficients: Literal["fixed", "task", "layer"] = "fixed"
+
+    @property
+    def learned(self) -> bool:
+        return self.coefficients != "fixed"
+
+    @property
+    def trim(self) -> bool:
+        """Keep each task's top-k% magnitudes over the whole model (TIES): needs a pass of its own."""
+        return self.sparsify == "top-k"
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The merge options this configuration reads (e.g. `ties_k`, `dare_p`)."""
+        return SPARSIFY_OPTIONS[self.sparsify]
 
     @property
     def linear(self) -> bool:
         """Linear in the task vectors: a shared mask commutes with the merge (the fast path)."""
-        return not self.trim and not self.elect_sign
+        return self.sparsify == "none" and not self.elect_sign
 
 
 # Registration order is the order tables list the methods in (simplest first).
 METHODS: Registry[MergeMethod] = Registry("merge method")
 for _m in (
     MergeMethod(
-        "average", "Averaging", False, False, "mean", 1.0, "simple averaging: θ0 + λ·mean τ_t (λ=1: weight average)"
+        "average", "Averaging", "none", False, "mean", 1.0, "simple averaging: θ0 + λ·mean τ_t (λ=1: weight average)"
     ),
-    MergeMethod("ta", "TA", False, False, "sum", 0.3, "task arithmetic: θ0 + λ Σ τ_t"),
+    MergeMethod("ta", "TA", "none", False, "sum", 0.3, "task arithmetic: θ0 + λ Σ τ_t"),
     MergeMethod(
         "ties-sum",
         "TIES (dis-sum)",
-        True,
+        "top-k",
         True,
         "sum",
         0.3,
@@ -69,11 +107,59 @@ for _m in (
     MergeMethod(
         "ties-mean",
         "TIES (dis-mean)",
-        True,
+        "top-k",
         True,
         "mean",
         0.3,
         "TIES paper's reduction: top-k% per task, elected sign, disjoint mean",
+    ),
+    MergeMethod(
+        "dare",
+        "DARE",
+        "dare",
+        False,
+        "sum",
+        0.3,
+        "DARE on TA (mergekit dare_linear): drop each entry with probability p, rescale by 1/(1-p), sum",
+    ),
+    MergeMethod(
+        "dare-ties",
+        "DARE-TIES",
+        "dare",
+        True,
+        "sum",
+        0.3,
+        "DARE with TIES' sign election (mergekit dare_ties): random drop and rescale, elected sign, disjoint sum",
+        zero_sum_positive=True,
+    ),
+    MergeMethod(
+        "breadcrumbs",
+        "Breadcrumbs",
+        "breadcrumbs",
+        False,
+        "sum",
+        0.3,
+        "Model Breadcrumbs (mergekit breadcrumbs): per tensor drop the top β and the smallest |τ|, keep density, sum",
+    ),
+    MergeMethod(
+        "adamerging-task",
+        "AdaMerging (task-wise)",
+        "none",
+        False,
+        "sum",
+        0.3,
+        "AdaMerging: one λ per task, learned by entropy minimisation on unlabeled inputs (ablation files only)",
+        coefficients="task",
+    ),
+    MergeMethod(
+        "adamerging-layer",
+        "AdaMerging (layer-wise)",
+        "none",
+        False,
+        "sum",
+        0.3,
+        "AdaMerging: one λ per parameter tensor and task, learned on unlabeled inputs (ablation files only)",
+        coefficients="layer",
     ),
 ):
     METHODS.add(_m.name, _m)
@@ -83,6 +169,23 @@ def get_method(name: str) -> MergeMethod:
     return METHODS.get(name)
 
 
+def fixed_method(name: str) -> MergeMethod:
+    """A method that merges with a given λ: AdaMerging's learned coefficients are refused in one line (its
+    fixed-λ merge would silently be TA at λ = 0.3)."""
+    method = get_method(name)
+    if method.learned:
+        raise TatrError(
+            f"{name} ({method.label}) learns its coefficients on a suite's unlabeled inputs and cannot merge with a "
+            f"fixed λ: run it in an ablation file (`tatr ablate`, variant {{method: {name}}})"
+        )
+    return method
+
+
+def fixed_methods() -> list[str]:
+    """The names `tatr merge` and sweeps accept."""
+    return [m.name for m in METHODS.values() if not m.learned]
+
+
 def merge_label(method: str, trust_region: str | None = None) -> str:
     """The display label of a merge configuration: the method's label, then its trust-region mode's,
     e.g. "TA", "TA+TR", "TIES (dis-sum)+TR (exemplar)". Both names must be registered."""
@@ -90,9 +193,14 @@ def merge_label(method: str, trust_region: str | None = None) -> str:
     return label if trust_region is None else label + TR_MODES.get(trust_region).label
 
 
+def uses_option(name: object, option: str) -> bool:
+    """True for a configuration that reads the merge option `option` (so stores and reports record it)."""
+    return isinstance(name, str) and name in METHODS and option in METHODS.get(name).options
+
+
 def uses_ties_k(name: object) -> bool:
     """True for a configuration that reads `ties_k` (so stores and reports record it)."""
-    return isinstance(name, str) and name in METHODS and METHODS.get(name).trim
+    return uses_option(name, "ties_k")
 
 
 class SignedSums:
@@ -100,24 +208,33 @@ class SignedSums:
 
     Enough to finish any configuration without holding the T task vectors of a tensor at once.
     `total` is summed in task order, as the reference's `Tensor.sum(dim=0)`, because its sign
-    elects the kept entries.
+    elects the kept entries. A method without sign election needs the total alone, and one that
+    elects + on zero sums with a disjoint sum (DARE-TIES) no counts: only what `method` reads is kept.
     """
 
-    def __init__(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
-        self.pos = torch.zeros(shape, dtype=dtype)
-        self.neg = torch.zeros(shape, dtype=dtype)
+    def __init__(
+        self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32, method: MergeMethod | None = None
+    ) -> None:
+        self.signs = method is None or method.elect_sign
+        self.counts = self.signs and (method is None or method.reduce == "mean" or not method.zero_sum_positive)
         self.total = torch.zeros(shape, dtype=dtype)
-        self.n_pos = torch.zeros(shape, dtype=torch.int32)
-        self.n_neg = torch.zeros(shape, dtype=torch.int32)
+        if self.signs:
+            self.pos = torch.zeros(shape, dtype=dtype)
+            self.neg = torch.zeros(shape, dtype=dtype)
+        if self.counts:
+            self.n_pos = torch.zeros(shape, dtype=torch.int32)
+            self.n_neg = torch.zeros(shape, dtype=torch.int32)
         self.tasks = 0
 
     def add(self, tau: Tensor) -> None:
         self.tasks += 1
         self.total.add_(tau)
-        self.pos.add_(tau.clamp(min=0))
-        self.neg.add_(tau.clamp(max=0))
-        self.n_pos.add_(tau > 0)
-        self.n_neg.add_(tau < 0)
+        if self.signs:
+            self.pos.add_(tau.clamp(min=0))
+            self.neg.add_(tau.clamp(max=0))
+        if self.counts:
+            self.n_pos.add_(tau > 0)
+            self.n_neg.add_(tau < 0)
 
     def sign_counts(self) -> tuple[int, int]:
         """(#coordinates with Σ > 0, #with Σ < 0): this tensor's share of the majority sign."""
@@ -128,13 +245,15 @@ class SignedSums:
         their result if elected − instead). Linear methods have no zero-sum alternatives."""
         none = torch.empty(0, dtype=torch.int64)
         if not method.elect_sign:
-            total = self.pos + self.neg
+            total = self.total
             return (total / self.tasks if method.reduce == "mean" else total), none, total.new_empty(0)
         if method.reduce == "mean":
             up = self.pos / self.n_pos.clamp(min=1)
             down = self.neg / self.n_neg.clamp(min=1)
         else:
             up, down = self.pos, self.neg
+        if method.zero_sum_positive:
+            return torch.where(self.total >= 0, up, down), none, up.new_empty(0)
         positive = self.total > 0
         zero = (self.total == 0) & ((self.n_pos + self.n_neg) > 0)
         result = torch.where(positive | zero, up, down)

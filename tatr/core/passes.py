@@ -2,7 +2,11 @@
 
 * `first_pass`: Σ_t τ_t and Ω straight into their arenas (the (q, λ)-independent part of a plan).
 * `trim_thresholds`: TIES' per-task magnitude threshold over the whole model, by radix select.
-* `reduce_tasks`: the non-linear reductions (TIES, component selection) into one arena.
+* `reduce_tasks`: the non-linear reductions (TIES, DARE, Breadcrumbs, component selection) into one arena.
+* `reduce_split`: the same for a sum of two parts of each τ_t (λ_neg: the negative component apart).
+
+Sparsifiers (TIES' trim by its model-wide thresholds, DARE and Breadcrumbs per tensor, inside the
+`Filter`) see one tensor of one task at a time, so every pass holds O(one tensor), whatever T is.
 
 Arenas are float64 when any merged tensor is float64 (a 1e-9 task vector must not vanish in a
 float32 round trip) and float32 otherwise, so bf16/fp16/fp32 models do not double their memory;
@@ -17,8 +21,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tatr.core.components import select_components, split_negative
 from tatr.core.errors import TatrError
 from tatr.core.methods import MergeMethod, SignedSums
+from tatr.core.sparsify import Sparsifier
 from tatr.core.trust_region import NEEDS_GRADIENTS, ConflictAccumulator, RadixSelect, conflict_terms, ties_keep_rank
 from tatr.core.vectors import (
     ParamSpace,
@@ -155,7 +161,7 @@ def reduce_tasks(
     for i, key in enumerate(tqdm(space.keys, desc="merge", disable=None if progress else True, leave=False)):
         theta0 = pretrained(key).to(dtype)
         admissible = admissible_for(i)
-        sums = SignedSums(theta0.shape, dtype)
+        sums = SignedSums(theta0.shape, dtype, method)
         for t in range(ts.num_tasks):
             tau = admissible(t, task_vector(ts, t, key, theta0))
             if thresholds is not None:
@@ -171,6 +177,99 @@ def reduce_tasks(
     if method.elect_sign and positive <= negative and flip_idx:  # majority sign − (or 0: the reference's `> 0` fails)
         reduced[torch.cat(flip_idx)] = torch.cat(flip_val)
     return reduced
+
+
+Split = Callable[[int, Tensor], tuple[Tensor, Tensor]]  # (task, τ_t of one tensor) -> (rest, negative)
+
+
+def task_filter(
+    ts: TaskSet,
+    space: ParamSpace,
+    i: int,
+    keep: Tensor | None,
+    components: frozenset[str] | None,
+    sparsify: Sparsifier | None,
+) -> Filter:
+    """τ_t ↦ what tensor i of τ_t contributes: masked (or the chosen components), then sparsified
+    per tensor (DARE, Breadcrumbs). TIES' trim is model-wide: `reduce_tasks` applies it after."""
+    admissible = _admissible(ts, space, i, keep, components)
+    if sparsify is None:
+        return admissible
+
+    def sparsified(t: int, tau: Tensor) -> Tensor:
+        part = admissible(t, tau)
+        return sparsify(t, part)(part)
+
+    return sparsified
+
+
+def _admissible(
+    ts: TaskSet, space: ParamSpace, i: int, keep: Tensor | None, components: frozenset[str] | None
+) -> Filter:
+    """τ_t ↦ the admissible part of τ_t for tensor i: masked, or the chosen components."""
+    keep_view = None if keep is None else space.view(keep, i)
+    if components is None:
+        if keep_view is None:
+            return lambda t, tau: tau
+        return lambda t, tau: torch.where(keep_view, tau, torch.zeros((), dtype=tau.dtype))
+    assert keep_view is not None
+    others = _others_gradient(ts, space.keys[i])
+    return lambda t, tau: select_components(tau, keep_view, others(t), components)
+
+
+def _others_gradient(ts: TaskSet, key: str) -> Callable[[int], Tensor]:
+    """t ↦ G₋ₜ = Σ_{s≠t} ḡ_s on one tensor (the other tasks' signed mean gradients)."""
+    total = sum(gradient_tensor(ts, t, key, signed=True) for t in range(ts.num_tasks))
+    return lambda t: total - gradient_tensor(ts, t, key, signed=True)
+
+
+def task_split(
+    ts: TaskSet, space: ParamSpace, i: int, keep: Tensor, components: frozenset[str], sparsify: Sparsifier | None
+) -> Split:
+    """τ_t ↦ (chosen parts but negative, negative part) of tensor i, each with the one sparsity
+    pattern of their union (one DARE draw, one Breadcrumbs band), so the two add up to what
+    `task_filter` gives."""
+    keep_view, others = space.view(keep, i), _others_gradient(ts, space.keys[i])
+
+    def split(t: int, tau: Tensor) -> tuple[Tensor, Tensor]:
+        whole, rest, neg = split_negative(tau, keep_view, others(t), components)
+        if sparsify is None:
+            return rest, neg
+        transform = sparsify(t, whole)
+        return transform(rest), transform(neg)
+
+    return split
+
+
+def reduce_split(
+    ts: TaskSet,
+    space: ParamSpace,
+    reduce: str,
+    split_for: Callable[[int], Split],
+    pretrained: Callable[[str], Tensor],
+    dtype: torch.dtype,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(Σ_t rest_t, Σ_t negative_t) as two arenas (÷T for `reduce="mean"`), in one stream.
+
+    Only for methods without sign election (an election sees the parts together), so each part's
+    reduction is the plain (scaled) sum and the two add up to the merge of their union."""
+    rest = torch.empty(space.numel, dtype=dtype)
+    neg = torch.empty(space.numel, dtype=dtype)
+    for i, key in enumerate(tqdm(space.keys, desc="merge", disable=None if progress else True, leave=False)):
+        theta0 = pretrained(key).to(dtype)
+        split = split_for(i)
+        r, n = space.view(rest, i), space.view(neg, i)
+        r.zero_()
+        n.zero_()
+        for t in range(ts.num_tasks):
+            a, b = split(t, task_vector(ts, t, key, theta0))
+            r += a
+            n += b
+        if reduce == "mean":
+            r /= ts.num_tasks
+            n /= ts.num_tasks
+    return rest, neg
 
 
 def _trim(arena: Tensor, size: int) -> Tensor:

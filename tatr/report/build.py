@@ -161,7 +161,8 @@ def write_report(
     figures: bool = True,
     inputs: Iterable[Path] = (),
 ) -> Written:
-    """Render one benchmark's report into `out/<benchmark>/`, replacing the previous report whole.
+    """Render one benchmark's report into `out/<benchmark>/`, replacing the previous report whole:
+    `tables/`, `figures/`, `index.html` and `baselines.csv` (the baselines' test numbers in long form).
 
     `benchmark` comes from the store's rows, so it must be a safe name and `out/<benchmark>` must
     stay inside `out` (a symlink leading out is refused). `tables/`, `figures/` and `index.html`
@@ -170,16 +171,19 @@ def write_report(
     (the store, the published CSV) must not lie among the outputs.
     """
     final = report_folder(out, benchmark)
-    outputs = [final / "tables", final / "figures", final / "index.html"]
+    outputs = [final / "tables", final / "figures", final / "index.html", final / "baselines.csv"]
     _refuse_overwriting(outputs, inputs)
     prepared = prepare(rows)
     sections = build_sections(prepared, benchmark, published)
     written_tables, written_figures, skipped = [], [], []
+    long = T.baselines_long(prepared)
     with (
         atomic_dir(outputs[0]) as tables_dir,
         atomic_dir(outputs[1]) as figures_dir,
         atomic_write(outputs[2], suffix=".html") as page,
+        atomic_write(outputs[3], suffix=".csv") as baselines_csv,
     ):
+        baselines_csv.write_text(long.to_csv(index=False), encoding="utf-8")  # the header alone without baselines
         shown: dict[int, list[str]] = {}
         for i, section in enumerate(sections):
             for table in section.tables:

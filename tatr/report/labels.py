@@ -91,6 +91,7 @@ def drop_text(drop: float) -> str:
 # --- names in a published CSV ----------------------------------------------------------------------
 _TA, _AVG = METHODS.get("ta").label, METHODS.get("average").label
 _TIES_SUM, _TIES_MEAN = METHODS.get("ties-sum").label, METHODS.get("ties-mean").label
+_DARE, _DARE_TIES, _CRUMBS = (METHODS.get(m).label for m in ("dare", "dare-ties", "breadcrumbs"))
 _TR = TR_MODES.get("zero-shot").label
 _REFERENCE_ALIASES = {
     "task arithmetic": _TA,
@@ -110,6 +111,25 @@ _REFERENCE_ALIASES = {
     "task arithmetic+tatr": _TA + _TR,
     "ties+tatr": _TIES_SUM + _TR,
     "ties+tr": _TIES_SUM + _TR,
+    # DARE and Breadcrumbs as papers and mergekit name them (mergekit: dare_linear, dare_ties, breadcrumbs)
+    "dare": _DARE,
+    "ta+dare": _DARE,
+    "dare_linear": _DARE,
+    "linear dare": _DARE,
+    "task arithmetic+dare": _DARE,
+    "dare-ties": _DARE_TIES,
+    "dare_ties": _DARE_TIES,
+    "dare ties": _DARE_TIES,
+    "ties+dare": _DARE_TIES,
+    "ties-merging+dare": _DARE_TIES,
+    "breadcrumbs": _CRUMBS,
+    "model breadcrumbs": _CRUMBS,
+    "dare+tatr": _DARE + _TR,
+    "dare+tr": _DARE + _TR,
+    "dare-ties+tatr": _DARE_TIES + _TR,
+    "dare-ties+tr": _DARE_TIES + _TR,
+    "breadcrumbs+tatr": _CRUMBS + _TR,
+    "breadcrumbs+tr": _CRUMBS + _TR,
     "weight averaging": _AVG,
     "averaging": _AVG,
     "average": _AVG,

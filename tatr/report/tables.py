@@ -48,7 +48,7 @@ ABLATION_TITLES = {
     AblationKind.SENSITIVITY: "Sensitivity: full, gradient-only, magnitude-only",
     AblationKind.MASK_RATIO: "Mask ratio: average test accuracy against the dropped fraction 1−q",
     AblationKind.EXEMPLAR_COUNT: "Exemplar count: average test accuracy against exemplars per task",
-    AblationKind.PLUGIN: "Plug-in: the trust region on top of TA and TIES",
+    AblationKind.PLUGIN: "Plug-in: the trust region on each method (TA, TIES, DARE, Breadcrumbs, AdaMerging)",
     AblationKind.GRADIENT_CORRELATION: "Spearman correlation between tasks' mean |gradient|",
     AblationKind.BASELINES: "Baselines: each method tuned on validation per testbed build",
 }
@@ -115,7 +115,10 @@ def _seed_note(seeds: pd.Series) -> str:
 def variant_key(df: pd.DataFrame, kind: str) -> pd.Series:
     """The row label an ablation compares: the components, the method, or the trust-region mode."""
     if kind == AblationKind.COMPONENTS:
-        label = df["components"].map(components_label)
+        lam_neg = df["lam_neg"] if "lam_neg" in df else pd.Series([None] * len(df), index=df.index)
+        label = pd.Series(
+            [components_label(c, n) for c, n in zip(df["components"], lam_neg, strict=True)], index=df.index
+        )
         if df["model_key"].nunique() > 1:
             label = label + df["model"].map(lambda m: "" if missing(m) else f" [{m}]")
         return label
@@ -245,6 +248,52 @@ def ablation_table(df: pd.DataFrame, kind: str) -> Table:
     if kind == AblationKind.GRADIENT_CORRELATION:
         return correlation_table(df)
     return variant_table(df, kind)
+
+
+BASELINES_LONG = (
+    "seed",
+    "row",
+    "method",
+    "trust_region",
+    "q",
+    "lam",
+    "task",
+    "test_accuracy",
+    "test_normalized_accuracy",
+)
+
+
+def baselines_long(df: pd.DataFrame) -> pd.DataFrame:
+    """The baselines' test numbers in long form, one line per (seed, row, task), `row` naming the method: the
+    `baselines.csv` beside a benchmark's report, for a reader's own statistics (the tables hold mean ± std).
+
+    Rows: Pretrained and Individual (`job_type="baseline"`, of the seeds the baselines file ran), and the
+    baselines file's tuned merges, the latest run of each (row, seed)."""
+    tuned = ablation_rows(df, AblationKind.BASELINES)
+    if tuned.empty:
+        return pd.DataFrame(columns=list(BASELINES_LONG))
+    test = df[df["split"] == "test"]
+    # the reference models of the baselines' seeds (a store from before seeded references: the seed-less ones)
+    refs = test[(test["job_type"] == "baseline") & test["seed_key"].isin({*tuned["seed_key"], -1})]
+    rows = latest_runs(pd.concat([refs, tuned]), ["label", "seed_key"])
+    out = pd.DataFrame(
+        {
+            "seed": rows["seed"].astype("Int64"),
+            "row": rows["label"],
+            "method": rows["method"].where(rows["job_type"] != "baseline"),
+            "trust_region": rows["trust_region"].where(rows["job_type"] != "baseline"),
+            "q": rows["q"],
+            "lam": rows["lam"],
+            "task": rows["task"],
+            "test_accuracy": rows["accuracy"].round(3),
+            "test_normalized_accuracy": rows["normalized_accuracy"].round(3),
+        }
+    )
+    order = {label: i for i, label in enumerate(dict.fromkeys(["Pretrained", "Individual", *tuned["label"]]))}
+    tasks = {task: i for i, task in enumerate(task_order(rows))}
+    keys = out.assign(_r=out["row"].map(order), _t=out["task"].map(tasks))
+    keys = keys.sort_values(["seed", "_r", "_t"], kind="stable", na_position="first")
+    return keys.drop(columns=["_r", "_t"]).reset_index(drop=True)
 
 
 def reference_table(df: pd.DataFrame, published: pd.DataFrame | None, benchmark: str) -> Table:

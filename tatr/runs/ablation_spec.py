@@ -10,6 +10,8 @@ plus an `ablation:` block that says what to vary:
       q: [0.9, 0.99, …]           # q grid, tuned with λ (a single value fixes q)
       variants:                   # merge settings that differ between the compared rows
         - {components: [positive]}
+        - {components: [orthogonal, negative], lam_neg: tuned}   # λ_neg tuned over `lam_neg`
+      lam_neg: [0.0, 0.2, …]      # λ_neg grid (the negative component's own λ), tuned with λ
       drops: [0, 1.0e-4, …]       # mask-ratio: the dropped fraction 1−q of each point (q fixed there)
       exemplars: [1, 2, 4, …]     # exemplar-count: exemplars per task of each point
       suite_seeds: false          # true: each seed is also the suite's `seed` (a testbed build per seed)
@@ -25,13 +27,14 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tatr.core.components import components_label
 from tatr.core.errors import TatrError
-from tatr.core.methods import merge_label
+from tatr.core.merging import check_lam_neg_method
+from tatr.core.methods import get_method, merge_label
 from tatr.core.registry import did_you_mean
 from tatr.runs.config import (
     Component,
@@ -49,6 +52,7 @@ from tatr.runs.schema import AblationKind
 from tatr.runs.tune import refuse_test_tuning
 
 DEFAULT_LAMS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_LAM_NEGS = (0.0, *DEFAULT_LAMS)  # λ_neg = 0: the negative part left out
 
 
 class _Frozen(BaseModel):
@@ -64,12 +68,19 @@ class Variant(_Frozen):
     trust_region: TrustRegionMode | None = None
     components: tuple[Component, ...] | None = None
     ties_k: float | None = Field(None, gt=0.0, le=100.0)
+    # a number fixes the negative component's own λ_neg; `tuned` searches the block's `lam_neg` grid
+    lam_neg: float | Literal["tuned"] | None = None
+    dare_p: float | None = Field(None, ge=0.0, lt=1.0)
+    dare_seed: int | None = Field(None, ge=0)
+    breadcrumbs_beta: float | None = Field(None, ge=0.0, le=1.0)
+    breadcrumbs_density: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class AblationSpec(_Frozen):
     kind: AblationKind
     seeds: tuple[Annotated[int, Field(ge=0)], ...] = (0,)
     lam: tuple[float, ...] = DEFAULT_LAMS  # finite (allow_inf_nan=False); negative λ is task negation
+    lam_neg: tuple[float, ...] = DEFAULT_LAM_NEGS  # the λ_neg grid of variants with `lam_neg: tuned`
     q: tuple[float, ...] = (0.99,)
     variants: tuple[Variant, ...] = ()
     drops: tuple[float, ...] = ()
@@ -83,8 +94,8 @@ class AblationSpec(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> AblationSpec:
-        if not self.seeds or not self.lam or not self.q:
-            raise ValueError("seeds, lam and q need at least one value each")
+        if not self.seeds or not self.lam or not self.q or not self.lam_neg:
+            raise ValueError("seeds, lam, lam_neg and q need at least one value each")
         if any(not 0.0 < q <= 1.0 for q in self.q):
             raise ValueError("every q must be in (0, 1]")
         if self.kind == AblationKind.MASK_RATIO and not self.drops:
@@ -113,6 +124,7 @@ class Point:
     exemplars: int
     qs: tuple[float, ...]
     lams: tuple[float, ...]
+    lam_negs: tuple[float, ...] | None = None  # tune λ_neg over these too (None: merge.lam_neg as set)
 
     @property
     def uses_exemplars(self) -> bool:
@@ -122,7 +134,8 @@ class Point:
         m = self.merge
         text = merge_label(m.method, m.trust_region)
         if m.components is not None:
-            text += f" components={components_label(list(m.components))}"
+            own = self.lam_negs if m.lam_neg is None else m.lam_neg  # the negative part's own λ, if any
+            text += f" components={components_label(list(m.components), own)}"
         if self.uses_exemplars:
             text += f" n={self.exemplars} seed={self.seed}"
         if len(self.qs) == 1 and m.trust_region != "off":
@@ -177,8 +190,15 @@ def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
     """Every tuned evaluation the ablation needs, in a fixed order."""
     out: list[Point] = []
     variants = spec.variants or (Variant(),)
-    for variant in variants:
-        merge = MergeConfig.model_validate({**config.merge.model_dump(), **variant.model_dump(exclude_none=True)})
+    for index, variant in enumerate(variants):
+        tune_neg = variant.lam_neg == "tuned"
+        settings = variant.model_dump(exclude_none=True, exclude={"lam_neg"} if tune_neg else None)
+        try:
+            merge = MergeConfig.model_validate({**config.merge.model_dump(), **settings})
+        except ValidationError as exc:
+            raise TatrError(validation_error(exc, None, f"ablation.variants.{index}")) from None
+        if tune_neg:
+            check_lam_neg_method(get_method(merge.method), merge.components)  # one line, before any work
         uses = uses_exemplars(merge.trust_region, merge.components)
         seeds = spec.seeds if uses or spec.suite_seeds else spec.seeds[:1]
         counts = spec.exemplars if spec.kind == AblationKind.EXEMPLAR_COUNT else (config.exemplars.n,)
@@ -189,7 +209,7 @@ def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
         else:
             grids = [tuple(spec.q)]
         for qs, n, seed in itertools.product(grids, counts, seeds):
-            out.append(Point(merge, seed, n, qs, tuple(spec.lam)))
+            out.append(Point(merge, seed, n, qs, tuple(spec.lam), tuple(spec.lam_neg) if tune_neg else None))
     return out
 
 

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tatr.core.adamerging import is_adamerging
 from tatr.core.cache import content_hash
 from tatr.runs.ablation_spec import AblationSpec, Point, per_suite_seed, points
+from tatr.runs.adamerging import AdaTuned, tune_adamerging, with_coefficients
 from tatr.runs.config import ExperimentConfig, config_dict
 from tatr.runs.plan import PlanBook
 from tatr.runs.record import RunRecord, write_store
@@ -69,23 +71,23 @@ def run(
                 log(f"[{i}/{len(todo)}] {point.describe()}: in the store already (--resume), skipped")
                 continue
             exemplars = cfg.exemplars.model_copy(update={"n": point.exemplars, "seed": point.seed})
-            tuned = tune_grid(
-                book,
-                point.merge,
-                point.qs,
-                point.lams,
-                exemplars,
-                part.tune_split,
-                part.eval_split,
-                part.allow_test_tuning,
-            )
+            splits = (part.tune_split, part.eval_split, part.allow_test_tuning)
+            if is_adamerging(point.merge.method):  # λ learned on unlabeled inputs: no λ grid
+                tuned: Tuned = tune_adamerging(
+                    book, point.merge, point.qs, cfg.adamerging, exemplars, *splits, seed=point.seed
+                )
+            else:
+                tuned = tune_grid(book, point.merge, point.qs, point.lams, exemplars, *splits, lam_negs=point.lam_negs)
             book.clear()  # a point's plan is used once; the cache folder stays for the next point
             records = point_records(cfg, part, point, tuned, key)
+            if isinstance(tuned, AdaTuned):
+                records = with_coefficients(records, tuned)
             for rec in records:
                 write_store(root, rec)
             logger.log(records[-1])
             ev = tuned.tested.evaluation
             q = "" if tuned.q is None else f" q={tuned.q:g}"
+            q += "" if tuned.lam_neg is None else f" λ_neg={tuned.lam_neg:g}"
             log(
                 f"[{i}/{len(todo)}] {point.describe()}: λ={tuned.lam:g}{q} (val {tuned.validation:.2f}) → "
                 f"{part.eval_split} {ev.mean_accuracy:.2f}  [{len(tuned.trials)} trials, {tuned.seconds:.1f}s]"
@@ -106,8 +108,10 @@ def point_hash(config: ExperimentConfig, spec: AblationSpec, point: Point) -> st
         point.exemplars,
         point.qs,
         point.lams,
+        *(() if point.lam_negs is None else (point.lam_negs,)),
         spec.tune_split,
         spec.eval_split,
+        *((config.adamerging.model_dump(mode="json"),) if is_adamerging(point.merge.method) else ()),
     )[:12]
 
 
@@ -129,10 +133,10 @@ def point_records(
     run_id = f"ablation-{spec.kind}-{new_run_id()}"
     stamp, commit = time.time(), git_commit()
 
-    def resolved(q: float, lam: float) -> dict[str, Any]:
+    def resolved(q: float, lam: float, lam_neg: float | None) -> dict[str, Any]:
         cfg = config.model_copy(
             update={
-                "merge": point.merge.model_copy(update={"q": q, "lam": lam}),
+                "merge": point.merge.model_copy(update={"q": q, "lam": lam, "lam_neg": lam_neg}),
                 "exemplars": config.exemplars.model_copy(update={"n": point.exemplars, "seed": point.seed}),
                 "seed": point.seed,
             }
@@ -151,7 +155,7 @@ def point_records(
         RunRecord(
             run_id=f"{run_id}-t{i:03d}",
             trial=i,
-            config=resolved(t.q, t.lam),
+            config=resolved(t.q, t.lam, t.lam_neg),
             split=spec.tune_split,
             accuracy=t.accuracy,
             normalized=t.normalized,
@@ -166,7 +170,7 @@ def point_records(
         RunRecord(
             run_id=run_id,
             trial=None,
-            config=resolved(tuned.merge.q, tuned.merge.lam),  # type: ignore[arg-type]
+            config=resolved(tuned.merge.q, tuned.merge.lam, tuned.merge.lam_neg),  # type: ignore[arg-type]
             split=spec.eval_split,
             accuracy=tested.evaluation.accuracy,
             normalized=tested.evaluation.normalized,

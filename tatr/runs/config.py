@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import safe_name
 from tatr.core.registry import did_you_mean
+from tatr.core.sparsify import BREADCRUMBS_BETA, BREADCRUMBS_DENSITY, DARE_P, DARE_SEED
 from tatr.suites.safe_yaml import load_yaml as _load
 from tatr.suites.safe_yaml import parse_yaml
 
@@ -48,6 +49,14 @@ class MergeConfig(_Frozen):
     ties_k: float = Field(20.0, gt=0.0, le=100.0)
     # None: the plain trust-region mask (TATR). A subset: the component ablation (needs signed gradients).
     components: tuple[Component, ...] | None = None
+    # The negative component's own scaling factor (components with negative and another part); None: λ.
+    lam_neg: float | None = None
+    # DARE (dare, dare-ties) and Breadcrumbs options; each method reads its own. Defaults and their
+    # sources (FusionBench's CLIP-ViT DARE, mergekit's Breadcrumbs): tatr.core.sparsify.
+    dare_p: float = Field(DARE_P, ge=0.0, lt=1.0)  # drop rate
+    dare_seed: int = Field(DARE_SEED, ge=0)  # seeds every (task, tensor) mask
+    breadcrumbs_beta: float = Field(BREADCRUMBS_BETA, ge=0.0, le=1.0)  # the largest |τ| fraction dropped
+    breadcrumbs_density: float = Field(BREADCRUMBS_DENSITY, ge=0.0, le=1.0)  # the fraction kept
 
     @field_validator("components")
     @classmethod
@@ -56,10 +65,45 @@ class MergeConfig(_Frozen):
             raise ValueError("components must be a non-empty list without repeats")
         return value
 
+    @model_validator(mode="after")
+    def _combinations(self) -> MergeConfig:
+        """β + density ≤ 1; λ_neg only where it scales a part apart (`tatr.core.merging.check_lam_neg_method`)."""
+        from tatr.core.merging import check_lam_neg_method
+        from tatr.core.methods import get_method
+        from tatr.core.sparsify import check_sparsity
+
+        try:
+            check_sparsity(beta=self.breadcrumbs_beta, density=self.breadcrumbs_density)
+            if self.lam_neg is not None:
+                check_lam_neg_method(get_method(self.method), self.components)
+        except TatrError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class ExemplarConfig(_Frozen):
     n: int = Field(32, ge=1)
     seed: int = Field(0, ge=0)
+
+
+class AdaMergingConfig(_Frozen):
+    """AdaMerging's settings (`tatr.core.adamerging`); the defaults are the paper's (ViT-B/32, 500 steps).
+
+    Task-wise or layer-wise is the method's name (`adamerging-task`, `adamerging-layer`), not a key
+    here. The testbed files set `steps: 100`: a testbed step costs about half a TA trial (merge and
+    evaluation on the 8 validation sets; benchmarks/bench_adamerging.py), and an AdaMerging run is made
+    for every q of a trust-region grid. `inputs`: whose unlabeled inputs the coefficients are
+    learned on; the paper uses the test inputs without their labels (transductive), `validation`
+    keeps the test split unseen. Their labels are never read either way.
+    """
+
+    steps: int = Field(500, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    batch: int = Field(16, ge=1)
+    batches_per_step: int = Field(2, ge=1)  # per task; the reference's loop takes 2 (`if i > 0: break`)
+    init: float = Field(0.3, ge=0.0, le=1.0)  # the reference's prior; λ is clamped to [0, 1]
+    inputs: Literal["test", "validation"] = "test"
+    max_memory_gib: float | None = Field(None, gt=0.0)  # None: what the machine (or the GPU) has free
 
 
 def name_field(value: object, what: str) -> str:
@@ -76,6 +120,7 @@ class ExperimentConfig(_Frozen):
     suite: dict[str, Any] = Field(default_factory=dict)
     merge: MergeConfig = MergeConfig()
     exemplars: ExemplarConfig = ExemplarConfig()
+    adamerging: AdaMergingConfig = AdaMergingConfig()
     split: Split = "validation"
     seed: int = Field(0, ge=0)
 

@@ -9,7 +9,8 @@ evaluate` all get their plans here, so they merge the same way:
   component selection; sweep workers on one machine share it instead of each streaming the task
   vectors again.
 * A `PlanBook` keeps, per process, the exemplar gradients per draw (n, seed) and one loaded plan
-  per (method, mode, TIES k, components, exemplar draw).
+  per (method, mode, the options the method reads (TIES k, DARE's p and seed, Breadcrumbs' β and
+  density), components, exemplar draw). λ and λ_neg are trial arguments, not part of a plan.
 
 A plan loaded from the cache gives the same merges as one built in memory: the arrays are the same,
 and the drop order of a lower q extends that of a higher one (ties by ascending index), so which q
@@ -29,6 +30,9 @@ from tatr.core.trust_region import needs_gradients
 from tatr.runs.config import ExemplarConfig, ExperimentConfig, MergeConfig
 
 PLAN_FORMAT = 2  # bump when the cached plan's meaning changes (2: float64 arenas for float64 models)
+# Loaded plans a book keeps (least recently used out first): a sweep over a method option (TIES k,
+# DARE's p, Breadcrumbs' density) asks for a new plan per trial, each holding its own arenas.
+MAX_PLANS = 4
 
 
 def uses_exemplars(trust_region: object, components: Sequence[str] | None) -> bool:
@@ -104,16 +108,20 @@ class PlanBook:
         """The plan for one merge configuration and exemplar draw (loaded once per process)."""
         from tatr.core.components import check_components
         from tatr.core.merging import MergePlan
-        from tatr.core.methods import get_method
+        from tatr.core.methods import fixed_method
+        from tatr.core.sparsify import Sparsity
         from tatr.core.vectors import open_task_set
 
         components = check_components(merge.components)
         ex = exemplars or self.config.exemplars
         draw = (ex.n, ex.seed) if uses_exemplars(merge.trust_region, merge.components) else None
-        key = (merge.method, merge.trust_region, merge.ties_k, components, draw)
+        method = fixed_method(merge.method)
+        options = tuple(getattr(merge, name) for name in method.options)  # what this method reads
+        key = (merge.method, merge.trust_region, options, components, draw)
         if key in self._plans:
+            self._plans[key] = self._plans.pop(key)  # most recently used last
             return self._plans[key]
-        method = get_method(merge.method)
+        sparsity = Sparsity(merge.dare_p, merge.dare_seed, merge.breadcrumbs_beta, merge.breadcrumbs_density)
         if components is not None and merge.trust_region == "off":
             raise TatrError("components need a trust region: choose a trust-region mode other than 'off'")
         folder = self.folder(merge.trust_region, ex)
@@ -121,9 +129,18 @@ class PlanBook:
         signed = self._gradient_files(ex, signed=True) if components is not None else None
         task_set = open_task_set(self.pretrained, self.finetuned, grads, signed)
         plan = MergePlan.load(
-            folder, task_set, method, merge.trust_region, merge.ties_k, components, cache_pretrained=True
+            folder,
+            task_set,
+            method,
+            merge.trust_region,
+            merge.ties_k,
+            components,
+            cache_pretrained=True,
+            sparsity=sparsity,
         )
         plan.prepare([self.q_min])
+        while len(self._plans) >= MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
         self._plans[key] = plan
         return plan
 
@@ -139,7 +156,7 @@ def merge_once(
     """The merged state dict, the seconds the merge took, and the mask statistics (None without a mask)."""
     plan = plans.get(merge, exemplars)
     start = time.perf_counter()
-    merged = plan.merged(merge.q, merge.lam)
+    merged = plan.merged(merge.q, merge.lam, merge.lam_neg)
     seconds = time.perf_counter() - start
     mask = None if merge.trust_region == "off" else plan.mask_stats(merge.q)
     return merged, seconds, mask

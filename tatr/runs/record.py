@@ -9,7 +9,9 @@ one of its grid trials, a baseline, a `tatr evaluate --root` run. Every writer b
 * `experiment` is the experiment's `name` (its config's), `ablation` the ablation kind or null;
 * `model` is the suite's `model` option wherever the suite has one;
 * merge columns come from the resolved merge config: q is null without a trust region, λ is the
-  method's default when unset, TIES k only for TIES, exemplars only when the merge uses them;
+  method's default when unset, a method's options only for the methods that read them (TIES k
+  for TIES, p and seed for DARE, β and density for Breadcrumbs), λ_neg where it was set,
+  exemplars only when the merge uses them;
 * `subject` says what was evaluated: a merge, θ_0 (`pretrained`), each fine-tuned θ_t on its own
   task (`individual`), or exemplar gradients (`gradients`, the correlation ablation): the last
   three have no merge columns; a reference model's seed is its suite's build seed (`suite.seed`).
@@ -22,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tatr.core.methods import METHODS, uses_ties_k
+from tatr.core.methods import METHODS, uses_option
 from tatr.runs.plan import uses_exemplars
+from tatr.runs.schema import METHOD_OPTIONS
 from tatr.runs.store import append_rows, store_dir
 
 SUBJECTS = ("merged", "pretrained", "individual", "gradients")
@@ -97,7 +100,8 @@ def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
         "trust_region": mode,
         "q": None if mode in (None, "off") else merge.get("q"),
         "lam": lam,
-        "ties_k": merge.get("ties_k") if uses_ties_k(method) else None,
+        "lam_neg": merge.get("lam_neg"),
+        **{option: merge.get(option) if uses_option(method, option) else None for option in METHOD_OPTIONS},
         "components": list(components) if components is not None else None,
         "exemplars": exemplars,
         "seed": seed,

@@ -32,7 +32,12 @@ COLUMNS = (
     "trust_region",
     "q",
     "lam",
+    "lam_neg",  # the negative component's own λ (components ablation), null where every part has λ
     "ties_k",
+    "dare_p",
+    "dare_seed",
+    "breadcrumbs_beta",
+    "breadcrumbs_density",
     "components",
     "exemplars",
     "seed",
@@ -50,8 +55,13 @@ COLUMNS = (
 # the type of each column; anything may also be null (None)
 NAMES = ("run_id", "benchmark", "study", "experiment")  # become paths or labels: safe names
 TEXT = ("job_type", "ablation", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash")
-INTEGERS = ("trial", "exemplars", "seed")
-NUMBERS = ("q", "lam", "ties_k", "accuracy", "normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp")
+INTEGERS = ("trial", "exemplars", "seed", "dare_seed")
+NUMBERS = (
+    *("q", "lam", "lam_neg", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density"),
+    *("accuracy", "normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp"),
+)
+# Merge options a row holds only where its method reads them (`tatr.core.methods.MergeMethod.options`).
+METHOD_OPTIONS = ("ties_k", "dare_p", "dare_seed", "breadcrumbs_beta", "breadcrumbs_density")
 PAIR_SEPARATOR = "|"  # a gradient-correlation row's task is "a|b"
 
 # trial, final: a sweep; ablation: a tuned point of an ablation file (its grid trials too);

@@ -6,7 +6,8 @@ Two ways to choose, one way to test:
   (`tatr.runs.plan`) and evaluated on the tuning split; the best mean accuracy wins, the first in
   grid order (q outer, λ inner) on a tie. Why a grid and not Optuna there: a point has at most a few
   dozen cheap trials sharing one plan, and a grid is deterministic, so committed results can be
-  re-derived exactly.
+  re-derived exactly. With a λ_neg grid (the negative component's own factor, `lam_negs`) the grid
+  is (q, λ, λ_neg), λ_neg innermost; each (λ, λ_neg) costs a multiply-add on the plan's two arenas.
 * A sweep (`tatr.runs.sweep`) lets Optuna choose: its best trial's configuration goes to
   `test_choice` like a grid's winner does.
 
@@ -65,7 +66,7 @@ def test_choice(
 
 @dataclass(frozen=True)
 class GridTrial:
-    """One (q, λ) of a grid on the tuning split."""
+    """One (q, λ) — or (q, λ, λ_neg) — of a grid on the tuning split."""
 
     q: float
     lam: float
@@ -73,6 +74,7 @@ class GridTrial:
     normalized: dict[str, float]
     merge_seconds: float
     eval_seconds: float
+    lam_neg: float | None = None
 
     @property
     def mean(self) -> float:
@@ -94,6 +96,11 @@ class Tuned:
         return float(self.merge.lam)  # type: ignore[arg-type]
 
     @property
+    def lam_neg(self) -> float | None:
+        """The chosen λ_neg, or None where every part is scaled by λ."""
+        return self.merge.lam_neg
+
+    @property
     def q(self) -> float | None:
         """The chosen q, or None without a trust region (q changes nothing there)."""
         return None if self.merge.trust_region == "off" else self.merge.q
@@ -113,35 +120,42 @@ def tune_grid(
     tune_split: str = "validation",
     eval_split: str = "test",
     allow_test_tuning: bool = False,
+    lam_negs: Sequence[float] | None = None,
 ) -> Tuned:
     """Grid over (q, λ) on `tune_split` with one plan, then the best (q, λ) once on `eval_split`.
 
     Without a trust region q changes nothing: pass `qs=(1.0,)`. The plan's building time is counted
-    in the tested merge's seconds (it is the cost of getting that merge)."""
+    in the tested merge's seconds (it is the cost of getting that merge). `lam_negs`: also tune the
+    negative component's own λ_neg over this grid (None: `merge.lam_neg` as it is, for every trial)."""
     from tatr.suites.scoring import evaluate_merged
 
     refuse_test_tuning(tune_split, allow_test_tuning, "set allow_test_tuning")
-    if not qs or not lams:
-        raise TatrError("a tuning grid needs at least one q and one λ")
+    if not qs or not lams or (lam_negs is not None and not lam_negs):
+        raise TatrError("a tuning grid needs at least one q and one λ (and one λ_neg when it tunes λ_neg)")
+    negs: Sequence[float | None] = (merge.lam_neg,) if lam_negs is None else tuple(lam_negs)
     start = time.perf_counter()
     plan = book.get(merge, exemplars)
+    if lam_negs is not None:
+        plan.check_lam_neg()  # one line before any trial
     plan.prepare(qs)  # rank once for the lowest q; Ω is kept so the best q can be revisited
     plan_seconds = time.perf_counter() - start
     trials: list[GridTrial] = []
     best: GridTrial | None = None
     for q in qs:
         for lam in lams:
-            t0 = time.perf_counter()
-            merged = plan.merged(q, lam)
-            merge_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ev = evaluate_merged(book.suite, merged, tune_split)
-            trial = GridTrial(q, lam, ev.accuracy, ev.normalized, merge_seconds, time.perf_counter() - t0)
-            trials.append(trial)
-            if best is None or trial.mean > best.mean:
-                best = trial
+            for lam_neg in negs:
+                t0 = time.perf_counter()
+                merged = plan.merged(q, lam, lam_neg)
+                merge_seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                ev = evaluate_merged(book.suite, merged, tune_split)
+                seconds = time.perf_counter() - t0
+                trial = GridTrial(q, lam, ev.accuracy, ev.normalized, merge_seconds, seconds, lam_neg)
+                trials.append(trial)
+                if best is None or trial.mean > best.mean:
+                    best = trial
     assert best is not None
-    chosen = merge.model_copy(update={"q": best.q, "lam": best.lam})
+    chosen = merge.model_copy(update={"q": best.q, "lam": best.lam, "lam_neg": best.lam_neg})
     tested = test_choice(book, chosen, exemplars, eval_split)
     tested = Tested(tested.evaluation, plan_seconds + tested.merge_seconds, tested.eval_seconds, tested.mask)
     return Tuned(chosen, best.mean, tested, trials, time.perf_counter() - start)

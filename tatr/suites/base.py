@@ -5,18 +5,24 @@ files tensor by tensor; and it evaluates a merged state dict with its own frozen
 
 Classification rule shared by all suites (CLIP zero-shot heads and the testbed alike):
     logits = scale · normalize(encoder(x)) @ head.T, with `head` rows L2-normalised class embeddings.
+
+Unlabeled inputs (`Suite.unlabeled_loader`, for AdaMerging's test-time adaptation) are *inputs only*:
+the labels never leave the suite, so a method that must not see them cannot read them by mistake.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from tatr.core.errors import TatrError
 from tatr.core.registry import Registry
 
 SPLITS = ("train", "validation", "test")
@@ -71,6 +77,15 @@ class Suite(Protocol):
         """`n` training exemplars of `task`, drawn with `seed`, for the gradient statistics."""
         ...
 
+    def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
+        """Endless batches of `task`'s inputs of `split`, without labels (AdaMerging learns on these).
+
+        Inputs only: the labels stay inside the suite. The order is a seeded shuffle, reshuffled at
+        every pass (`seeded_batches`); the same (seed, task) gives the same batches, and tasks differ
+        for the same seed. AdaMerging's paper uses the test inputs (`adamerging.inputs: test`).
+        """
+        ...
+
     def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
         """Gradient statistics at θ_0 for every task (cached by content hash)."""
         ...
@@ -88,6 +103,34 @@ class Suite(Protocol):
     def individual_accuracy(self, split: str) -> dict[str, float]:
         """Accuracy of each task's own fine-tuned model on its task (cached): the normaliser."""
         ...
+
+
+def input_seed(seed: int, task: str) -> int:
+    """The seed of task `task`'s unlabeled input order: stable across runs and machines (no `hash()`), distinct
+    per task."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{task}".encode()).digest()[:7], "big")
+
+
+def seeded_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Index batches over `n` items, forever: a seeded permutation per pass, cut into full batches.
+
+    Each pass sees every item at most once; the last partial batch of a pass is left out (the next
+    pass reshuffles), so every batch has `batch_size` items, or all `n` when n < batch_size.
+    AdaMerging's reference draws each step's batches from a freshly shuffled loader instead; both
+    give uniformly drawn batches, this one also covers the data evenly.
+    """
+    if n < 1:
+        raise TatrError("no inputs to draw unlabeled batches from (the split is empty)")
+    if batch_size < 1:
+        raise TatrError(f"the unlabeled batch size must be at least 1, got {batch_size}")
+    return _passes(n, min(batch_size, n), torch.Generator().manual_seed(seed))
+
+
+def _passes(n: int, size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]
 
 
 SuiteFactory = Callable[[dict[str, Any], Path | None], Suite]

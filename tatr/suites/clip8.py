@@ -39,7 +39,7 @@ from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
 from tatr.suites import clip_heads as ch
 from tatr.suites import scoring as ev
-from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients
+from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, input_seed, seeded_batches
 from tatr.suites.clip_checkpoints import CACHE_FORMAT, expand_path, finetuned_source, normalised_finetuned
 from tatr.suites.clip_convert import VISUAL
 from tatr.suites.clip_data import TASKS, TaskData, load_task, unknown_task
@@ -256,6 +256,21 @@ class Clip8:
             raise TatrError(f"exemplars.n must be between 1 and {len(train)} for clip8 task '{task}', got {n}")
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         return self._loader(Subset(train, idx), min(n, self.options.batch_size))
+
+    def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
+        """Endless seeded batches of `task`'s images of `split` (eval transform), labels left behind.
+
+        One DataLoader over an endless batch sampler, so the workers live for the whole run."""
+        ev.check_split(split)
+        data = self.task_data(task).split(split)
+        batches = seeded_batches(len(data), batch_size, input_seed(seed, task))
+        loader = DataLoader(
+            data,
+            batch_sampler=(idx.tolist() for idx in batches),
+            num_workers=self.options.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        return (x for x, _ in loader)
 
     def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         workers = self.options.num_workers

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean, unknown_name
 from tatr.suites import scoring as ev
 from tatr.suites import testbed_build as tb
-from tatr.suites.base import SPLITS, SUITES, Checkpoints, ExemplarGradients
+from tatr.suites.base import SPLITS, SUITES, Checkpoints, ExemplarGradients, input_seed, seeded_batches
 
 # Bump whenever the build code changes its output, so stale cache folders are not reused.
 # 3: the build always runs on one torch thread; a version-2 folder may hold a multi-thread build.
@@ -178,6 +178,13 @@ class Testbed:
             raise TatrError(f"exemplars.n must be between 1 and {len(y)} for testbed task '{task}', got {n}")
         idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
         return _tensor_loader(tb.preprocess(x[idx]), y[idx], 64)
+
+    def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
+        """Endless seeded batches of `task`'s preprocessed inputs of `split`, labels left behind."""
+        ev.check_split(split)
+        x, _ = self._split(task, split)
+        x = tb.preprocess(x)
+        return (x[idx] for idx in seeded_batches(len(x), batch_size, input_seed(seed, task)))
 
     def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
         # chunk fixed (not auto) so that regenerated gradients match the committed results bit for bit

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write
 from tatr.core.registry import did_you_mean
 from tatr.suites import scoring as ev
-from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients
+from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, input_seed, seeded_batches
 from tatr.suites.text_build import build, make_encoder
 from tatr.suites.text_model import resolve_model, trim
 from tatr.suites.text_tasks import TextTask, parse_task_entry, read_tasks_file, select_tasks
@@ -206,6 +206,12 @@ class TextSuite:
             raise TatrError(f"exemplars.n must be between 1 and {len(y)} for text task '{task}', got {n}")
         idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
         return _batch_loader(x[idx], y[idx], 64)
+
+    def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
+        """Endless seeded batches of `task`'s token tensors of `split`, each cut to its longest text; no labels."""
+        ev.check_split(split)
+        x, _ = self._split(task, split)
+        return (trim(x[idx]) for idx in seeded_batches(len(x), batch_size, input_seed(seed, task)))
 
     def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
         # chunk 4: per-sample gradients of the 30k×384 word embedding are dense inside vmap (47 MB each)

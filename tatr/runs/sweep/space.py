@@ -34,9 +34,15 @@ from tatr.runs.config import (
     validation_error,
 )
 
-PARAMS = ("lam", "q", "method", "trust_region", "ties_k")
-NUMERIC = ("lam", "q", "ties_k")
-PAPER_DEFAULT = {"lam": 0.3, "q": 0.99, "ties_k": 20.0}  # ties_k: TIES as published (K=20)
+PARAMS = ("lam", "q", "method", "trust_region", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density")
+NUMERIC = ("lam", "q", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density")
+# ties_k: TIES as published (K=20); DARE's and Breadcrumbs' defaults are MergeConfig's (sources: tatr.core.sparsify)
+PAPER_DEFAULT = {
+    "lam": 0.3,
+    "q": 0.99,
+    "ties_k": 20.0,
+    **{k: MergeConfig.model_fields[k].default for k in ("dare_p", "breadcrumbs_beta", "breadcrumbs_density")},
+}
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
 METRICS = ("accuracy", "normalized_accuracy")
@@ -149,12 +155,13 @@ def _number(field_name: str, value: Any) -> float:
 
 def check_value(name: str, value: Any) -> None:
     """Refuse a value the merge would refuse (ValueError), now rather than in trial 37 (or never, for NaN)."""
-    from tatr.core.methods import get_method
+    from tatr.core.methods import fixed_method
+    from tatr.core.sparsify import check_sparsity
     from tatr.core.trust_region import check_mode
 
     try:
         if name == "method":
-            get_method(str(value))
+            fixed_method(str(value))
         elif name == "trust_region":
             check_mode(str(value))
         elif not isinstance(value, int | float) or isinstance(value, bool):
@@ -165,6 +172,10 @@ def check_value(name: str, value: Any) -> None:
             raise ValueError(f"q must be in (0, 1], got {value}")
         elif name == "ties_k" and not 0 < value <= 100:
             raise ValueError(f"ties_k must be in (0, 100], got {value}")
+        elif name == "dare_p":
+            check_sparsity(dare_p=value)
+        elif name in ("breadcrumbs_beta", "breadcrumbs_density"):
+            check_sparsity(**{"beta" if name == "breadcrumbs_beta" else "density": value})
     except TatrError as exc:
         raise ValueError(str(exc)) from None
 
@@ -242,6 +253,26 @@ class SearchSpace(_Frozen):
     def _text(cls, value: Any, info: Any) -> str:
         known = {"sampler": SAMPLERS, "pruner": PRUNERS, "metric": METRICS}.get(info.field_name)
         return str(value) if known is None else _choice(info.field_name, value, known)
+
+    @model_validator(mode="after")
+    def _band(self) -> SearchSpace:
+        """Breadcrumbs' β + density ≤ 1 for every trial, not only the first: the largest β the space
+        can suggest (or its fixed value, or the default) plus the largest density."""
+        from tatr.core.sparsify import check_sparsity
+
+        def largest(name: str) -> float:
+            spec = self.param(name)
+            if spec is not None:
+                return max(spec.choices) if spec.choices is not None else float(spec.high)  # type: ignore[arg-type,type-var]
+            return float(self.merge.get(name, MergeConfig.model_fields[name].default))
+
+        beta, density = largest("breadcrumbs_beta"), largest("breadcrumbs_density")
+        if self.param("breadcrumbs_beta") is not None or self.param("breadcrumbs_density") is not None:
+            try:
+                check_sparsity(beta=beta, density=density)
+            except TatrError as exc:
+                raise ValueError(f"{exc} (the largest values this space can suggest)") from None
+        return self
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
