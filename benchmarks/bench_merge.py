@@ -16,15 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peak_memory beside this file
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,15 +72,12 @@ def baseline(pre_path: str, ft_paths: list[str], q: float, lam: float, out: str)
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Run a command; return (seconds, peak RSS in MiB) of that process alone (wait4)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"command failed: {' '.join(cmd)}")
-    return seconds, usage.ru_maxrss / 1024
+    """Run `python …`; return (seconds, peak RSS in MiB) of that process alone: its own VmHWM, not wait4's
+    ru_maxrss, which carries this script's peak (the generated checkpoints) into the child
+    (`benchmarks/peak_memory.py`)."""
+    from peak_memory import measured
+
+    return measured(cmd[1:], env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
 
 
 def main() -> None:
