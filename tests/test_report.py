@@ -83,7 +83,8 @@ def test_every_table_and_figure_is_written(full: Path) -> None:
     for name in FIGURES:
         assert f"figures/{name}.png" in page
     assert page.count("<table") == len(TABLES)
-    assert sorted(p.name for p in folder.iterdir()) == ["baselines.csv", "figures", "index.html", "tables"]  # no temporaries left
+    # no temporaries left
+    assert sorted(p.name for p in folder.iterdir()) == ["baselines.csv", "figures", "index.html", "tables"]
 
 
 def test_main_table_equals_pandas(full: Path) -> None:
