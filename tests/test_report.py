@@ -543,3 +543,10 @@ def test_baselines_csv_is_the_long_form_of_the_baselines_rows(full: Path, tmp_pa
         got = long[(long["row"] == label) & (long["seed"] == line["seed"]) & (long["task"] == line["task"])]
         assert len(got) == 1 and got["test_accuracy"].iloc[0] == pytest.approx(line["accuracy"], abs=1e-3)
     assert len(long) == long.groupby(["seed", "row", "task"], dropna=False).ngroups
+    # with seeded reference rows (a baselines file with suite seeds), the seed-less ones of other ablations go
+    refs = store[store["job_type"] == "baseline"]
+    seeded = pd.concat([refs.assign(run_id=refs["run_id"] + f"-s{s}", seed=s) for s in sorted(set(tested["seed"]))])
+    report.generate(full, out=tmp_path, published=None, rows=pd.concat([rows, seeded]), figures=False)
+    long = pd.read_csv(tmp_path / BENCHMARK / "baselines.csv")
+    refs_long = long[long["row"].isin(["Pretrained", "Individual"])]
+    assert refs_long["seed"].notna().all() and set(refs_long["seed"]) == set(tested["seed"])
