@@ -39,7 +39,7 @@ def command(
     tables_only: bool,
     wandb_path: str | None,
 ) -> None:
-    """Write results/<benchmark>/{tables,figures,index.html} from the results store."""
+    """Write results/<benchmark>/{tables,figures,index.html,baselines.csv} from the results store."""
     from tatr.report import build as report
 
     rows = report.rows_from_wandb(wandb_path) if wandb_path else None
