@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -86,7 +85,10 @@ def child(kind: str, preset: str, cache: str | None, steps: int, repeats: int) -
             cpu_seconds=cpu / steps,
             coefficients=int(result.coefficients.numel()),  # type: ignore[attr-defined]
         )
-    out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # this process's own peak (VmHWM): getrusage's ru_maxrss would carry the parent's across fork and exec
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm = next(line for line in status if line.startswith("VmHWM:"))
+    out["max_rss_mib"] = int(hwm.split()[1]) / 1024
     return out
 
 
