@@ -87,6 +87,19 @@ def accuracy(
     return out
 
 
+def recorded_accuracy(suite: Suite, recorded: Mapping[str, Mapping], which: str, split: str) -> dict[str, float]:
+    """Accuracies of θ_0 ("pretrained") or of each θ_t on its own task ("individual") that the build recorded
+    per split (`recorded[which][split]`); a split the build did not record is measured now."""
+    check_split(split)
+    stored = recorded[which].get(split)
+    if stored is not None:
+        return {t: stored[t] for t in suite.tasks}
+    if which == "pretrained":
+        return accuracy(suite, None, split)
+    ckpts = suite.checkpoints()
+    return {t: accuracy(suite, load_state_dict(ckpts.finetuned[t]), split, (t,))[t] for t in suite.tasks}
+
+
 def normalized_accuracy(acc: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
     """Merged accuracy ÷ individual fine-tuned accuracy, in percent (100 = no loss from merging)."""
     missing = [t for t in acc if t not in individual]

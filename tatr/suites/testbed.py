@@ -208,14 +208,7 @@ class Testbed:
     # --- helpers -------------------------------------------------------------------------------
     def _recorded(self, which: str, split: str) -> dict[str, float]:
         """Accuracies measured at build time (validation/test); other splits are measured now."""
-        ev.check_split(split)
-        recorded = self.meta["accuracy"][which].get(split)
-        if recorded is not None:
-            return {t: recorded[t] for t in self.tasks}
-        ckpts = self.checkpoints()
-        if which == "pretrained":
-            return ev.accuracy(self, None, split)
-        return {t: ev.accuracy(self, load_state_dict(ckpts.finetuned[t]), split, (t,))[t] for t in self.tasks}
+        return ev.recorded_accuracy(self, self.meta["accuracy"], which, split)
 
     def _check_task(self, task: str) -> str:
         if task not in self.tasks:

@@ -165,8 +165,10 @@ def cosine_logits(features: Tensor, head: Tensor, scale: float) -> Tensor:
     return scale * F.normalize(features, dim=-1) @ F.normalize(head, dim=-1).T
 
 
-def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[Tensor]:
-    """Endless shuffled index batches (epoch after epoch) from a seeded generator."""
+def shuffled_batches(n: int, batch: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """Endless shuffled index batches (epoch after epoch) from a seeded generator (the fine-tunes of every
+    suite draw from it); a batch larger than the data is cut to the data."""
+    batch = min(batch, n)
     while True:
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n - batch + 1, batch):
@@ -263,7 +265,7 @@ def finetune(
     encoder.load_state_dict(dict(theta0))
     opt = torch.optim.AdamW(encoder.parameters(), lr=spec.finetune_lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    stream = _batches(len(y), spec.finetune_batch, gen)
+    stream = shuffled_batches(len(y), spec.finetune_batch, gen)
     xf = preprocess(x)
     encoder.train()
     for step in range(spec.finetune_steps):

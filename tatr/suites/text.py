@@ -254,14 +254,8 @@ class TextSuite:
 
     # --- helpers -------------------------------------------------------------------------------
     def _recorded(self, which: str, split: str) -> dict[str, float]:
-        ev.check_split(split)
-        recorded = self.meta["accuracy"][which].get(split)
-        if recorded is not None:
-            return {t: recorded[t] for t in self.tasks}
-        if which == "pretrained":
-            return ev.accuracy(self, None, split)
-        ckpts = self.checkpoints()
-        return {t: ev.accuracy(self, load_state_dict(ckpts.finetuned[t]), split, (t,))[t] for t in self.tasks}
+        """Accuracies measured at build time (validation/test); other splits are measured now."""
+        return ev.recorded_accuracy(self, self.meta["accuracy"], which, split)
 
     def _check_task(self, task: str) -> str:
         if task not in self.tasks:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from tatr.core.checkpoints import save_state_dict
 from tatr.core.gradients import cosine_logits
-from tatr.suites.testbed_build import BUILD_THREADS, torch_threads
+from tatr.suites.testbed_build import BUILD_THREADS, shuffled_batches, torch_threads
 from tatr.suites.text_model import TextEncoder, load_tokenizer, load_transformer, pack, read_pooling, trim
 from tatr.suites.text_tasks import TextTask, draw_splits
 
@@ -67,15 +67,6 @@ def make_head(encoder: nn.Module, tokenizer: Any, task: TextTask, max_length: in
     return torch.stack(rows).contiguous()
 
 
-def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[Tensor]:
-    """Endless shuffled index batches (epoch after epoch) from a seeded generator."""
-    batch = min(batch, n)
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - batch + 1, batch):
-            yield perm[start : start + batch]
-
-
 def _schedule(step: int, total: int, warmup: int) -> float:
     """Linear warmup, then cosine decay to zero."""
     if step < warmup:
@@ -90,7 +81,7 @@ def finetune(
     encoder.load_state_dict(dict(theta0))
     opt = torch.optim.AdamW(encoder.parameters(), lr=spec.finetune_lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    stream = _batches(len(y), spec.finetune_batch, gen)
+    stream = shuffled_batches(len(y), spec.finetune_batch, gen)
     warmup = max(1, spec.finetune_steps // 10)
     encoder.train()
     with torch.random.fork_rng():
