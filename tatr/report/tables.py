@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tatr.core.components import COMPONENT_ORDER, components_label
+from tatr.core.methods import METHODS, get_method
 from tatr.report.labels import drop_text, label_rank, method_rank, missing, model_key, reference_label
 from tatr.report.render import Table, empty_table
 from tatr.report.selection import (
@@ -72,7 +73,21 @@ def summarize(
     return mean, std, seeds
 
 
-def _values(series: pd.Series, fmt: Callable[[float], str] = lambda v: f"{v:g}") -> str:
+def _plain(v: float) -> str:
+    return f"{v:g}"
+
+
+def _three_digits(v: float) -> str:
+    """A learned λ's mean: three digits say what it is; a grid value is shown whole."""
+    return f"{v:.3g}"
+
+
+def _learned(methods: pd.Series) -> bool:
+    """Whether a variant's λ were learned (AdaMerging) rather than chosen from a grid."""
+    return any(m in METHODS and get_method(m).learned for m in methods.dropna().unique())
+
+
+def _values(series: pd.Series, fmt: Callable[[float], str] = _plain) -> str:
     """Distinct numbers of a column as 'a/b' (the hyperparameter each seed's tuning chose)."""
     vals = sorted({float(v) for v in series.dropna()})
     return "/".join(fmt(v) for v in vals) if vals else "–"
@@ -145,11 +160,18 @@ def variant_table(df: pd.DataFrame, kind: str) -> Table:
     mean, std, seeds = summarize(wide, "variant", [*tasks, AVERAGE, NORMALIZED], order)
     info = pd.DataFrame(index=mean.index)
     by_variant = rows.groupby("variant", sort=False)
-    info["λ"] = [_values(by_variant.get_group(v)["lam"]) for v in mean.index]
+    learned = [_learned(by_variant.get_group(v)["method"]) for v in mean.index]
+    info["λ"] = [
+        _values(by_variant.get_group(v)["lam"], _three_digits if ada else _plain)
+        for v, ada in zip(mean.index, learned, strict=True)
+    ]
     tuned_q = [_values(by_variant.get_group(v)["q"]) for v in mean.index]
     if any(q != "–" for q in tuned_q):
         info["q"] = tuned_q
-    note = "λ (and q) chosen on the validation split per variant and seed; test accuracy (%). " + _seed_note(seeds)
+    note = "λ (and q) chosen on the validation split per variant and seed; test accuracy (%). "
+    if any(learned):
+        note += "AdaMerging learns its λ: the λ shown is the mean of the learned coefficients. "
+    note += _seed_note(seeds)
     return Table(f"ablation_{_stem(kind)}", title, mean, std, seeds, info, header, note=note.strip())
 
 
