@@ -230,6 +230,23 @@ def test_learned_lambda_is_shown_as_a_mean_of_three_digits(tmp_path: Path) -> No
     assert "the mean of the learned coefficients" in md
 
 
+def test_main_table_never_counts_a_seedless_reference_row_as_a_seed(tmp_path: Path) -> None:
+    """A baselines file's seeded Pretrained rows, beside another file's seed-less one: the mean is the seeds'."""
+    make_store(tmp_path, parts=("baseline",))  # seed-less Pretrained and Individual
+    rng = np.random.default_rng(7)
+    for seed in (0, 1, 2):
+        _run(tmp_path, rng, f"pre-{seed}", job_type="baseline", method="pretrained", seed=seed)
+    report.generate(tmp_path, published=None)
+    store = read_store(tmp_path)
+    pre = store[(store["method"] == "pretrained") & store["seed"].notna()]
+    per_seed = pre.groupby("seed")["accuracy"].mean()
+    got = read_table(tmp_path, "main")
+    assert got.at["Pretrained", "Average"] == pytest.approx(per_seed.mean(), abs=1e-5)
+    assert got.at["Pretrained", "Average_std"] == pytest.approx(per_seed.std(), abs=1e-5)
+    individual = store[store["method"] == "individual"]  # seed-less only: still shown
+    assert got.at["Individual", "Average"] == pytest.approx(individual["accuracy"].mean(), abs=1e-5)
+
+
 def test_rows_without_accuracy_are_a_clear_error(tmp_path: Path) -> None:
     append_rows(tmp_path, [{"benchmark": BENCHMARK, "task": "digits", "split": "test"}], "broken")
     with pytest.raises(TatrError, match="no accuracy"):

@@ -97,6 +97,17 @@ def main_source(rows: pd.DataFrame) -> pd.Series:
     return ranks.fillna(kinds).astype(int)
 
 
+def prefer_seeded(rows: pd.DataFrame) -> pd.DataFrame:
+    """Drop a label's seed-less rows where it has seeded ones, so a mean over seeds never counts them.
+
+    Why: a baselines file writes Pretrained and Individual for each build seed, and other ablation files'
+    `baselines: true` write them once more without a seed, for their one build; that is not another seed."""
+    if rows.empty:
+        return rows
+    has_seeded = rows.groupby("label", dropna=False)["seed_key"].transform("max") >= 0
+    return rows[~has_seeded | (rows["seed_key"] >= 0)]
+
+
 def ablation_rows(df: pd.DataFrame, kind: str, split: str = "test") -> pd.DataFrame:
     """The rows one kind of ablation wrote on `split`."""
     return df[(df["job_type"] == "ablation") & (df["ablation"] == kind) & (df["split"] == split)]

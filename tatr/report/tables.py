@@ -30,6 +30,7 @@ from tatr.report.selection import (
     main_rows,
     main_source,
     per_seed,
+    prefer_seeded,
     prepare,
     task_order,
 )
@@ -99,12 +100,12 @@ def main_table(df: pd.DataFrame) -> Table:
 
     Each method's row comes from one source, the first that has it among sweep finals, baselines,
     the plug-in and the trust-region ablation (tuned differently, so never mixed), then its latest
-    run per seed.
+    run per seed; seed-less rows only where the method has no seeded ones (`prefer_seeded`).
     """
     rows = main_rows(df)
     rows = rows.assign(source=main_source(rows))
     rows = rows[rows["source"] == rows.groupby("label")["source"].transform("min")]
-    rows = latest_runs(rows, ["label", "seed_key"])
+    rows = latest_runs(prefer_seeded(rows), ["label", "seed_key"])
     tasks = task_order(rows)
     if rows.empty:
         return empty_table("main", "Test accuracy (%) of merged models")
