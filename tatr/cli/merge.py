@@ -17,7 +17,8 @@ import click
 from tatr.core.checkpoints import as_source, header, save_state_dict
 from tatr.core.components import COMPONENTS, check_components
 from tatr.core.errors import TatrError
-from tatr.core.merging import check_lam_neg_method, check_numbers, plan_merge
+from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
+from tatr.core.merging import plan_merge
 from tatr.core.methods import METHODS, fixed_method, fixed_methods, get_method
 from tatr.core.outputs import check_output
 from tatr.core.sparsify import BREADCRUMBS_BETA, BREADCRUMBS_DENSITY, DARE_P, DARE_SEED, Sparsity

@@ -19,16 +19,15 @@ Every result is computed from θ_0 afresh: trying λ₁ then λ₂ gives θ_0 + 
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from tatr.core.components import check_components, check_lam_neg
+from tatr.core.components import check_components
 from tatr.core.errors import TatrError
+from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
 from tatr.core.methods import MergeMethod, fixed_method, get_method
 from tatr.core.passes import (
     Filter,
@@ -322,37 +321,6 @@ def _apply(key: str, theta0: Tensor, step: Tensor, what: str) -> Tensor:
     if not bool(torch.isfinite(result.sum())) and not bool(torch.isfinite(result).all()):
         raise TatrError(f"key '{key}': {what} overflows {theta0.dtype} (the merged values are infinite)")
     return result
-
-
-def check_lam_neg_method(method: MergeMethod, components: object) -> None:
-    """λ_neg needs components with negative and another part, and a method that sums the parts:
-    with a sign election the negative part's own scale would change the elected signs."""
-    check_lam_neg(components)  # type: ignore[arg-type]
-    if method.elect_sign:
-        raise TatrError(
-            f"lam_neg needs a method that sums the task vectors without a sign election (e.g. ta, dare, breadcrumbs); "
-            f"{method.name} elects signs over the parts together"
-        )
-
-
-def check_numbers(
-    q: float | None = None, lam: float | None = None, ties_k: float | None = None, lam_neg: float | None = None
-) -> None:
-    """Refuse a bad q, λ, λ_neg or TIES k at the door, with one line naming the value."""
-    if q is not None:
-        if not _real(q):
-            raise TatrError(f"q must be a number in (0, 1], got {q!r}")
-        drop_count(float(q), 1)
-    if lam is not None and not (_real(lam) and math.isfinite(float(lam))):
-        raise TatrError(f"λ (lam) must be a finite number (negative is allowed), got {lam!r}")
-    if lam_neg is not None and not (_real(lam_neg) and math.isfinite(float(lam_neg))):
-        raise TatrError(f"λ_neg (lam_neg) must be a finite number (negative is allowed), got {lam_neg!r}")
-    if ties_k is not None and not (_real(ties_k) and 0 < float(ties_k) <= 100):
-        raise TatrError(f"ties_k must be in (0, 100], got {ties_k!r}")
-
-
-def _real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def plan_merge(

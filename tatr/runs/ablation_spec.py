@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tatr.core.components import components_label
 from tatr.core.errors import TatrError
-from tatr.core.merging import check_lam_neg_method
+from tatr.core.merge_inputs import check_lam_neg_method
 from tatr.core.methods import get_method, merge_label
 from tatr.core.registry import did_you_mean
 from tatr.runs.config import (

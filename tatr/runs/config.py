@@ -67,8 +67,8 @@ class MergeConfig(_Frozen):
 
     @model_validator(mode="after")
     def _combinations(self) -> MergeConfig:
-        """β + density ≤ 1; λ_neg only where it scales a part apart (`tatr.core.merging.check_lam_neg_method`)."""
-        from tatr.core.merging import check_lam_neg_method
+        """β + density ≤ 1; λ_neg only where it scales a part apart (`tatr.core.merge_inputs.check_lam_neg_method`)."""
+        from tatr.core.merge_inputs import check_lam_neg_method
         from tatr.core.methods import get_method
         from tatr.core.sparsify import check_sparsity
 
