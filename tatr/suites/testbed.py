@@ -11,7 +11,6 @@ the fields of `TestbedSpec`, plus `preset: tiny` for the reduced build the tests
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields, replace
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
@@ -29,7 +27,8 @@ from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean, unknown_name
 from tatr.suites import scoring as ev
 from tatr.suites import testbed_build as tb
-from tatr.suites.base import SPLITS, SUITES, Checkpoints, ExemplarGradients, input_seed, seeded_batches
+from tatr.suites.base import SPLITS, SUITES, ExemplarGradients, input_seed, seeded_batches
+from tatr.suites.built_suite import BuiltSuite
 
 # Bump whenever the build code changes its output, so stale cache folders are not reused.
 # 3: the build always runs on one torch thread; a version-2 folder may hold a multi-thread build.
@@ -102,7 +101,7 @@ def spec_key(spec: tb.TestbedSpec) -> str:
     return content_hash("testbed", BUILD_VERSION, spec.to_json())
 
 
-class Testbed:
+class Testbed(BuiltSuite):
     """The testbed as a `Suite`; everything is loaded lazily from the verified cache folder."""
 
     name = "testbed"
@@ -113,9 +112,7 @@ class Testbed:
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.progress = progress
         self._folder: Path | None = None
-        self._heads: dict[str, Tensor] | None = None
         self._data: dict[str, dict[str, Tensor]] = {}
-        self._meta: dict[str, Any] | None = None
 
     # --- the build ------------------------------------------------------------------------------
     @property
@@ -127,23 +124,7 @@ class Testbed:
             )
         return self._folder
 
-    @property
-    def meta(self) -> dict[str, Any]:
-        if self._meta is None:
-            self._meta = json.loads((self.folder / "meta.json").read_text())
-        return self._meta
-
-    def build_log(self) -> dict[str, float]:
-        """Timings of the build that produced the cached folder (seconds)."""
-        return json.loads((self.folder / "build_log.json").read_text())
-
     # --- Suite protocol --------------------------------------------------------------------------
-    def checkpoints(self) -> Checkpoints:
-        folder = self.folder
-        return Checkpoints(
-            folder / "pretrained.safetensors", {t: folder / "finetuned" / f"{t}.safetensors" for t in self.tasks}
-        )
-
     def encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
         model = tb.make_encoder(self.spec)
         sd = dict(state_dict) if state_dict is not None else load_state_dict(self.checkpoints().pretrained)
@@ -153,18 +134,6 @@ class Testbed:
             detail = str(exc).splitlines()[1].strip()
             raise TatrError(f"state dict does not fit the testbed encoder: {detail}") from None
         return model.eval()
-
-    def head(self, task: str) -> Tensor:
-        if self._heads is None:
-            self._heads = load_file(str(self.folder / "heads.safetensors"))
-        self._check_task(task)
-        return self._heads[task]
-
-    def logit_scale(self) -> float:
-        return float(self.spec.logit_scale)
-
-    def classes(self, task: str) -> tuple[str, ...]:
-        return tuple(self.meta["classes"][self._check_task(task)])
 
     def loader(self, task: str, split: str, batch_size: int = 256) -> DataLoader:
         ev.check_split(split)
@@ -198,22 +167,6 @@ class Testbed:
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, float]:
         return ev.accuracy(self, state_dict, split, tasks, on_task)
-
-    def individual_accuracy(self, split: str) -> dict[str, float]:
-        return self._recorded("individual", split)
-
-    def pretrained_accuracy(self, split: str) -> dict[str, float]:
-        return self._recorded("pretrained", split)
-
-    # --- helpers -------------------------------------------------------------------------------
-    def _recorded(self, which: str, split: str) -> dict[str, float]:
-        """Accuracies measured at build time (validation/test); other splits are measured now."""
-        return ev.recorded_accuracy(self, self.meta["accuracy"], which, split)
-
-    def _check_task(self, task: str) -> str:
-        if task not in self.tasks:
-            raise TatrError(f"unknown testbed task '{task}' (known: {', '.join(self.tasks)})")
-        return task
 
     def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
         self._check_task(task)

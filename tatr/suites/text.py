@@ -38,7 +38,8 @@ from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write
 from tatr.core.registry import did_you_mean
 from tatr.suites import scoring as ev
-from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, input_seed, seeded_batches
+from tatr.suites.base import SUITES, ExemplarGradients, input_seed, seeded_batches
+from tatr.suites.built_suite import BuiltSuite
 from tatr.suites.text_build import build, make_encoder
 from tatr.suites.text_model import resolve_model, trim
 from tatr.suites.text_tasks import TextTask, parse_task_entry, read_tasks_file, select_tasks
@@ -110,7 +111,7 @@ def model_files(folder: Path) -> list[Path]:
     return [p for p in files if ".cache" not in p.relative_to(folder).parts]
 
 
-class TextSuite:
+class TextSuite(BuiltSuite):
     """The text suite as a `Suite`; everything loads lazily from the verified cache folder."""
 
     name = "text"
@@ -124,9 +125,7 @@ class TextSuite:
         self.tasks: tuple[str, ...] = tuple(t.name for t in self.task_list)
         self._key: str | None = None
         self._folder: Path | None = None
-        self._heads: dict[str, Tensor] | None = None
         self._data: dict[str, dict[str, Tensor]] = {}
-        self._meta: dict[str, Any] | None = None
         self._template: nn.Module | None = None
 
     # --- the build ------------------------------------------------------------------------------
@@ -152,22 +151,7 @@ class TextSuite:
         if self.progress:
             print(line, flush=True)
 
-    @property
-    def meta(self) -> dict[str, Any]:
-        if self._meta is None:
-            self._meta = json.loads((self.folder / "meta.json").read_text())
-        return self._meta
-
-    def build_log(self) -> dict[str, float]:
-        return json.loads((self.folder / "build_log.json").read_text())
-
     # --- Suite protocol --------------------------------------------------------------------------
-    def checkpoints(self) -> Checkpoints:
-        folder = self.folder
-        return Checkpoints(
-            folder / "pretrained.safetensors", {t: folder / "finetuned" / f"{t}.safetensors" for t in self.tasks}
-        )
-
     def encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
         """A fresh module each call (a copy of one loaded once: `from_pretrained` costs more than an evaluation
         pass over a small split), so no caller's encoder changes under it."""
@@ -181,17 +165,6 @@ class TextSuite:
             detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
             raise TatrError(f"state dict does not fit the text encoder: {detail}") from None
         return model.eval()
-
-    def head(self, task: str) -> Tensor:
-        if self._heads is None:
-            self._heads = load_file(str(self.folder / "heads.safetensors"))
-        return self._heads[self._check_task(task)]
-
-    def logit_scale(self) -> float:
-        return float(self.spec.logit_scale)
-
-    def classes(self, task: str) -> tuple[str, ...]:
-        return tuple(self.meta["classes"][self._check_task(task)])
 
     def loader(self, task: str, split: str, batch_size: int = 128) -> DataLoader:
         """Batches sorted by length and cut to their longest text (the accuracy does not change)."""
@@ -245,22 +218,6 @@ class TextSuite:
             if on_task is not None:
                 on_task(task, cached)
         return out
-
-    def individual_accuracy(self, split: str) -> dict[str, float]:
-        return self._recorded("individual", split)
-
-    def pretrained_accuracy(self, split: str) -> dict[str, float]:
-        return self._recorded("pretrained", split)
-
-    # --- helpers -------------------------------------------------------------------------------
-    def _recorded(self, which: str, split: str) -> dict[str, float]:
-        """Accuracies measured at build time (validation/test); other splits are measured now."""
-        return ev.recorded_accuracy(self, self.meta["accuracy"], which, split)
-
-    def _check_task(self, task: str) -> str:
-        if task not in self.tasks:
-            raise TatrError(f"unknown text task '{task}' (known: {', '.join(self.tasks)})")
-        return task
 
     def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
         self._check_task(task)
