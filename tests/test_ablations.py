@@ -223,6 +223,44 @@ def test_resume_skips_finished_points(tmp_path: Path) -> None:
     assert sorted((tmp_path / "results" / "store").iterdir()) == files
 
 
+def test_a_points_identity_is_the_first_stores_and_holds_only_the_options_its_method_reads(tmp_path: Path) -> None:
+    """`--resume` across versions: a TA point hashes as `point_hash` did before DARE's and Breadcrumbs'
+    options and λ_neg existed (transcribed below from that version), and an option joins a point's
+    identity only where its method reads it."""
+    from dataclasses import replace
+
+    from tatr.core.cache import content_hash
+
+    def first_point_hash(config, spec, point) -> str:  # tatr/runs/ablations.py at 34ccc00
+        return content_hash(
+            "ablation-point",
+            spec.kind,
+            config.benchmark,
+            config.suite,
+            point.merge.model_dump(mode="json", include={"method", "trust_region", "q", "lam", "ties_k", "components"}),
+            point.seed,
+            point.exemplars,
+            point.qs,
+            point.lams,
+            spec.tune_split,
+            spec.eval_split,
+        )[:12]
+
+    path = write(tmp_path, "plug", {"kind": "plugin", "lam": [0.5], "q": [0.9],
+                                    "variants": [{"method": "ta"}, {"method": "dare"}]})  # fmt: skip
+    config, spec = ablation_spec.load_ablation(path)
+    ta, dare = ablation_spec.points(config, spec)
+    assert ablations.point_hash(config, spec, ta) == first_point_hash(config, spec, ta)
+
+    def changed(point, **update) -> bool:
+        moved = replace(point, merge=point.merge.model_copy(update=update))
+        return ablations.point_hash(config, spec, moved) != ablations.point_hash(config, spec, point)
+
+    assert not changed(ta, dare_p=0.3) and not changed(ta, breadcrumbs_beta=0.05)
+    assert changed(dare, dare_p=0.3) and changed(dare, dare_seed=1) and not changed(dare, breadcrumbs_density=0.5)
+    assert changed(ta, ties_k=10.0) and changed(ta, q=0.5)
+
+
 def test_points_are_mirrored_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -103,7 +103,7 @@ def point_hash(config: ExperimentConfig, spec: AblationSpec, point: Point) -> st
         spec.kind,
         config.benchmark,
         config.suite,
-        point.merge.model_dump(mode="json"),
+        point.merge.identity(),
         point.seed,
         point.exemplars,
         point.qs,

@@ -58,6 +58,23 @@ class MergeConfig(_Frozen):
     breadcrumbs_beta: float = Field(BREADCRUMBS_BETA, ge=0.0, le=1.0)  # the largest |τ| fraction dropped
     breadcrumbs_density: float = Field(BREADCRUMBS_DENSITY, ge=0.0, le=1.0)  # the fraction kept
 
+    def identity(self) -> dict[str, Any]:
+        """The merge's part of a result's identity (`tatr.runs.ablations.point_hash`): every field, less
+        λ_neg when unset and the sparsifiers' options a method does not read.
+
+        Why not the whole dump: DARE's and Breadcrumbs' options and λ_neg came after the first stores, so
+        `--resume` would re-run their finished points, and a TA point would re-run when only DARE's p
+        changed. TIES' k stays in every identity, as in the first stores. A new field joins every
+        identity unless it is a sparsifier's option (`tatr.core.methods.SPARSIFY_OPTIONS`)."""
+        from tatr.core.methods import SPARSIFY_OPTIONS, uses_option
+
+        data = self.model_dump(mode="json")
+        options = {o for opts in SPARSIFY_OPTIONS.values() for o in opts} - {"ties_k"}
+        unread = {o for o in options if not uses_option(self.method, o)}
+        if self.lam_neg is None:
+            unread.add("lam_neg")
+        return {k: v for k, v in data.items() if k not in unread}
+
     @field_validator("components")
     @classmethod
     def _components_unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
