@@ -215,17 +215,17 @@ def test_partial_store_reports_what_it_has(tmp_path: Path, capsys: pytest.Captur
     assert "Not available" in page and "tatr ablate experiments/ablations/plugin.yaml" in page
 
 
-def test_learned_lambda_is_shown_as_a_mean_of_three_digits(tmp_path: Path) -> None:
+def test_learned_lambda_is_shown_as_a_mean_to_three_decimals(tmp_path: Path) -> None:
     """AdaMerging's row carries the mean of its learned coefficients; a grid λ keeps all its digits."""
     make_store(tmp_path, parts=("plugin",))
     rng = np.random.default_rng(0)
     common = {"job_type": "ablation", "experiment": "ablation-plugin", "ablation": "plugin", "seed": 0}
-    _run(tmp_path, rng, "ada", **common, method="adamerging-layer", trust_region="off", lam=0.268857, q=None)
+    _run(tmp_path, rng, "ada", **common, method="adamerging-layer", trust_region="off", lam=0.270457, q=None)
     _run(tmp_path, rng, "grid", **common, method="dare", trust_region="off", lam=0.125, q=None)
     report.generate(tmp_path, published=None)
     md = (tmp_path / BENCHMARK / "tables" / "ablation_plugin.md").read_text()
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in md.splitlines() if line.startswith("| ")}
-    assert rows["AdaMerging (layer-wise)"] == "0.269"
+    assert rows["AdaMerging (layer-wise)"] == "0.270"
     assert rows["DARE"] == "0.125" and rows["TA"] == "0.3"
     assert "the mean of the learned coefficients" in md
 

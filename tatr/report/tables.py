@@ -78,9 +78,9 @@ def _plain(v: float) -> str:
     return f"{v:g}"
 
 
-def _three_digits(v: float) -> str:
-    """A learned λ's mean: three digits say what it is; a grid value is shown whole."""
-    return f"{v:.3g}"
+def _three_decimals(v: float) -> str:
+    """A learned λ's mean (in [0, 1]): three decimals say what it is; a grid value is shown whole."""
+    return f"{v:.3f}"
 
 
 def _learned(methods: pd.Series) -> bool:
@@ -163,7 +163,7 @@ def variant_table(df: pd.DataFrame, kind: str) -> Table:
     by_variant = rows.groupby("variant", sort=False)
     learned = [_learned(by_variant.get_group(v)["method"]) for v in mean.index]
     info["λ"] = [
-        _values(by_variant.get_group(v)["lam"], _three_digits if ada else _plain)
+        _values(by_variant.get_group(v)["lam"], _three_decimals if ada else _plain)
         for v, ada in zip(mean.index, learned, strict=True)
     ]
     tuned_q = [_values(by_variant.get_group(v)["q"]) for v in mean.index]
