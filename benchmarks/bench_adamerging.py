@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peak_memory beside this file
 
 
 def _suite(preset: str, cache: str | None):  # -> Testbed
@@ -86,9 +87,9 @@ def child(kind: str, preset: str, cache: str | None, steps: int, repeats: int) -
             coefficients=int(result.coefficients.numel()),  # type: ignore[attr-defined]
         )
     # this process's own peak (VmHWM): getrusage's ru_maxrss would carry the parent's across fork and exec
-    status = Path("/proc/self/status").read_text().splitlines()
-    hwm = next(line for line in status if line.startswith("VmHWM:"))
-    out["max_rss_mib"] = int(hwm.split()[1]) / 1024
+    from peak_memory import own_peak_mib
+
+    out["max_rss_mib"] = own_peak_mib()
     return out
 
 

@@ -31,6 +31,12 @@ RUNNER = (
 )
 
 
+def own_peak_mib() -> float:
+    """This process's own peak RSS (VmHWM) in MiB, for a benchmark child that reports itself."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
 def measured(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of `python <argv>` (argv: `-m module …` or `script.py …`)."""
     start = time.perf_counter()

@@ -296,11 +296,9 @@ def baselines_long(df: pd.DataFrame) -> pd.DataFrame:
     if tuned.empty:
         return pd.DataFrame(columns=list(BASELINES_LONG))
     test = df[df["split"] == "test"]
-    # the reference models of the baselines' seeds; only a store without seeded ones gives the seed-less ones
-    # (other ablations' `baselines: true` write seed-less Pretrained and Individual rows too)
-    refs = test[test["job_type"] == "baseline"]
-    seeded = refs[refs["seed_key"].isin(set(tuned["seed_key"]))]
-    refs = seeded if not seeded.empty else refs[refs["seed_key"] == -1]
+    # the reference models of the baselines' seeds, seed-less ones only where a model has none (`prefer_seeded`)
+    refs = test[(test["job_type"] == "baseline") & test["seed_key"].isin({*tuned["seed_key"], -1})]
+    refs = prefer_seeded(refs)
     rows = latest_runs(pd.concat([refs, tuned]), ["label", "seed_key"])
     out = pd.DataFrame(
         {

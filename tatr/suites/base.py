@@ -123,10 +123,13 @@ def seeded_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
         raise TatrError("no inputs to draw unlabeled batches from (the split is empty)")
     if batch_size < 1:
         raise TatrError(f"the unlabeled batch size must be at least 1, got {batch_size}")
-    return _passes(n, min(batch_size, n), torch.Generator().manual_seed(seed))
+    return shuffled_batches(n, batch_size, torch.Generator().manual_seed(seed))
 
 
-def _passes(n: int, size: int, generator: torch.Generator) -> Iterator[Tensor]:
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless index batches from `generator`: a permutation per pass, cut into full batches, a batch larger
+    than the data cut to the data. The suites' fine-tunes and unlabeled inputs all draw from it."""
+    size = min(batch_size, n)
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - size + 1, size):

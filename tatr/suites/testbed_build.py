@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from tatr.core.checkpoints import save_state_dict
 from tatr.suites import testbed_data as data
+from tatr.suites.base import shuffled_batches
 
 MEAN, STD = 0.5, 0.25  # fixed input normalisation, like CLIP's preprocess constants
 BUILD_THREADS = 1  # see the module docstring: the bytes depend on it, and 1 is never the slow case
@@ -163,16 +164,6 @@ def build_data(spec: TestbedSpec) -> dict[str, dict[str, Tensor]]:
 # --- training ---------------------------------------------------------------------------------
 def cosine_logits(features: Tensor, head: Tensor, scale: float) -> Tensor:
     return scale * F.normalize(features, dim=-1) @ F.normalize(head, dim=-1).T
-
-
-def shuffled_batches(n: int, batch: int, gen: torch.Generator) -> Iterator[Tensor]:
-    """Endless shuffled index batches (epoch after epoch) from a seeded generator (the fine-tunes of every
-    suite draw from it); a batch larger than the data is cut to the data."""
-    batch = min(batch, n)
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - batch + 1, batch):
-            yield perm[start : start + batch]
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from tatr.core.checkpoints import save_state_dict
 from tatr.core.gradients import cosine_logits
-from tatr.suites.testbed_build import BUILD_THREADS, shuffled_batches, torch_threads
+from tatr.suites.base import shuffled_batches
+from tatr.suites.testbed_build import BUILD_THREADS, torch_threads
 from tatr.suites.text_model import TextEncoder, load_tokenizer, load_transformer, pack, read_pooling, trim
 from tatr.suites.text_tasks import TextTask, draw_splits
 
