@@ -32,6 +32,31 @@ from tatr.core.errors import PickledObjectError
 MAX_DIMS = 64
 
 
+class CraftedPickle(pickle.UnpicklingError):
+    """A pickle that tries to rewrite what tatr checked: refused as crafted, not merely damaged."""
+
+
+class Sealed:
+    """Refuses BUILD: a pickle may not rewrite an object tatr made for it (see the module doc)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise CraftedPickle(f"its pickle rewrites a {type(self).__name__.lstrip('_')} after tatr checked it")
+
+
+class _Allowed(Sealed):
+    """An allowlisted callable, sealed: a bare function's `__dict__` would take a BUILD."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+
 class Inert:
     """Stand-in for a class or function a pickle names: records its arguments, never executes."""
 
@@ -67,7 +92,7 @@ class Inert:
 
 
 @dataclass(frozen=True)
-class Refused:
+class Refused(Sealed):
     """What a rebuilder returns instead of a tensor tatr will not make; `crafted` ones refuse the file."""
 
     reason: str
@@ -75,21 +100,21 @@ class Refused:
 
 
 @dataclass(frozen=True)
-class NeedsTrust:
+class NeedsTrust(Sealed):
     """A tensor of a subclass the file defines: rebuilding it needs the file's own code."""
 
     qualname: str
 
 
 @dataclass(frozen=True)
-class StorageRef:
+class StorageRef(Sealed):
     key: str
     dtype: torch.dtype
     nbytes: int
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(Sealed):
     """A checked tensor that is not made yet: it lies inside `storage` and fits in it."""
 
     storage: StorageRef
@@ -100,7 +125,7 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(Sealed):
     dtype: torch.dtype
 
 
@@ -170,17 +195,10 @@ class TorchUnpickler(pickle.Unpickler):
         super().__init__(stream, encoding="utf-8")
         self.record_sizes = record_sizes  # zip: bytes the file holds per storage key; legacy: checked later
         self.strict = strict
-        self.storages: dict[str, StorageRef] = {}
+        self.checked: dict[str, tuple[torch.dtype, int]] = {}  # storage key → (dtype, bytes), out of the pickle's reach
         self.refusals: list[Refused] = []
         self._standins: dict[str, type] = {}
-        self._allowed: dict[str, Any] = {
-            "collections.OrderedDict": OrderedDict,
-            "builtins.set": set,
-            "builtins.frozenset": frozenset,
-            "torch.Size": torch.Size,
-            "torch.device": torch.device,
-            "torch.Tensor": _TENSOR_TYPE,
-            "torch.nn.parameter.Parameter": _PARAMETER_TYPE,
+        callables: dict[str, Any] = {
             "_codecs.encode": _latin1_bytes,
             "torch.serialization._get_layout": str,
             "torch._utils._rebuild_tensor": self._rebuild_tensor,
@@ -189,6 +207,16 @@ class TorchUnpickler(pickle.Unpickler):
             "torch._utils._rebuild_parameter": self._rebuild_parameter,
             "torch._utils._rebuild_parameter_with_state": self._rebuild_parameter,
             "torch._tensor._rebuild_from_type_v2": self._rebuild_from_type_v2,
+        }
+        self._allowed: dict[str, Any] = {
+            "collections.OrderedDict": OrderedDict,  # classes take no BUILD (their __dict__ is read-only)
+            "builtins.set": set,
+            "builtins.frozenset": frozenset,
+            "torch.Size": torch.Size,
+            "torch.device": torch.device,
+            "torch.Tensor": _TENSOR_TYPE,
+            "torch.nn.parameter.Parameter": _PARAMETER_TYPE,
+            **{name: _Allowed(fn) for name, fn in callables.items()},
         }
         self._storage_types = _storage_types()
 
@@ -207,7 +235,7 @@ class TorchUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module == "torch._utils" and name.startswith("_rebuild_"):
             kind = name.removeprefix("_rebuild_").replace("_", " ")
-            return lambda *args, **kwargs: Refused(f"a {kind} (tatr reads dense, strided tensors only)")
+            return _Allowed(lambda *args, **kwargs: Refused(f"a {kind} (tatr reads dense, strided tensors only)"))
         if self.strict:
             raise PickledObjectError(qualname)
         if qualname not in self._standins:
@@ -230,17 +258,16 @@ class TorchUnpickler(pickle.Unpickler):
         numel = _int(numel)
         if numel < 0:
             raise pickle.UnpicklingError(f"storage '{key}' claims {numel} elements")
-        ref = StorageRef(key, storage_type.dtype, numel * storage_type.dtype.itemsize)
-        known = self.storages.setdefault(key, ref)
-        if known != ref:
+        claim = (storage_type.dtype, numel * storage_type.dtype.itemsize)
+        if self.checked.setdefault(key, claim) != claim:
             raise pickle.UnpicklingError(f"storage '{key}' is described twice, differently")
-        if self.record_sizes is not None and self.record_sizes.get(f"data/{key}") != ref.nbytes:
+        if self.record_sizes is not None and self.record_sizes.get(f"data/{key}") != claim[1]:
             held = self.record_sizes.get(f"data/{key}")
             raise pickle.UnpicklingError(
-                f"storage '{key}' claims {ref.nbytes:,} bytes but the file holds "
+                f"storage '{key}' claims {claim[1]:,} bytes but the file holds "
                 + ("none" if held is None else f"{held:,}")
             )
-        return ref
+        return StorageRef(key, *claim)
 
     # --- tensors -------------------------------------------------------------------------------
     def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any) -> TensorSpec | Refused:
@@ -275,26 +302,70 @@ class TorchUnpickler(pickle.Unpickler):
         if not isinstance(size, tuple | list) or not isinstance(stride, tuple | list):
             raise pickle.UnpicklingError("tensor size and stride must be tuples")
         offset, size, stride = _int(offset), tuple(map(_int, size)), tuple(map(_int, stride))
-        shown = f"size {size}, stride {stride}, offset {offset}"
-        problem = None
-        if len(size) != len(stride) or len(size) > MAX_DIMS:
-            problem = f"{shown}: size and stride disagree, or more than {MAX_DIMS} dimensions"
-        elif min((offset, *size, *stride)) < 0:
-            problem = f"{shown}: negative sizes, strides and offsets are refused"
-        elif max((offset, *size, *stride)) >= 2**63:
-            problem = f"{shown}: values overflow 64 bits"
-        else:
-            numel = math.prod(size)
-            last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if numel else offset - 1
-            if numel * dtype.itemsize > storage.nbytes:
-                problem = (
-                    f"{shown} claims {numel:,} elements of {dtype} but its storage holds {storage.nbytes:,} bytes "
-                    "(a stride-0 or overlapping view)"
-                )
-            elif (last + 1) * dtype.itemsize > storage.nbytes:
-                problem = f"{shown} reaches byte {(last + 1) * dtype.itemsize:,} of a {storage.nbytes:,}-byte storage"
+        problem = geometry_problem(self.checked[storage.key][1], dtype, offset, size, stride)
         if problem is not None:
             refused = Refused(f"refusing a crafted or damaged tensor ({problem})", crafted=True)
             self.refusals.append(refused)
             return refused
         return TensorSpec(storage, dtype, offset, size, stride)
+
+
+def geometry_problem(
+    nbytes: int, dtype: torch.dtype, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+) -> str | None:
+    """Why a view (offset, size, stride) of `dtype` cannot be made over `nbytes` bytes, or None.
+
+    The arithmetic is on Python integers, so counts that would overflow 64 bits are seen."""
+    shown = f"size {size}, stride {stride}, offset {offset}"
+    if len(size) != len(stride) or len(size) > MAX_DIMS:
+        return f"{shown}: size and stride disagree, or more than {MAX_DIMS} dimensions"
+    if min((offset, *size, *stride)) < 0:
+        return f"{shown}: negative sizes, strides and offsets are refused"
+    if max((offset, *size, *stride)) >= 2**63:
+        return f"{shown}: values overflow 64 bits"
+    numel = math.prod(size)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if numel else offset - 1
+    if numel * dtype.itemsize > nbytes:
+        return (
+            f"{shown} claims {numel:,} elements of {dtype} but its storage holds {nbytes:,} bytes "
+            "(a stride-0 or overlapping view)"
+        )
+    if (last + 1) * dtype.itemsize > nbytes:
+        return f"{shown} reaches byte {(last + 1) * dtype.itemsize:,} of a {nbytes:,}-byte storage"
+    if _overlaps(size, stride):
+        return (
+            f"{shown}: two indices reach one element (a stride-0 or overlapping view; tatr writes into what it "
+            "reads, so save x.contiguous())"
+        )
+    return None
+
+
+def _overlaps(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """True unless every element has one index: with the dims of size > 1 sorted by stride, each
+    stride must pass the farthest offset the smaller dims reach (torch's own non-overlap test).
+
+    Size-1 dims are free, so `arange(n).expand(1, -1)` (Hugging Face's `position_ids`) passes;
+    transposes and strided slices pass; `expand` to a size > 1 and overlapping `as_strided` do not."""
+    reach = 0
+    for n, s in sorted((pair for pair in zip(size, stride, strict=True) if pair[0] > 1), key=lambda p: p[1]):
+        if s <= reach:
+            return True
+        reach += (n - 1) * s
+    return False
+
+
+def recheck(spec: Any, checked: dict[str, tuple[torch.dtype, int]]) -> str | None:
+    """The checks of `_spec` again, where the tensor is made: why `spec` may not be made, or None.
+
+    `checked` is the unpickler's own record of each storage, so nothing the pickle touched is trusted."""
+    if type(spec) is not TensorSpec or type(spec.storage) is not StorageRef:
+        return f"a {type(spec).__name__} where a checked tensor was expected"
+    claim = checked.get(spec.storage.key)
+    if claim is None or (spec.storage.dtype, spec.storage.nbytes) != claim:
+        return f"storage '{spec.storage.key}' differs from the one that was checked"
+    fields = (spec.offset, *spec.size, *spec.stride)
+    if type(spec.size) is not tuple or type(spec.stride) is not tuple or any(type(v) is not int for v in fields):
+        return "a tensor geometry that is not made of integers"
+    if not isinstance(spec.dtype, torch.dtype):
+        return "a tensor without a dtype"
+    return geometry_problem(claim[1], spec.dtype, spec.offset, spec.size, spec.stride)

@@ -47,7 +47,17 @@ import torch
 from torch import Tensor
 
 from tatr.core.errors import TatrError, UnreadableCheckpoint
-from tatr.core.torch_unpickler import Inert, NeedsTrust, Refused, StorageRef, TensorSpec, TorchUnpickler, checked_pickle
+from tatr.core.torch_unpickler import (
+    CraftedPickle,
+    Inert,
+    NeedsTrust,
+    Refused,
+    StorageRef,
+    TensorSpec,
+    TorchUnpickler,
+    checked_pickle,
+    recheck,
+)
 
 __all__ = ["Inert", "Loaded", "NeedsTrust", "Refused", "StorageRef", "TensorSpec", "read"]
 
@@ -90,6 +100,7 @@ class Loaded:
     obj: Any
     offsets: dict[str, int]
     refusals: list[Refused]
+    checked: dict[str, tuple[torch.dtype, int]]  # storage key → (dtype, bytes), as checked against the file
 
     def check(self) -> None:
         """Refuse the file if any tensor anywhere in it was crafted, even one tatr does not use."""
@@ -105,6 +116,9 @@ class Loaded:
         kernel, and a read-only one would crash on the first in-place write.
         """
         self.check()
+        problem = recheck(spec, self.checked)  # a pickle cannot rewrite a spec (Sealed); checked again anyway
+        if problem is not None:
+            raise TatrError(f"{self.path}: refusing a crafted or damaged tensor ({problem})")
         made = {} if made is None else made
         key = spec.storage.key
         if key not in made:
@@ -153,6 +167,8 @@ def read(path: Path, strict: bool) -> Loaded:
         return _read_legacy(path, size, strict)
     except OSError as exc:
         raise UnreadableCheckpoint(f"{path}: cannot read this file ({exc.strerror or type(exc).__name__})") from None
+    except CraftedPickle as exc:
+        raise UnreadableCheckpoint(f"{path}: refusing a crafted file ({exc})") from None
     except _PARSE_ERRORS as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise UnreadableCheckpoint(
@@ -212,8 +228,8 @@ def _read_zip(path: Path, size: int, strict: bool) -> Loaded:
     sizes = {name: info.file_size for name, info in records.items() if name.startswith("data/")}
     unpickler = TorchUnpickler(io.BytesIO(checked_pickle(io.BytesIO(data))), sizes, strict)
     obj = unpickler.load()
-    storage_offsets = {key: offsets[f"data/{key}"] for key in unpickler.storages}
-    return Loaded(path, obj, storage_offsets, unpickler.refusals)
+    storage_offsets = {key: offsets[f"data/{key}"] for key in unpickler.checked}
+    return Loaded(path, obj, storage_offsets, unpickler.refusals, unpickler.checked)
 
 
 def _read_legacy(path: Path, size: int, strict: bool) -> Loaded:
@@ -238,20 +254,20 @@ def _read_legacy(path: Path, size: int, strict: bool) -> Loaded:
         keys = _load_plain(checked_pickle(mm))
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise pickle.UnpicklingError("the storage list is not a list of names")
-        if len(set(keys)) != len(keys) or set(keys) != set(unpickler.storages):
+        if len(set(keys)) != len(keys) or set(keys) != set(unpickler.checked):
             raise pickle.UnpicklingError("the storage list does not match the storages the pickle uses")
         offsets: dict[str, int] = {}
         pos = mm.tell()
         for key in keys:
-            ref = unpickler.storages[key]
+            dtype, nbytes = unpickler.checked[key]
             count = mm[pos : pos + 8]
-            if len(count) != 8 or struct.unpack("<q", count)[0] * ref.dtype.itemsize != ref.nbytes:
-                raise pickle.UnpicklingError(f"storage '{key}' does not hold the {ref.nbytes:,} bytes it claims")
+            if len(count) != 8 or struct.unpack("<q", count)[0] * dtype.itemsize != nbytes:
+                raise pickle.UnpicklingError(f"storage '{key}' does not hold the {nbytes:,} bytes it claims")
             offsets[key] = pos + 8
-            pos += 8 + ref.nbytes
+            pos += 8 + nbytes
             if pos > size:
                 raise pickle.UnpicklingError(f"storage '{key}' runs past the end of the file")
-    return Loaded(path, obj, offsets, unpickler.refusals)
+    return Loaded(path, obj, offsets, unpickler.refusals, unpickler.checked)
 
 
 def _load_plain(data: bytes) -> Any:
