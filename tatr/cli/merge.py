@@ -1,8 +1,9 @@
 """`tatr merge`: merge checkpoint files with TA/TIES/DARE/Breadcrumbs/averaging, with or without the trust region.
 
 The options of DARE (`--drop-rate`, `--seed`) and Breadcrumbs (`--beta`, `--density`) are checked at
-the door, each in one line: a value out of range, not a number, or given to a method that does not
-read it (it would be silently ignored otherwise).
+the door, each in one line: a value out of range, not a number, given to a method that does not read
+it (it would be silently ignored otherwise), or a Breadcrumbs density that keeps no coordinate (the
+merge would be θ_0).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,8 +23,18 @@ from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
 from tatr.core.merging import plan_merge
 from tatr.core.methods import METHODS, fixed_method, fixed_methods, get_method
 from tatr.core.outputs import check_output
-from tatr.core.sparsify import BREADCRUMBS_BETA, BREADCRUMBS_DENSITY, DARE_P, DARE_SEED, Sparsity
+from tatr.core.sparsify import (
+    BREADCRUMBS_BETA,
+    BREADCRUMBS_DENSITY,
+    DARE_P,
+    DARE_SEED,
+    Sparsity,
+    check_breadcrumbs_keeps,
+)
 from tatr.core.trust_region import MODES
+
+if TYPE_CHECKING:
+    import torch
 
 # flag -> (the merge option it sets, its default, int or float)
 SPARSITY_FLAGS = {
@@ -91,7 +103,7 @@ def _components(ctx: click.Context, param: click.Parameter, value: str | None) -
     "--density",
     "density",
     metavar="D",
-    help=f"Breadcrumbs: keep this fraction per tensor, β + density ≤ 1 [{BREADCRUMBS_DENSITY}].",
+    help=f"Breadcrumbs: keep this fraction per tensor, in (0, 1], β + density ≤ 1 [{BREADCRUMBS_DENSITY}].",
 )
 @click.option(
     "--lam-neg",
@@ -134,8 +146,13 @@ def command(
     if lam_n is not None:
         check_numbers(lam_neg=lam_n)
         check_lam_neg_method(merge_method, check_components(components))
+    base = header(as_source(pretrained))
+    if "breadcrumbs_density" in merge_method.options:
+        check_breadcrumbs_keeps(
+            float(options["breadcrumbs_density"]), (_numel(s) for s, d in base.values() if d.is_floating_point)
+        )
     inputs = [pretrained, *finetuned, *gradients, *signed_gradients]
-    check_output(out, inputs, suffix=".safetensors", need_bytes=_output_bytes(pretrained))
+    check_output(out, inputs, suffix=".safetensors", need_bytes=_output_bytes(base))
     start = time.perf_counter()
     plan = plan_merge(
         pretrained,
@@ -192,15 +209,17 @@ def _parse(flag: str, text: str, kind: type) -> float | int:
         raise TatrError(f"{flag} must be {what}, got {text!r}") from None
 
 
-def _output_bytes(pretrained: Path) -> int:
+def _output_bytes(base: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
     """The merged file's size, from θ_0's header: it has every key of θ_0 in its dtype."""
-    total = 0
-    for shape, dtype in header(as_source(pretrained)).values():
-        n = 1
-        for s in shape:
-            n *= int(s)
-        total += n * dtype.itemsize
+    total = sum(_numel(shape) * dtype.itemsize for shape, dtype in base.values())
     return total + (1 << 20)  # the safetensors header and some slack
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def _expand_multi(argv: list[str]) -> list[str]:

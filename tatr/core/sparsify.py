@@ -25,6 +25,11 @@ Defaults: DARE p = 0.5 and λ = 0.3 are FusionBench's CLIP-ViT DARE configuratio
 (`config/method/dare/task_arithmetic.yaml`: sparsity_ratio 0.5, scaling_factor 0.3); mergekit's own
 default density is 1.0, i.e. no drop. Breadcrumbs β = 0.01 is mergekit's default `gamma`, density
 0.9 the example of mergekit's merge-method guide (drop the top 1% and the bottom 9%).
+
+Ranges: DARE p in [0, 1); Breadcrumbs β in [0, 1] and density in (0, 1] with β + density ≤ 1. Density 0
+(mergekit accepts it) keeps no coordinate, so the merge would silently be θ_0: it is refused, as is a
+density that keeps no entry even of the model's largest tensor (`check_breadcrumbs_keeps`, where the
+sizes are known). β = 0 is meaningful and accepted: it drops no outliers (plain magnitude pruning).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -75,10 +80,30 @@ def check_sparsity(
     for name, value in (("β (beta)", beta), ("density", density)):
         if value is not None and not (_real(value) and 0.0 <= float(value) <= 1.0):  # type: ignore[arg-type]
             raise TatrError(f"Breadcrumbs {name} must be in [0, 1], got {value!r}")
+    if density is not None and float(density) <= 0.0:  # type: ignore[arg-type]
+        raise TatrError(
+            f"Breadcrumbs density must be above 0: density {density!r} keeps no coordinate of any task vector, "
+            "so the merge would be θ_0 (β = 0 alone is fine: it drops no outliers)"
+        )
     if beta is not None and density is not None and float(beta) + float(density) > 1.0 + _SLACK:  # type: ignore[arg-type]
         raise TatrError(
             f"Breadcrumbs β + density must be at most 1 (β drops the largest, density keeps the next), "
             f"got β={beta!r} + density={density!r}"
+        )
+
+
+def check_breadcrumbs_keeps(density: float, sizes: Iterable[int]) -> None:
+    """Refuse a density that keeps no entry of any tensor of the model (the merge would be θ_0).
+
+    Breadcrumbs keeps ⌊density·n⌋ entries of a tensor of n, whatever β (`breadcrumbs_counts`), so it
+    keeps nothing anywhere when even the largest of the model's floating tensors (`sizes`) rounds to
+    0. A door check from the file headers: a density that keeps something of a tensor no task changed
+    passes here and keeps nothing in the merge."""
+    largest = max(sizes, default=0)
+    if float(density) < 1.0 and largest > 0 and int(float(density) * largest) == 0:
+        raise TatrError(
+            f"Breadcrumbs density {density!r} keeps no coordinate: ⌊density·n⌋ = 0 even for the model's largest "
+            f"tensor (n = {largest:,}), so the merge would be θ_0; give a density above 1/{largest}"
         )
 
 

@@ -1,13 +1,14 @@
 """Task vectors τ_t = θ_t − θ_0, read one tensor at a time, validated once at the door.
 
 `open_task_set` checks everything that can be checked from file headers (keys, shapes, dtypes,
-counts) before any arithmetic; values (finiteness, a model identical to θ_0) are checked by
-`task_vector` during the first streaming pass, which reads every tensor anyway.
+counts) before any arithmetic, and that no gradient file is zero everywhere (reading it up to its
+first nonzero tensor: one tensor for a real file); values (finiteness, a model identical to θ_0)
+are checked by `task_vector` during the first streaming pass, which reads every tensor anyway.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,7 +263,23 @@ def _open_gradients(
                 )
             if dtype not in FLOATING:
                 raise source_error(src, key, f"{kind} values must be floating point, got {dtype}")
+        _check_not_all_zero(src, h, kind)
     return opened, tuple(keys)
+
+
+def _check_not_all_zero(src: Source, keys: Iterable[str], kind: str) -> None:
+    """Refuse a gradient file that is zero at every key: that task's s_i (or ḡ_i) would be 0
+    everywhere, and Ω (or G₋ⱼ) would lose its sensitivity without a word.
+
+    One zero key is fine (a frozen layer has no gradient); all of them is a file computed at the
+    wrong point or without a loss. Reads keys until the first nonzero one, so a real file costs one
+    tensor read; NaN counts as nonzero here and is refused by the finiteness checks later."""
+    for key in keys:
+        if bool(read_tensor(src, key).any()):
+            return
+    need = "exemplar sensitivity" if kind == "gradient" else "the component split"
+    hint = f"{need} needs a nonzero gradient; was it computed at θ_0 with a loss?"
+    raise source_error(src, None, f"every {kind.replace('-', ' ')} is zero ({hint})")
 
 
 def _numel(shape: Sequence[int]) -> int:
