@@ -1,75 +1,23 @@
-"""Many machines, one study: a private PostgreSQL server on 127.0.0.1, the study created once, then
-two worker processes on it; every trial must be recorded exactly once.
+"""Many machines, one study: a private PostgreSQL server on 127.0.0.1 (`tests.postgres_fixture`),
+the study created once, then two worker processes on it; every trial must be recorded exactly once.
 
-The server is started with initdb/pg_ctl in a temporary folder (as the `postgres` user when the
-tests run as root: PostgreSQL refuses to run as root). Skipped only where no PostgreSQL binaries
-exist; `.ci/run` installs them.
+Skipped only where no PostgreSQL binaries exist; `.ci/run` installs them.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import socket
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import pytest
 
 from tatr.runs.store import read_store
 from tatr.runs.sweep.storage import open_storage
+from tests.postgres_fixture import free_port, pg_bindir  # noqa: F401  (other tests import them from here)
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 
+pytest_plugins = ["tests.postgres_fixture"]  # the `postgres_url` fixture
 TS = optuna.trial.TrialState
-
-
-def pg_bindir() -> Path | None:
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) + sorted(
-        glob.glob("/usr/local/pgsql/bin/initdb")
-    )
-    return Path(candidates[-1]).parent if candidates else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    bindir = pg_bindir()
-    if bindir is None or not (bindir / "pg_ctl").exists():
-        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine: apt-get install -y postgresql")
-    folder = Path(tempfile.mkdtemp(prefix="tatr-pg-"))
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses root: run the server as the `postgres` user
-        shutil.chown(folder, user="postgres", group="postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    data, port = folder / "data", free_port()
-
-    def run(*args: str | Path) -> None:
-        out = subprocess.run([*prefix, *map(str, args)], capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            log = (folder / "log").read_text() if (folder / "log").exists() else ""
-            raise RuntimeError(f"{args[0]} failed: {out.stderr[-1500:]} {log[-1500:]}")
-
-    run(bindir / "initdb", "-D", data, "-A", "trust", "-U", "tatr", "--no-sync", "-E", "UTF8")
-    options = f"-h 127.0.0.1 -p {port} -k {folder} -F -c max_connections=60"
-    run(bindir / "pg_ctl", "-D", data, "-o", options, "-l", folder / "log", "-w", "-t", "60", "start")
-    try:
-        yield f"postgresql://tatr@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)  # fmt: skip
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_two_workers_share_one_postgres_study_and_record_each_trial_once(tmp_path: Path, postgres_url: str) -> None:

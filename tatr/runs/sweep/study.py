@@ -6,7 +6,8 @@ space (resuming with another experiment under the same name is refused), names i
 dashboard, and holds the paper default (λ=0.3, q=0.99) as its first, enqueued trial.
 
 Recovery. A worker records its identity (host, pid, process start time) in the study before it
-asks for its first trial, and in each trial it runs. A RUNNING trial whose recorded worker is on
+asks for its first trial (then the seed of its sampler, which it chooses from that registry: see
+`tatr.runs.sweep.workers`), and in each trial it runs. A RUNNING trial whose recorded worker is on
 this host and gone is failed and retried at once. A trial that died before its worker could sign
 it (a kill -9 while the sampler was choosing its parameters) is failed at once too when no other
 registered worker can still be alive; otherwise it gets `UNSIGNED_GRACE_SECONDS`, far more than
@@ -87,16 +88,33 @@ def create_study(storage: Any, name: str, config: ExperimentConfig, space: Searc
 
 
 # --- recovery -------------------------------------------------------------------------------------
-def register_worker(study: Any) -> dict[str, Any]:
-    """Record this process in the study before it asks for a trial (see the module docstring)."""
+def register_worker(study: Any, seed: int | None = None) -> dict[str, Any]:
+    """Record this process in the study before it asks for a trial (see the module docstring).
+
+    Returns its identity (host, pid, start time). `seed`, once the worker has chosen it
+    (`tatr.runs.sweep.workers.worker_seed`, which reads the registry this wrote), is added to the
+    same entry, so a worker's draws can be reproduced."""
     me = worker_identity()
-    study.set_user_attr(f"{REGISTRY}{me['host']}:{me['pid']}:{me['started']}", me)
+    entry = me if seed is None else {**me, "seed": seed}
+    study.set_user_attr(f"{REGISTRY}{me['host']}:{me['pid']}:{me['started']}", entry)
     return me
+
+
+def registered_workers(study: Any) -> list[dict[str, Any]]:
+    """The registry: one entry (identity, and seed once chosen) per worker process that ran."""
+    return [w for key, w in study.user_attrs.items() if key.startswith(REGISTRY) and isinstance(w, dict)]
+
+
+def same_process(a: Any, b: Any) -> bool:
+    """Whether two identities (registry entries, `worker` signatures) name the same process."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    return all(a.get(k) == b.get(k) for k in ("host", "pid", "started"))
 
 
 def _others_may_live(study: Any, me: dict[str, Any] | None) -> bool:
     for key, owner in study.user_attrs.items():
-        if not key.startswith(REGISTRY) or owner == me:
+        if not key.startswith(REGISTRY) or same_process(owner, me):
             continue
         if not owner_dead(owner):  # alive here, or on another host where we cannot tell
             return True

@@ -6,6 +6,23 @@ them all and waits (then kills a worker that ignores SIGTERM for `STOP_SECONDS`)
 turns SIGTERM into `SystemExit`, so its `finally` blocks remove temporaries, and asks the kernel
 to send it SIGTERM when the parent dies (Linux `PR_SET_PDEATHSIG`, elsewhere a thread polling the
 parent pid), so even a SIGKILLed parent leaves no worker running.
+
+Seeds. Workers of one study must not share a sampler seed: two processes that draw from the same
+seed propose the same (λ, q), so twin sweeps on one storage (`--no-final` on each machine, or two
+`tatr sweep` started at once) would repeat each other's trials. The number of trials a process sees
+when it starts cannot tell them apart (processes started together see the same count), its
+identity can: host, pid and process start time, recorded in the study's worker registry
+(`tatr.runs.sweep.study.register_worker`). So a worker registers first and then chooses its seed
+(`worker_seed`): the experiment's `seed` if it is the study's only registered worker and no trial
+has been started (a fresh study swept by one process samples exactly as `seed` says, as before),
+otherwise a hash of `seed` and its identity. Every storage tatr opens orders these writes and
+reads (SQLite's database lock, PostgreSQL's committed reads, the journal's append lock), so of two
+processes that register at once at most one can read a registry holding only itself: at most one
+worker of a study ever uses `seed` itself. The seed a worker used is recorded in its registry entry,
+to reproduce its draws. The grid sampler is the exception (`worker_sampler`): Optuna's
+`GridSampler` gives trial n the n-th point of a grid shuffled by its seed, and trial numbers are
+unique in a study, so every worker keeps the study's seed (one shuffle, no point twice) and only
+the random pick it falls back on after the first pass (retries) is reseeded per worker.
 """
 
 from __future__ import annotations
@@ -24,7 +41,7 @@ from typing import Any
 from tatr.core.errors import TatrError
 from tatr.runs.sweep.space import SearchSpace, make_sampler
 from tatr.runs.sweep.storage import open_storage
-from tatr.runs.sweep.study import fail_dead_trials, register_worker
+from tatr.runs.sweep.study import fail_dead_trials, register_worker, registered_workers, same_process
 from tatr.runs.sweep.trial import Objective, SurplusTrial, SweepSpec, counts, make_pruner
 
 POLL_SECONDS = 0.5
@@ -49,7 +66,10 @@ def run_worker(
 ) -> None:
     """Run trials until the study holds `spec.trials` finished ones (any worker's count).
 
-    `logger` is the process's `WandbLogger` (one per process, so a W&B failure warns once).
+    The worker registers in the study, then seeds its sampler (`worker_seed`: never the seed of
+    another worker of the study, see the module docstring). `index` is its number among this
+    machine's workers; the seed does not depend on it. `logger` is the process's `WandbLogger`
+    (one per process, so a W&B failure warns once).
     """
     import optuna
 
@@ -62,12 +82,14 @@ def run_worker(
     objective = Objective(spec)
     pruner = make_pruner(space.pruner, len(objective.suite.tasks))
     study = optuna.load_study(study_name=spec.study, storage=storage, pruner=pruner)
-    study.sampler = make_sampler(space, _worker_seed(spec.seed, index, len(study.trials)))
+    me = register_worker(study)  # before choosing the seed, which reads the registry (module docstring)
+    seed = worker_seed(study, spec.seed, me)
+    study.sampler = worker_sampler(space, spec.seed, seed)
+    register_worker(study, seed=seed)  # recorded, to reproduce this worker's draws
     logger = logger if logger is not None else WandbLogger(spec.results, spec.wandb)
     callbacks: list[Callable[[Any, Any], None]] = [TrialCallback(spec.results, logger)]
     if on_trial is not None:
         callbacks.append(on_trial)
-    me = register_worker(study)
     while True:
         fail_dead_trials(study, me)
         finished, running = counts(study)
@@ -79,13 +101,38 @@ def run_worker(
         study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(SurplusTrial,), gc_after_trial=False)
 
 
-def _worker_seed(seed: int, index: int, existing: int) -> int:
-    """A fresh study with one worker samples exactly as `seed` says; resumes and extra workers differ."""
+def worker_seed(study: Any, seed: int, me: dict[str, Any]) -> int:
+    """This worker's sampler seed; call it after `register_worker` (see the module docstring).
+
+    `seed` (the experiment's) for the study's only registered worker while no trial has started
+    (only enqueued ones wait), so a fresh study swept by one process is reproducible; otherwise a
+    hash of `seed` and this process's identity, so no two workers of the study share a seed:
+    processes started at once see the same trials, never the same identity.
+    """
+    import optuna
+
     from tatr.core.cache import content_hash
 
-    if index == 0 and existing <= 1:
+    others = [w for w in registered_workers(study) if not same_process(w, me)]
+    started = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
+    if not others and not started:
         return seed
-    return int(content_hash("worker-seed", seed, index, existing), 16) % (2**31)
+    return int(content_hash("worker-seed", seed, me["host"], me["pid"], me["started"]), 16) % (2**31)
+
+
+def worker_sampler(space: SearchSpace, study_seed: int, seed: int) -> Any:
+    """The space's sampler for a worker whose seed is `seed` (`worker_seed`) in a study seeded `study_seed`.
+
+    TPE and random draw from `seed`. The grid keeps `study_seed`: `GridSampler` visits its grid in
+    an order shuffled by its seed, trial n taking the n-th point, and trial numbers are unique in a
+    study, so workers sharing the order never repeat a point while workers with their own orders
+    would. Only its fallback (a random unvisited point, once trial numbers pass the grid's size, as
+    after retries) is reseeded (`reseed_rng`) in any worker but the one that has `study_seed`.
+    """
+    sampler = make_sampler(space, study_seed if space.sampler == "grid" else seed)
+    if space.sampler == "grid" and seed != study_seed:
+        sampler.reseed_rng()
+    return sampler
 
 
 # --- worker processes ------------------------------------------------------------------------------
