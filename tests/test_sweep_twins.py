@@ -53,15 +53,19 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
-def run_twins(tmp: Path, url: str, sampler: str, study: str, monkeypatch: pytest.MonkeyPatch) -> optuna.Study:
+def run_twins(
+    tmp: Path, url: str, sampler: str, study: str, monkeypatch: pytest.MonkeyPatch, precreate: bool = True
+) -> optuna.Study:
     """Create the study once (here, to save a process start), then start two `--no-final` sweeps
-    on it at the same instant."""
+    on it at the same instant; without `precreate`, the twins race to create it too (the issue's
+    `for i in 1 2; do tatr sweep … & done`)."""
     exp = write_experiment(tmp, delay=0.25)  # 3 tasks: a trial lasts ≥ 0.75 s
     env = cli_env(tmp)
     monkeypatch.setenv("TATR_CACHE", env["TATR_CACHE"])  # the twins find the plan built here
     options = ["--storage", url, "--root", tmp / "results", "--study", study, "--sampler", sampler, "--pruner", "none"]
-    run_sweep(exp, TATR, storage=url, results=tmp / "results", study=study, sampler=sampler, pruner="none",
-              create_only=True, wandb=False, progress=False, echo=lambda _: None)  # fmt: skip
+    if precreate:
+        run_sweep(exp, TATR, storage=url, results=tmp / "results", study=study, sampler=sampler, pruner="none",
+                  create_only=True, wandb=False, progress=False, echo=lambda _: None)  # fmt: skip
     barrier = tmp / "barrier"
     barrier.mkdir()
     argv = ["sweep", exp, "--sweep", TATR, *options, "--trials", TRIALS, "--no-final", "--no-wandb", "--no-progress"]
@@ -91,11 +95,22 @@ def check_distinct(study: optuna.Study) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("kind", "sampler"),
-    [("sqlite", "tpe"), ("journal", "random"), ("postgres", "tpe")],
+    ("kind", "sampler", "precreate"),
+    [
+        ("sqlite", "tpe", True),
+        ("journal", "random", True),
+        ("postgres", "tpe", True),
+        ("sqlite", "tpe", False),
+        ("journal", "tpe", False),
+    ],
 )
 def test_twin_sweeps_started_at_once_draw_distinct_points(
-    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kind: str, sampler: str
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    sampler: str,
+    precreate: bool,
 ) -> None:
     if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -103,8 +118,9 @@ def test_twin_sweeps_started_at_once_draw_distinct_points(
         url = f"journal:{tmp_path / 'optuna.journal'}"
     else:
         url = request.getfixturevalue("postgres_url")  # one server per module: a study name per test
-    study = run_twins(tmp_path, url, sampler, f"twins-{kind}-{sampler}", monkeypatch)
+    study = run_twins(tmp_path, url, sampler, f"twins-{kind}-{sampler}-{precreate}", monkeypatch, precreate)
     check_distinct(study)
+    assert sum(bool(t.user_attrs.get("paper_default")) for t in study.trials) == 1  # enqueued once
 
 
 # --- the seed rule, in-process ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ equivalent, and journal storages have no heartbeat.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import warnings
 from typing import Any
 
@@ -34,6 +35,7 @@ from tatr.runs.sweep.space import SearchSpace, make_sampler
 from tatr.runs.sweep.storage import retry_dead_trial
 from tatr.runs.sweep.trial import make_pruner, metric_name
 
+CREATION_WAIT_SECONDS = 30.0  # a study another process has just created gets its identity in milliseconds
 UNSIGNED_GRACE_SECONDS = 60.0  # an unsigned running trial, while another worker may be in its ask()
 REGISTRY = "tatr_worker:"  # study user attribute prefix: one per worker process that ran
 
@@ -56,33 +58,46 @@ def create_study(storage: Any, name: str, config: ExperimentConfig, space: Searc
     """Create the study (or load it after checking it is the same sweep).
 
     A new study gets its identity, its metric's name (optuna-dashboard shows it instead of
-    "Objective 0") and the paper default as its first trial."""
+    "Objective 0") and the paper default as its first trial. Exactly one process creates it: two
+    `tatr sweep`s started at once both try, the storage lets one win (Optuna's `create_study`
+    without `load_if_exists`), and the other waits for the winner's identity instead of enqueuing
+    the paper default a second time."""
     wanted = identity(config, space)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=name,
-        direction="maximize",
-        sampler=make_sampler(space, config.seed),
-        pruner=make_pruner(space.pruner, num_tasks),
-        load_if_exists=True,
-    )
-    attrs = study.user_attrs
-    if "tatr_identity" not in attrs and not study.trials:
-        study.set_user_attr("tatr_identity", wanted)
-        study.set_user_attr("tatr_config", config_dict(config))
-        study.set_user_attr("tatr_space", space.to_dict())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([metric_name(space.metric, config.split)])
-        default = space.default_params()
-        if default and space.sampler != "grid":
-            study.enqueue_trial(default, user_attrs={"paper_default": True}, skip_if_exists=True)
-    elif attrs.get("tatr_identity") is None:
-        raise TatrError(f"study '{name}' exists and was not created by tatr sweep; pick another --study name")
-    elif attrs["tatr_identity"] != wanted:
+    options = {"storage": storage, "study_name": name, "direction": "maximize"}
+    sampler, pruner = make_sampler(space, config.seed), make_pruner(space.pruner, num_tasks)
+    try:
+        study = optuna.create_study(**options, sampler=sampler, pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        return _check_identity(study, name, wanted)
+    study.set_user_attr("tatr_config", config_dict(config))
+    study.set_user_attr("tatr_space", space.to_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric_name(space.metric, config.split)])
+    default = space.default_params()
+    if default and space.sampler != "grid":
+        study.enqueue_trial(default, user_attrs={"paper_default": True}, skip_if_exists=True)
+    study.set_user_attr("tatr_identity", wanted)  # last: a study with its identity is complete
+    return study
+
+
+def _check_identity(study: Any, name: str, wanted: str) -> Any:
+    """Wait (`CREATION_WAIT_SECONDS`) for a study another process is creating; refuse another sweep's."""
+    deadline = time.monotonic() + CREATION_WAIT_SECONDS
+    found = study.user_attrs.get("tatr_identity")
+    while found is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = study.user_attrs.get("tatr_identity")
+    if found is None:
         raise TatrError(
-            f"study '{name}' exists for a different experiment or search space "
-            f"({attrs['tatr_identity']} ≠ {wanted}); pick another --study name"
+            f"study '{name}' exists and was not created by tatr sweep (or its creation was cut off); "
+            "pick another --study name"
+        )
+    if found != wanted:
+        raise TatrError(
+            f"study '{name}' exists for a different experiment or search space ({found} ≠ {wanted}); "
+            "pick another --study name"
         )
     return study
 
