@@ -8,7 +8,9 @@ corrupted entry is rebuilt instead of trusted.
 "Corrupted" includes what a careless hand or a crash can leave: a manifest that is not a mapping of
 relative file names to digests (a list, a string, a path leaving the entry), an entry that is a
 file or a symlink instead of a folder. Each is removed (the link, not its target) and rebuilt.
-`TATR_CACHE` (or a folder on the way to an entry) naming a file is a one-line error.
+`TATR_CACHE` (or a folder on the way to an entry) naming a file is a one-line error, and so is a
+disk that fills (or refuses) while an entry is built, whichever library was writing
+(`tatr.core.outputs.write_failure`); the half-built temporary folder is removed.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tatr.core.errors import TatrError
-from tatr.core.outputs import atomic_write, sweep_leftovers, tmp_prefix
+from tatr.core.outputs import atomic_write, make_tmp_dir, sweep_leftovers, writing
 
 __all__ = ["atomic_write", "cached_dir", "content_hash", "default_cache_root", "file_digest", "verify_dir"]
 
@@ -73,15 +74,16 @@ def cached_dir(root: Path, key: str, build: Callable[[Path], None]) -> Path:
     _make_folder(final.parent)
     _remove_entry(final)
     sweep_leftovers(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(key), dir=final.parent))
+    tmp = make_tmp_dir(final)
     try:
-        build(tmp)
-        write_manifest(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first; keep theirs if it verifies
-            if not verify_dir(final):
-                raise
+        with writing(final, tmp):
+            build(tmp)
+            write_manifest(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process finished first; keep theirs if it verifies
+                if not verify_dir(final):
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

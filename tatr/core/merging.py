@@ -238,13 +238,17 @@ class MergePlan:
         """Write the arenas (Σ τ, Ω, the ranked drop order) and the coordinate layout to `folder`."""
         from safetensors.torch import save_file
 
+        from tatr.core.outputs import writing
+
         folder = Path(folder)
         arrays = {"tau_sum": self.tau_sum, "order": self._order}
         if self.omega is not None:
             arrays["omega"] = self.omega
-        save_file(arrays, str(folder / "plan.safetensors"))
+        with writing(folder / "plan.safetensors"):  # a full disk is one line, whichever library wrote
+            save_file(arrays, str(folder / "plan.safetensors"))
         layout = {"keys": list(self.space.keys), "mode": self.mode, "method": self.method.name}
-        (folder / "plan.json").write_text(json.dumps(layout))
+        with writing(folder / "plan.json"):
+            (folder / "plan.json").write_text(json.dumps(layout))
 
     @classmethod
     def load(

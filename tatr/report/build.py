@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from tatr.core.errors import TatrError
-from tatr.core.outputs import atomic_dir, atomic_write, inside, safe_name, same_file
+from tatr.core.outputs import atomic_dir, atomic_write, inside, safe_name, same_file, writing
 from tatr.report import figures as F
 from tatr.report import tables as T
 from tatr.report.render import Table
@@ -190,7 +190,9 @@ def write_report(
                 if table.empty:
                     continue
                 for ext, text in (("md", table.to_markdown()), ("tex", table.to_latex()), ("csv", table.to_csv())):
-                    (tables_dir / f"{table.name}.{ext}").write_text(text, encoding="utf-8")
+                    name = f"{table.name}.{ext}"
+                    with writing(outputs[0] / name):  # a full disk names this file, not the innermost writer's
+                        (tables_dir / name).write_text(text, encoding="utf-8")
                 written_tables.append(table.name)
             nothing = bool(section.missing) and all(t.empty for t in section.tables)
             if nothing:
@@ -204,7 +206,9 @@ def write_report(
                 F.save(fig, figures_dir / spec.name)
                 written_figures.append(spec.name)
                 shown.setdefault(i, []).append(spec.name)
-        page.write_text(render_index(benchmark, prepared, sections, shown), encoding="utf-8")
+        index = render_index(benchmark, prepared, sections, shown)
+        with writing(outputs[2]):
+            page.write_text(index, encoding="utf-8")
     return Written(final, written_tables, written_figures, sorted(set(skipped), key=skipped.index))
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from tatr.core.errors import TatrError
-from tatr.core.outputs import atomic_dir
+from tatr.core.outputs import atomic_dir, writing
 
 SOURCE = "debian-fortunes"
 PACKAGES = ("fortunes", "fortunes-min", "fortunes-de", "fortunes-es", "fortunes-it")
@@ -337,7 +337,7 @@ def check_out(out: Path) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+    with writing(path), open(path, "w", encoding="utf-8", newline="\n") as fh:  # a full disk names this file
         fh.write(text)
 
 
