@@ -48,7 +48,7 @@ def test_yaml_aliases_are_refused_in_experiment_files(tmp_path: Path, body: str,
     with pytest.raises(TatrError, match="aliases") as info:
         load_config(path)
     assert time.perf_counter() - start < 2
-    assert one_line(info).startswith(f"{path}: line {line}: ")
+    assert one_line(info).startswith(f"{path}:{line}: ")
 
 
 def test_yaml_aliases_are_refused_in_ablation_and_sweep_files(tmp_path: Path) -> None:
@@ -56,12 +56,12 @@ def test_yaml_aliases_are_refused_in_ablation_and_sweep_files(tmp_path: Path) ->
     ablation.write_text("benchmark: testbed\n" + BOMB + "ablation: {kind: plugin, variants: [{}], lam: *i}\n")
     with pytest.raises(TatrError, match="aliases") as info:
         ablation_spec.load_ablation(ablation)
-    assert one_line(info).startswith(f"{ablation}: line ")
+    assert one_line(info).startswith(f"{ablation}:3: ")
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  lam: &r {low: 0.1, high: 1.0}\n  q: *r\n")
     with pytest.raises(TatrError, match="aliases") as info:
         load_search_space(space)
-    assert one_line(info).startswith(f"{space}: line 3")
+    assert one_line(info).startswith(f"{space}:3: ")
 
 
 def test_yaml_aliases_are_refused_in_overrides(tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_unreadable_yaml_files_get_one_line(tmp_path: Path, content: bytes, mess
     path.write_bytes(content)
     with pytest.raises(TatrError, match=message) as info:
         read_yaml_mapping(path, "experiment file")
-    assert one_line(info).startswith(f"{path}: ")
+    assert one_line(info).startswith(f"{path}:")
 
 
 # --- numbers and names ---------------------------------------------------------------------------------

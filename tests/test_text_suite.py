@@ -228,7 +228,7 @@ def test_bad_task_files_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(TatrError, match="no column 'label'"):
         read_rows(tmp_path / "a.csv", "text", "label")
     (tmp_path / "b.jsonl").write_text('{"text": "hi", "label": 1}\nnot json\n')
-    with pytest.raises(TatrError, match="line 2 is not JSON"):
+    with pytest.raises(TatrError, match=r"b\.jsonl:2: not JSON"):
         read_rows(tmp_path / "b.jsonl", "text", "label")
     (tmp_path / "tasks.yaml").write_text("tasks:\n  - &a {name: x, file: b.jsonl}\n  - *a\n")
     with pytest.raises(TatrError, match="aliases"):

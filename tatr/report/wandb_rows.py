@@ -4,12 +4,14 @@ Why it lives apart from `tatr.report.build`: it is the only part of the report t
 reads data written by someone else, so it is where names from data are checked. Every rebuilt row
 goes through `tatr.runs.store.check_row` (safe run id, benchmark, study, task; typed, finite numbers),
 and a logged table file is fetched only to a path inside a private scratch folder, so a run named
-`../x` or a table path `../../x` gets one line instead of a write outside it.
+`../x` or a table path `../../x` gets one line instead of a write outside it. A table that cannot be
+fetched leaves the normalized accuracies empty (the store allows that); one that was fetched but
+cannot be read (not JSON, nested too deep, over `MAX_TABLE_BYTES`, rows of the wrong shape) is one
+line `<file>:<line>: <problem>`, as every reader of a user's file says it (`tatr.core.text_input`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -18,6 +20,7 @@ import pandas as pd
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import inside, safe_name
+from tatr.core.text_input import MIB, parse_json, read_text
 from tatr.runs.record import record_from_wandb, store_rows
 from tatr.runs.store import COLUMNS, INTEGERS, check_row
 
@@ -46,6 +49,7 @@ def rows_from_wandb(path: str, api: object | None = None) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=list(COLUMNS))
 
 
+MAX_TABLE_BYTES = 256 * MIB  # a logged accuracy table: one row per (task, split)
 _MAY_BE_MISSING = ("normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp")
 
 
@@ -134,14 +138,33 @@ def _table_normalized(run: object, ref: object, scratch: Path) -> dict[tuple[str
     target = folder / path
     try:
         run.file(path).download(root=str(folder), replace=True)  # type: ignore[attr-defined]
-        table = json.loads(target.read_text())
-        cols = table.get("columns", [])
-        if not {"task", "split", "normalized_accuracy"} <= set(cols):
-            return {}
-        at = {c: i for i, c in enumerate(cols)}
-        return {(r[at["split"]], r[at["task"]]): r[at["normalized_accuracy"]] for r in table.get("data", [])}
-    except Exception:  # a missing or malformed table leaves the column empty, as the store allows
+    except Exception:  # a table that cannot be fetched leaves the column empty, as the store allows
         return {}
+    if not target.is_file():
+        return {}
+    return _read_table(target)
+
+
+def _read_table(target: Path) -> dict[tuple[str, str], float]:
+    """(split, task) → normalized accuracy of a fetched W&B table file (`{"columns": [...], "data": [[...]]}`)."""
+    table = parse_json(read_text(target, "W&B table file", MAX_TABLE_BYTES), target)
+    if not isinstance(table, dict):
+        raise TatrError(f"{target}: not a W&B table (a JSON object with 'columns' and 'data')")
+    cols, data = table.get("columns", []), table.get("data", [])
+    if not isinstance(cols, list) or not isinstance(data, list):
+        raise TatrError(f"{target}: not a W&B table ('columns' and 'data' must be lists)")
+    if not {"task", "split", "normalized_accuracy"} <= {c for c in cols if isinstance(c, str)}:
+        return {}
+    at = {c: i for i, c in enumerate(cols) if isinstance(c, str)}
+    out = {}
+    for number, row in enumerate(data, 1):
+        if not isinstance(row, list) or len(row) != len(cols):
+            raise TatrError(f"{target}: data row {number} is not a list of {len(cols)} values")
+        split, task = row[at["split"]], row[at["task"]]
+        if not isinstance(split, str) or not isinstance(task, str):
+            raise TatrError(f"{target}: data row {number}: split and task must be text, got {split!r}, {task!r}")
+        out[(split, task)] = row[at["normalized_accuracy"]]
+    return out
 
 
 def _epoch(value: object) -> float | None:

@@ -19,6 +19,7 @@ plus an `ablation:` block that says what to vary:
 The file is read like an experiment (`tatr.runs.config`: one YAML reader, one `key=value`
 override syntax, one error format); `ablation.x=…` overrides go to the block, through the same
 value parser, and a misspelt key gets the one did-you-mean (`tatr.core.registry.did_you_mean`).
+An unquoted `{trust_region: off}` is the mode "off": the reader's booleans are YAML 1.2's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tatr.runs.config import (
     Component,
     ExperimentConfig,
     MergeConfig,
+    Name,
     Split,
     TrustRegionMode,
     apply_override,
@@ -64,7 +66,7 @@ class _Frozen(BaseModel):
 class Variant(_Frozen):
     """The merge settings one compared row changes; unset fields keep the file's `merge` values."""
 
-    method: str | None = None
+    method: Name | None = None
     trust_region: TrustRegionMode | None = None
     components: tuple[Component, ...] | None = None
     ties_k: float | None = Field(None, gt=0.0, le=100.0)

@@ -9,8 +9,11 @@ evaluate a NaN model): λ finite (negative allowed, task negation is real), q in
 must be safe path components (`tatr.core.outputs.safe_name`).
 
 All YAML tatr reads (experiments, ablations, sweep spaces, `key=value` overrides) goes through
-`parse_yaml`, which refuses aliases: `*a` repeated inside `&a` nine levels deep expands a 1 kB file
-into a billion nodes ("billion laughs"), and no tatr file needs them.
+`tatr.suites.safe_yaml`, which refuses aliases (`*a` repeated inside `&a` nine levels deep expands
+a 1 kB file into a billion nodes), reads booleans as YAML 1.2 does (`off`, `on`, `yes`, `no` stay
+words: `merge.trust_region=off` is the mode "off") and makes any failure to parse one line
+`<file>:<line>: <problem>`. A name field (`Name`) that gets a number takes its text back
+(`benchmark: 2024` is the suite "2024").
 """
 
 from __future__ import annotations
@@ -18,18 +21,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import safe_name
 from tatr.core.registry import did_you_mean
 from tatr.core.sparsify import BREADCRUMBS_BETA, BREADCRUMBS_DENSITY, DARE_P, DARE_SEED
 from tatr.suites.safe_yaml import load_yaml as _load
-from tatr.suites.safe_yaml import parse_yaml
+from tatr.suites.safe_yaml import name_text, read_yaml_file
 
+# A name (method, suite, study): a YAML number written for it (`2024`) is read back as its text.
+Name = Annotated[str, BeforeValidator(name_text)]
 TrustRegionMode = Literal["off", "zero-shot", "exemplar", "gradient-only", "magnitude-only"]
 Component = Literal["orthogonal", "positive", "negative"]
 Split = Literal["train", "validation", "test"]
@@ -42,7 +47,7 @@ class _Frozen(BaseModel):
 
 
 class MergeConfig(_Frozen):
-    method: str = "ta"
+    method: Name = "ta"
     trust_region: TrustRegionMode = "zero-shot"
     q: float = Field(0.99, gt=0.0, le=1.0)
     lam: float | None = None  # None: the method's default scaling factor; finite, may be negative
@@ -132,8 +137,8 @@ def name_field(value: object, what: str) -> str:
 
 
 class ExperimentConfig(_Frozen):
-    name: str = "experiment"  # the study of ablations and the prefix of sweep studies: a path component
-    benchmark: str = "testbed"  # names the report folder results/<benchmark>/
+    name: Name = "experiment"  # the study of ablations and the prefix of sweep studies: a path component
+    benchmark: Name = "testbed"  # names the report folder results/<benchmark>/
     suite: dict[str, Any] = Field(default_factory=dict)
     merge: MergeConfig = MergeConfig()
     exemplars: ExemplarConfig = ExemplarConfig()
@@ -161,17 +166,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; every problem is a one-line `TatrError`.
 
-    The one YAML file reader of tatr: experiments, ablation files and sweep search spaces."""
+    The YAML file reader of experiments, ablation files and sweep search spaces (`safe_yaml.read_yaml_file`,
+    which the text suite's task lists share: at most 16 MiB, UTF-8, `<file>:<line>: <problem>`)."""
     path = Path(path)
     if not path.is_file():
         raise TatrError(f"{path}: no such {what}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise TatrError(f"{path}: cannot read this {what} ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise TatrError(f"{path}: not a text file (a {what} is UTF-8 YAML)") from None
-    raw = parse_yaml(text, path)
+    raw = read_yaml_file(path, what)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -15,8 +15,11 @@ become paths (`results/<benchmark>/`, `store/<run_id>.jsonl`):
 * `run_id`, `benchmark`, `study`, `experiment` and each `|`-separated part of `task` are safe
   names (`tatr.core.outputs.safe_name`).
 
-A row that breaks this is refused with one line naming the file and the line number; it is not
-skipped, since a report without it would be wrong without saying so. Fix or remove that file.
+A row that breaks this is refused with one line naming the file and the line number
+(`<file>:<line>: <problem>`, as every reader of a user's file says it: `tatr.core.text_input`),
+whatever is wrong with it: bad JSON, JSON nested 100,000 deep, bytes that are not UTF-8, a file over
+`MAX_STORE_FILE_BYTES`. It is not skipped, since a report without it would be wrong without saying
+so. Fix or remove that file.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import pandas as pd
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write, inside, safe_name
+from tatr.core.text_input import MIB, numbered_lines, parse_json, read_text
 from tatr.runs.schema import COLUMNS, INTEGERS, NAMES, NUMBERS, PAIR_SEPARATOR, TEXT
 
 
@@ -69,6 +73,9 @@ def check_row(row: object) -> dict[str, Any]:
     if comps is not None and (not isinstance(comps, list) or not all(isinstance(c, str) for c in comps)):
         raise ValueError(f"components must be a list of names, got {comps!r}")
     return row
+
+
+MAX_STORE_FILE_BYTES = 1024 * MIB  # one run's rows; a larger file is not one tatr wrote
 
 
 def store_dir(root: str | Path) -> Path:
@@ -116,20 +123,12 @@ def read_store(root: str | Path) -> pd.DataFrame:
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     records = []
     for f in files:
-        try:
-            text = f.read_bytes().decode("utf-8")
-        except OSError as exc:
-            raise TatrError(f"{f}: cannot read this store file ({exc.strerror})") from None
-        except UnicodeDecodeError:
-            raise TatrError(f"{f}: not a text file (the store is corrupted)") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(check_row(json.loads(line, parse_constant=_no_constant)))
-                except (json.JSONDecodeError, RecursionError):
-                    raise TatrError(f"{f}:{n}: not a JSON row (the store is corrupted)") from None
-                except (ValueError, TatrError) as exc:
-                    raise TatrError(f"{f}:{n}: bad store row: {exc}") from None
+        for n, line in numbered_lines(read_text(f, "store file", MAX_STORE_FILE_BYTES)):
+            row = parse_json(line, f, n, what="a JSON row", parse_constant=_no_constant)
+            try:
+                records.append(check_row(row))
+            except (ValueError, TatrError) as exc:
+                raise TatrError(f"{f}:{n}: bad store row: {exc}") from None
     return pd.DataFrame.from_records(records, columns=list(COLUMNS))
 
 

@@ -29,6 +29,7 @@ from tatr.suites import scoring as ev
 from tatr.suites import testbed_build as tb
 from tatr.suites.base import SPLITS, SUITES, ExemplarGradients, input_seed, seeded_batches
 from tatr.suites.built_suite import BuiltSuite
+from tatr.suites.safe_yaml import as_flag
 
 # Bump whenever the build code changes its output, so stale cache folders are not reused.
 # 3: the build always runs on one torch thread; a version-2 folder may hold a multi-thread build.
@@ -187,5 +188,5 @@ def _tensor_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:
 def make_testbed(options: dict[str, Any], cache_dir: Path | None) -> Testbed:
     """Suite factory: `options` are `TestbedSpec` fields (plus `preset`), `cache_dir` the cache root."""
     options = dict(options)
-    progress = bool(options.pop("progress", True))
+    progress = as_flag(options.pop("progress", True), "suite.progress")
     return Testbed(spec_from_options(options), cache_dir, progress=progress)

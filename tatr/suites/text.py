@@ -24,10 +24,10 @@ import copy
 import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -40,6 +40,7 @@ from tatr.core.registry import did_you_mean
 from tatr.suites import scoring as ev
 from tatr.suites.base import SUITES, ExemplarGradients, input_seed, seeded_batches
 from tatr.suites.built_suite import BuiltSuite
+from tatr.suites.safe_yaml import as_flag, name_text
 from tatr.suites.text_build import build, make_encoder
 from tatr.suites.text_model import resolve_model, trim
 from tatr.suites.text_tasks import TextTask, parse_task_entry, read_tasks_file, select_tasks
@@ -55,7 +56,7 @@ class TextSpec(BaseModel):
 
     model: str = "minilm"  # a packaged short name, a local HF folder, or a hub name (offline unless allowed)
     tasks: str | list[dict[str, Any]] = "fortunes"  # a tasks.yaml (or its folder), "fortunes", or the entries inline
-    only: tuple[str, ...] | None = None  # a subset of the tasks, in this order
+    only: tuple[Annotated[str, BeforeValidator(name_text)], ...] | None = None  # a subset of the tasks, in this order
     max_length: int = Field(32, ge=4, le=512)  # tokens per text (fortunes: median ~28)
     n_train: int = Field(100, ge=1)  # per class, at most
     n_val: int = Field(10, ge=1)  # per class
@@ -246,5 +247,5 @@ def _batch_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:
 def make_text(options: dict[str, Any], cache_dir: Path | None) -> TextSuite:
     """Suite factory: `options` are `TextSpec` fields, `cache_dir` the cache root."""
     options = dict(options)
-    progress = bool(options.pop("progress", True))
+    progress = as_flag(options.pop("progress", True), "suite.progress")
     return TextSuite(spec_from_options(options), cache_dir, progress=progress)

@@ -11,7 +11,11 @@ one sub-folder per class holding one `.txt` file per text. Tasks are listed in a
         labels: {computers: computers, science: science}   # class → description; order = class index
         templates: ["This text is about {label}."]         # the zero-shot head's prompts
 
-`labels` may be omitted (classes sorted, each described by its own name). Splits are drawn per
+`labels` may be omitted (classes sorted, each described by its own name). Task and class names are
+plain names (`tatr.core.outputs.safe_name`: letters, digits and `_.+=,@-`, no leading dot), since
+task names become file names in the build; a YAML number written as a name (`name: 2024`) is its
+text. Every failure to read a file is one line naming the file and line (`tatr.core.text_input`):
+CSV fields are limited to 131,072 characters, files to 1 GiB. Splits are drawn per
 class by a seeded permutation (stratified, so every split has every class): `n_val` and `n_test`
 texts per class for validation and test, up to `n_train` of the rest for training. The draw is a
 pure function of (texts, seed), so the same files and seed give the same splits on any machine.
@@ -19,7 +23,6 @@ pure function of (texts, seed), so the same files and seed give the same splits 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -30,7 +33,9 @@ from typing import Any
 import torch
 
 from tatr.core.errors import TatrError
-from tatr.suites.safe_yaml import parse_yaml
+from tatr.core.outputs import safe_name
+from tatr.core.text_input import csv_records, numbered_lines, parse_json, read_text
+from tatr.suites.safe_yaml import name_text, read_yaml_file
 
 DEFAULT_TEMPLATES = ("This text is about {label}.", "A text about {label}.", "{label}.")
 MAX_TASK_BYTES = 1 << 30  # a task file above 1 GiB is refused before it is read
@@ -55,7 +60,7 @@ class TextTask:
 
 def read_tasks_file(path: Path, only: Sequence[str] | None = None) -> list[TextTask]:
     """The tasks of a `tasks.yaml` (all, or the names in `only`, in that order)."""
-    raw = parse_yaml(_read_text(path), path)
+    raw = read_yaml_file(path, "tasks file")
     entries = raw.get("tasks") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise TatrError(f"{path}: a tasks file holds a non-empty list under 'tasks:'")
@@ -80,12 +85,13 @@ def parse_task_entry(entry: Any, base: Path, where: str) -> TextTask:
     if not isinstance(entry, Mapping):
         raise TatrError(f"{where}: a task must be a mapping with at least 'name' and 'file'")
     known = {"name", "file", "text_field", "label_field", "labels", "templates"}
-    unknown = sorted(set(entry) - known)
+    unknown = sorted(str(k) for k in set(entry) - known)
     if unknown:
         raise TatrError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    name, file = entry.get("name"), entry.get("file")
+    name, file = name_text(entry.get("name")), entry.get("file")
     if not isinstance(name, str) or not name or not isinstance(file, str) or not file:
         raise TatrError(f"{where}: a task needs a 'name' and a 'file' (strings)")
+    _plain(name, "task name", where)  # it names files in the build folder: refused before any file is read
     source = (base / file).resolve() if not Path(file).is_absolute() else Path(file)
     rows = read_rows(source, str(entry.get("text_field", "text")), str(entry.get("label_field", "label")))
     names = sorted({label for _, label in rows})
@@ -95,6 +101,8 @@ def parse_task_entry(entry: Any, base: Path, where: str) -> TextTask:
     if not isinstance(labels, Mapping) or not all(isinstance(v, str) and v for v in labels.values()):
         raise TatrError(f"{where}: 'labels' must map each class to a description (a non-empty string)")
     classes = tuple(str(c) for c in labels)
+    for c in classes:
+        _plain(c, "class", where if entry.get("labels") is not None else str(source))
     missing = sorted(set(names) - set(classes))
     if missing:
         raise TatrError(f"{source}: label '{missing[0]}' is not listed under 'labels' of task '{name}'")
@@ -140,38 +148,32 @@ def read_rows(source: Path, text_field: str, label_field: str) -> list[tuple[str
     return rows
 
 
-def _read_text(path: Path) -> str:
+def _plain(value: str, what: str, where: str) -> None:
     try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise TatrError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise TatrError(f"{path}: cannot read ({exc.strerror})") from None
+        safe_name(value, what)
+    except TatrError as exc:
+        raise TatrError(f"{where}: {exc}") from None
+
+
+def _read_text(path: Path) -> str:
+    return read_text(path, "task file", MAX_TASK_BYTES)
 
 
 def _read_csv(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:
-    reader = csv.DictReader(_read_text(path).splitlines())
-    fields = reader.fieldnames or []
+    fields, records = csv_records(_read_text(path), path)
     for need in (text_field, label_field):
         if need not in fields:
-            raise TatrError(f"{path}: no column '{need}' (columns: {', '.join(fields) or 'none'})")
-    try:
-        return [(str(row[text_field] or ""), str(row[label_field] or "")) for row in reader]
-    except csv.Error as exc:
-        raise TatrError(f"{path}: not valid CSV ({exc})") from None
+            shown = ", ".join(f[:40] for f in fields[:20])
+            raise TatrError(f"{path}: no column '{need}' (columns: {shown or 'none'})")
+    return [(str(row[text_field] or ""), str(row[label_field] or "")) for row in records]
 
 
 def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise TatrError(f"{path}: line {number} is not JSON") from None
+    for number, line in numbered_lines(_read_text(path)):
+        item = parse_json(line, path, number)
         if not isinstance(item, dict) or not isinstance(item.get(text_field), str) or label_field not in item:
-            raise TatrError(f"{path}: line {number} needs a string '{text_field}' and a '{label_field}'")
+            raise TatrError(f"{path}:{number}: needs a string '{text_field}' and a '{label_field}'")
         rows.append((item[text_field], str(item[label_field])))
     return rows
 

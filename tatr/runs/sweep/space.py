@@ -33,7 +33,9 @@ from tatr.runs.config import (
     read_yaml_mapping,
     validation_error,
 )
+from tatr.suites.safe_yaml import name_text
 
+NAMES = ("method", "trust_region")  # searched over names: a YAML number in their lists is its text
 PARAMS = ("lam", "q", "method", "trust_region", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density")
 NUMERIC = ("lam", "q", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density")
 # ties_k: TIES as published (K=20); DARE's and Breadcrumbs' defaults are MergeConfig's (sources: tatr.core.sparsify)
@@ -80,6 +82,8 @@ class ParamSpec(_Frozen):
         if name not in PARAMS:
             raise ValueError(f"cannot search over '{name}'{did_you_mean(name, PARAMS)} (known: {', '.join(PARAMS)})")
         if isinstance(spec, list):
+            if name in NAMES:
+                spec = [name_text(value) for value in spec]
             if not spec:
                 raise ValueError("the list of choices is empty")
             for value in spec:
@@ -222,6 +226,7 @@ class SearchSpace(_Frozen):
             return {}
         if not isinstance(merge, dict):
             raise ValueError("'merge' must be a mapping of merge settings")
+        merge = {key: name_text(value) if key in NAMES else value for key, value in merge.items()}
         for key, value in merge.items():
             try:
                 if key not in MergeConfig.model_fields:
