@@ -323,12 +323,13 @@ def test_published_numbers_without_a_benchmark_are_the_papers(tmp_path: Path) ->
     assert "reference" not in done.tables  # a synthetic (or testbed) store is not compared to CLIP numbers
 
 
-def test_malformed_published_csv_is_skipped(tmp_path: Path) -> None:
+def test_malformed_published_csv_is_one_line(tmp_path: Path) -> None:
+    """Issue 17 §5: a broken file the user points at is one line, not a silently missing reference table."""
     make_store(tmp_path, parts=("final",))
     published = tmp_path / "published.csv"
     published.write_bytes(b"\xff\xfe not a csv \x00")
-    [done] = report.generate(tmp_path, published=published)
-    assert "reference" not in done.tables
+    with pytest.raises(TatrError, match="published numbers are not a readable CSV"):
+        report.generate(tmp_path, published=published)
 
 
 class FakeFile:

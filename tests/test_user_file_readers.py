@@ -369,3 +369,55 @@ def test_dates_are_text(tmp_path: Path) -> None:
     path.write_text("name: 2024-01-01\nsuite: {when: 2024-13-45}\n")
     config = load_config(path)
     assert config.name == "2024-01-01" and config.suite == {"when": "2024-13-45"}
+
+
+# --- the other readers of user files: journal lines, pooling configs, published numbers, GTSRB labels ----
+
+
+def test_journal_lines_nested_too_deep_are_damage_not_a_traceback(tmp_path: Path):
+    from tatr.runs.sweep import journal
+
+    assert journal._record(DEEP.encode()) is False
+    assert journal._salvage(b"{" + b'{"a":' * 5000) is None
+    lock = tmp_path / "owner.lock"
+    lock.write_text(DEEP[:4000])
+    assert journal.OwnedLock._read_owner(str(lock)) is None
+
+
+def test_a_pooling_config_nested_too_deep_is_one_line(tmp_path: Path):
+    from tatr.suites.text_model import read_pooling
+
+    (tmp_path / "modules.json").write_text(DEEP)
+    with pytest.raises(TatrError, match="cannot read the pooling module's config") as info:
+        read_pooling(tmp_path)
+    one_line(info)
+
+
+def test_broken_published_numbers_are_one_line_not_an_empty_column(tmp_path: Path):
+    from tatr.report.build import load_published
+
+    assert load_published(None) is None and load_published(tmp_path / "absent.csv") is None
+    bad = tmp_path / "published.csv"
+    bad.write_bytes(b"method,accuracy\nTA,69.1\n\xff\xfe,1\n")
+    with pytest.raises(TatrError, match="published numbers") as info:
+        load_published(bad)
+    one_line(info)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ("Filename;ClassId\n00000.ppm;x\n", "00000.ppm"),
+        ("Filename;ClassId\n" + "a" * 200_000 + ";1\n", "longer than"),
+        ("Name;Label\n00000.ppm;1\n", "lacks the Filename;ClassId"),
+    ],
+)
+def test_a_broken_gtsrb_label_file_is_one_line(tmp_path: Path, body: str, words: str):
+    from tatr.suites.clip_data import load_task
+    from tests.clip_fixtures import write_gtsrb
+
+    write_gtsrb(tmp_path, labels=(0, 14))
+    (tmp_path / "gtsrb" / "GT-final_test.csv").write_text(body)
+    with pytest.raises(TatrError, match=words) as info:
+        load_task("GTSRB", tmp_path)
+    one_line(info)

@@ -115,14 +115,13 @@ def parse_json(
         raise line_error(source, line, f"not {what} ({exc})") from None
 
 
-def csv_records(text: str, source: object) -> tuple[list[str], list[dict[str | None, Any]]]:
+def csv_records(text: str, source: object, **dialect: Any) -> tuple[list[str], list[dict[str | None, Any]]]:
     """The header and the rows (as `csv.DictReader` gives them) of CSV `text`, or one line.
 
     Fields are limited to the csv module's `field_size_limit` (131,072 characters unless a program
-    changed it): a longer one, header included, is refused rather than read."""
-    reader = csv.DictReader(
-        text.splitlines()
-    )  # `reader.reader.line_num`: DictReader's own is one row behind on an error
+    changed it): a longer one, header included, is refused rather than read. `dialect`: the csv
+    module's format options (e.g. `delimiter=";"`)."""
+    reader = csv.DictReader(text.splitlines(), **dialect)  # `reader.reader.line_num`: DictReader's is one row behind
     try:
         fields = list(reader.fieldnames or [])
         rows = list(reader)

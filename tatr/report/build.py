@@ -89,7 +89,10 @@ def load_store(root: str | Path) -> pd.DataFrame:
 
 
 def load_published(path: str | Path | None) -> pd.DataFrame | None:
-    """The published reference numbers, or None when the file is absent or unreadable as CSV."""
+    """The published reference numbers, or None when no file is given or the default one is absent.
+
+    A file that exists but cannot be read as CSV is one line: a silently empty reference column would
+    read as "no published numbers"."""
     if path is None:
         return None
     path = Path(path)
@@ -97,8 +100,11 @@ def load_published(path: str | Path | None) -> pd.DataFrame | None:
         return None
     try:
         return pd.read_csv(path, comment="#")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-        return None
+    except OSError as exc:
+        raise TatrError(f"{path}: cannot read the published numbers ({exc.strerror or type(exc).__name__})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise TatrError(f"{path}: the published numbers are not a readable CSV ({detail})") from None
 
 
 def benchmarks_in(rows: pd.DataFrame) -> list[str]:

@@ -31,7 +31,6 @@ the `EuroSAT_splits/val` folder and train is all of `EuroSAT_splits/train`.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import warnings
@@ -44,6 +43,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tatr.core.cache import content_hash
 from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean
+from tatr.core.text_input import MIB, csv_records, read_text
 from tatr.suites.clip_splits import (
     MAX_VAL,
     TASKS,
@@ -305,11 +305,16 @@ def _gtsrb(root: Path, transform: Transform) -> TaskData:
                 train.append((path, int(folder)))
     if not train:
         raise TatrError(f"GTSRB: no .ppm images under {train_dir} (expected {hint})")
-    with open(csv_path, newline="") as fh:  # task_vectors reads it with skipinitialspace=True
-        rows = list(csv.DictReader(fh, delimiter=";", skipinitialspace=True))
-    if rows and not {"Filename", "ClassId"} <= set(rows[0]):
+    text = read_text(csv_path, "GTSRB label file", 64 * MIB)  # task_vectors reads it with skipinitialspace=True
+    fields, rows = csv_records(text, csv_path, delimiter=";", skipinitialspace=True)
+    if not {"Filename", "ClassId"} <= set(fields):
         raise TatrError(f"GTSRB: {csv_path} lacks the Filename;ClassId columns")
-    test = [(test_dir / r["Filename"], int(r["ClassId"])) for r in rows]
+    test = []
+    for line, r in enumerate(rows, start=2):
+        name, label = r["Filename"], r["ClassId"]
+        if not (isinstance(name, str) and isinstance(label, str) and label.strip().isdigit()):
+            raise TatrError(f"{csv_path}:{line}: expected a file name and a class number, got {name!r};{label!r}")
+        test.append((test_dir / name, int(label)))
     have = {y for _, y in train}
     absent = sorted({y for _, y in test} - have)
     if absent:

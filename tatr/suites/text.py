@@ -232,7 +232,7 @@ def _read_accuracy(path: Path) -> float | None:
     """A cached accuracy, or None when absent or unreadable (then it is measured again)."""
     try:
         value = json.loads(path.read_text())["accuracy"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
         return None
     return float(value) if isinstance(value, int | float) and 0.0 <= value <= 100.0 else None
 

@@ -84,7 +84,7 @@ def read_pooling(folder: Path | str) -> str:
         entries = json.loads(modules.read_text())
         pooling = next(m for m in entries if str(m.get("type", "")).endswith("Pooling"))
         config = json.loads((folder / pooling.get("path", "") / "config.json").read_text())
-    except (OSError, ValueError, StopIteration, AttributeError):
+    except (OSError, ValueError, RecursionError, StopIteration, AttributeError):
         raise TatrError(f"{modules}: cannot read the pooling module's config") from None
     chosen = [
         m for m in POOLING_MODES if config.get(f"pooling_mode_{m}_tokens" if m != "cls" else "pooling_mode_cls_token")

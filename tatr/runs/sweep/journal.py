@@ -88,7 +88,7 @@ class OwnedLock:
             return None
         try:
             return json.loads(os.read(fd, 4096) or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
             return None
         finally:
             os.close(fd)
@@ -112,7 +112,7 @@ class OwnedLock:
 def _record(line: bytes) -> bool:
     try:
         return isinstance(json.loads(line), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return False
 
 
@@ -122,7 +122,7 @@ def _salvage(line: bytes) -> bytes | None:
     while start != -1:
         try:
             value = json.loads(line[start:])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
             value = None
         if isinstance(value, dict) and "op_code" in value:
             return line[start:]
