@@ -48,7 +48,7 @@ def child(kind: str, preset: str, cache: str | None, steps: int, repeats: int) -
     from tatr.core.checkpoints import load_state_dict
     from tatr.runs.config import ExperimentConfig, MergeConfig
     from tatr.runs.plan import PlanBook
-    from tatr.suites.scoring import evaluate_merged
+    from tatr.suites.evaluation import evaluate_merged
 
     torch.set_num_threads(1)
     suite = _suite(preset, cache)

@@ -4,7 +4,7 @@
     python benchmarks/bench_build_threads.py --threads 1 2 4 --hogs 0 1 3 --json threads.json
     python benchmarks/bench_build_threads.py --preset tiny --steps 5 --warmup 1   # a smoke run
 
-Why: `tatr.suites.testbed_build` runs the whole build on one torch thread, because the built
+Why: `tatr.suites.testbed.build` runs the whole build on one torch thread, because the built
 bytes depend on the thread count (see its docstring) and because more threads are much slower as
 soon as another process wants the cores. This measures both sides on your machine: steps/s of the
 build's pretraining step loop (the same encoder, batch, loss and AdamW step as `pretrain`, on
@@ -31,7 +31,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tatr.suites import testbed as testbed_mod
-from tatr.suites import testbed_build as tb
+from tatr.suites.base import torch_threads
+from tatr.suites.testbed import build as tb
 
 
 def step_loop(spec: tb.TestbedSpec, pools: dict, steps: int, warmup: int) -> float:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0 if hogs else 0.0)  # let the hogs get scheduled
             speeds = {}
             for n in threads:
-                with tb.torch_threads(n):
+                with torch_threads(n):
                     speeds[n] = step_loop(spec, pools, args.steps, args.warmup)
             load = os.getloadavg()[0]
         finally:

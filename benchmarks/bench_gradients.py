@@ -28,7 +28,7 @@ from open_clip.transformer import VisionTransformer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tatr.core.gradients import gradient_stats, gradient_stats_loop
-from tatr.suites.testbed_build import DEFAULT_SPEC, make_encoder
+from tatr.suites.testbed.build import DEFAULT_SPEC, make_encoder
 
 
 def models() -> dict[str, tuple[VisionTransformer, int, int]]:

@@ -177,8 +177,8 @@ def main() -> None:
 
     from tatr.core.cache import default_cache_root
     from tatr.runs.config import load_config
-    from tatr.runs.store import read_store
     from tatr.runs.sweep.space import load_search_space
+    from tatr.store.rows import read_store
     from tatr.suites import get_suite
 
     work = Path(tempfile.mkdtemp(prefix="tatr-bench-sweep-"))

@@ -2,7 +2,7 @@
 
 Nothing here downloads anything. Models are randomly initialised open_clip ViT-B-32s (the real
 architecture, so key names and shapes are the paper's); datasets are a few 8×8 images written
-with PIL into the exact folder layouts `tatr.suites.clip_data` reads.
+with PIL into the exact folder layouts `tatr.suites.clip8.data` reads.
 """
 
 from __future__ import annotations

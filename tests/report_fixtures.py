@@ -1,8 +1,8 @@
 """A synthetic results store with every kind of row the report reads (no model, no testbed).
 
 Accuracies are drawn from a seeded generator, so tests can recompute the expected tables with
-plain pandas and compare. `make_store` writes through `tatr.runs.store.append_rows`, the file layer
-under `tatr.runs.record`; its rows follow the schema (`experiment` = the file's name, `ablation` =
+plain pandas and compare. `make_store` writes through `tatr.store.rows.append_rows`, the file layer
+under `tatr.store.record`; its rows follow the schema (`experiment` = the file's name, `ablation` =
 the kind).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tatr.runs.store import append_rows
+from tatr.store.rows import append_rows
 
 TASKS = ("digits", "shapes", "textures", "signs")
 BENCHMARK = "synthetic"

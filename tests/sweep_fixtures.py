@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.checkpoints import save_state_dict
-from tatr.suites import scoring as ev
+from tatr.suites import evaluation as ev
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,9 +21,9 @@ from tatr.cli import ablate
 from tatr.core.errors import TatrError
 from tatr.core.merging import plan_merge
 from tatr.runs import ablation_spec, ablations, correlation
-from tatr.runs.store import read_store
+from tatr.store.rows import read_store
 from tatr.suites import get_suite
-from tatr.suites.scoring import evaluate_merged
+from tatr.suites.evaluation import evaluate_merged
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = sorted((REPO / "experiments" / "ablations").glob("*.yaml"))

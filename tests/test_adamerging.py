@@ -402,7 +402,7 @@ def test_seeded_batches_cover_each_pass_and_refuse_empty_sets() -> None:
 # --- the suites ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_testbed_unlabeled_loader(tiny_testbed) -> None:
-    from tatr.suites import testbed_build as tb
+    from tatr.suites.testbed import build as tb
 
     suite = tiny_testbed
     task = suite.tasks[0]
@@ -431,7 +431,7 @@ def test_clip8_unlabeled_loader(tmp_path: Path) -> None:
     from torchvision.transforms.functional import pil_to_tensor
 
     from tatr.suites import get_suite
-    from tatr.suites.clip_data import load_task
+    from tatr.suites.clip8.data import load_task
     from tests.clip_fixtures import write_mnist
 
     write_mnist(tmp_path / "data", n_train=20, n_test=6)
@@ -456,7 +456,7 @@ def test_an_ablation_with_adamerging_variants_writes_rows(tiny_testbed, tiny_tes
                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from tatr.report.labels import method_label
     from tatr.runs import ablation_spec, ablations
-    from tatr.runs.store import read_store
+    from tatr.store.rows import read_store
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     path = tmp_path / "ada.yaml"
@@ -549,8 +549,8 @@ def test_report_places_adamerging_beside_its_published_numbers(tmp_path: Path) -
     import pandas as pd
 
     from tatr.report import build as report
-    from tatr.runs.store import append_rows
-    from tatr.suites.clip_data import TASKS as CLIP_TASKS
+    from tatr.store.rows import append_rows
+    from tatr.suites.clip8.data import TASKS as CLIP_TASKS
 
     for method, acc in (("adamerging-task", 70.0), ("adamerging-layer", 79.0)):
         run_id = f"ablation-plugin-{method}"

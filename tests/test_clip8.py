@@ -22,8 +22,8 @@ from tatr.core.checkpoints import header, load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.gradients import gradient_stats_loop
 from tatr.core.merging import merge, plan_merge
+from tatr.suites import evaluation as ev
 from tatr.suites import get_suite
-from tatr.suites import scoring as ev
 from tatr.suites.clip8 import Clip8
 from tests.clip_fixtures import (
     EUROSAT_FOLDERS,
@@ -131,7 +131,7 @@ def test_checkpoints_hold_only_the_image_tower(suite: Clip8, bench: dict):
 def test_heads_are_normalised_cached_and_follow_the_templates(suite: Clip8, bench: dict):
     import open_clip
 
-    from tatr.suites.clip_templates import TEMPLATES
+    from tatr.suites.clip8.templates import TEMPLATES
 
     assert suite.classes("EuroSAT") == ("annual crop land", "forest")
     assert suite.classes("MNIST") == tuple("0123456789")
@@ -190,7 +190,7 @@ def test_exemplar_gradients_match_the_per_sample_loop(suite: Clip8, grads, bench
 
 
 def test_bf16_gradient_precision_has_its_own_encoder_and_cache_key(suite: Clip8):
-    from tatr.suites.clip8 import _GradientView
+    from tatr.suites.clip8.suite import _GradientView
 
     bf16, fp32 = _GradientView(suite, "bf16"), _GradientView(suite, "fp32")
     assert bf16.name != fp32.name  # the generic gradient cache keys on the name: no sharing

@@ -11,10 +11,10 @@ from tatr.core.errors import TatrError
 from tatr.report import build as report
 from tatr.report.labels import reference_label
 from tatr.runs.config import load_config
-from tatr.runs.store import append_rows
+from tatr.store.rows import append_rows
 from tatr.suites import get_suite
 from tatr.suites.clip8 import parse_options
-from tatr.suites.clip_data import TASKS
+from tatr.suites.clip8.data import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO / "results" / "reference" / "published.csv"

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import Subset
 
 from tatr.core.errors import TatrError
-from tatr.suites.clip_data import TASKS, load_task, train_val_indices
-from tatr.suites.clip_templates import GTSRB_CLASSNAMES, NUM_CLASSES, TEMPLATES
+from tatr.suites.clip8.data import TASKS, load_task, train_val_indices
+from tatr.suites.clip8.templates import GTSRB_CLASSNAMES, NUM_CLASSES, TEMPLATES
 from tests.clip_fixtures import (
     EUROSAT_FOLDERS,
     write_cars,

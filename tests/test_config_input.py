@@ -15,11 +15,12 @@ import pytest
 import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
 from tatr.cli import main
 from tatr.core.errors import TatrError
+from tatr.io.safe_yaml import read_yaml_mapping
 from tatr.runs import ablation_spec
-from tatr.runs.config import load_config, read_yaml_mapping
+from tatr.runs.config import load_config
 from tatr.runs.sweep.space import load_search_space
 from tatr.suites import get_suite
-from tatr.suites.scoring import evaluate_merged
+from tatr.suites.evaluation import evaluate_merged
 
 # "billion laughs": 9 levels of 10 aliases is 10^9 leaves from a file of under 1 kB
 BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(

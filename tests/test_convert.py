@@ -19,7 +19,7 @@ from torch import nn
 from tatr.cli import main as cli_main
 from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
-from tatr.suites.clip_convert import (
+from tatr.suites.clip8.convert import (
     PickleNeedsTrust,
     check_architecture,
     convert,

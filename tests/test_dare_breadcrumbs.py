@@ -514,9 +514,9 @@ def test_plugin_ablation_rows_and_labels(tmp_path: Path, monkeypatch: pytest.Mon
     import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
     from tatr.report import tables
     from tatr.runs import ablation_spec, ablations
-    from tatr.runs.store import read_store
+    from tatr.store.rows import read_store
     from tatr.suites import get_suite
-    from tatr.suites.scoring import evaluate_merged
+    from tatr.suites.evaluation import evaluate_merged
 
     monkeypatch.setenv("TATR_CACHE", str(tmp_path / "cache"))
     toy = {"tasks": 3, "n": 48}

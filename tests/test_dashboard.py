@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from tatr.runs.config import ExperimentConfig
-from tatr.runs.store import read_store
 from tatr.runs.sweep.dashboard import default_storage, is_loopback
 from tatr.runs.sweep.run import run_sweep
 from tatr.runs.sweep.storage import open_storage
 from tatr.runs.sweep.trial import definition
+from tatr.store.rows import read_store
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 from tests.test_postgres import free_port
 

@@ -1,4 +1,4 @@
-"""The generic evaluation and gradient-cache helpers of `tatr.suites.scoring`, on a toy in-memory suite."""
+"""The generic evaluation and gradient-cache helpers of `tatr.suites.evaluation`, on a toy in-memory suite."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.gradients import gradient_stats_loop
-from tatr.suites import scoring as ev
+from tatr.suites import evaluation as ev
 from tatr.suites.base import Checkpoints, Suite, input_seed, seeded_batches
 
 

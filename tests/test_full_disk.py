@@ -228,7 +228,7 @@ def test_cache_build_onto_a_disk_that_fills(tmp_path: Path, wanted: str) -> None
     disk = tmp_path / "disk"
     argv = ["evaluate", ROOT / "experiments" / "testbed.yaml", "suite.preset=tiny", "suite.progress=false"]
     env = {"TATR_CACHE": str(disk / "cache")}
-    result = run_on_full_disk(disk, argv, wanted=wanted, at="tatr.suites.testbed_build:save_file", env=env)
+    result = run_on_full_disk(disk, argv, wanted=wanted, at="tatr.suites.testbed.build:save_file", env=env)
     line = result.one_line()
     entry = disk / "cache" / "testbed"
     assert line.startswith(f"tatr: error: {entry}/"), line

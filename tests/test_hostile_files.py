@@ -28,13 +28,13 @@ import pytest
 import torch
 from torch import nn
 
-import tatr.suites.clip_convert
+import tatr.suites.clip8.convert
 from tatr.cli import main
 from tatr.core import checkpoints, torchfile
 from tatr.core.checkpoints import as_source, header, load_state_dict, read_tensor, save_state_dict
 from tatr.core.errors import PickleNeedsTrust, TatrError, UnreadableCheckpoint
-from tatr.suites.clip_convert import convert, load_any, load_pickled_module
-from tatr.suites.clip_hf_folder import read_hf_dir
+from tatr.suites.clip8.convert import convert, load_any, load_pickled_module
+from tatr.suites.clip8.hf_folder import read_hf_dir
 
 # --- torch's file formats, written by hand ------------------------------------------------------
 
@@ -635,7 +635,7 @@ def test_convert_refuses_its_input_as_output(tmp_path: Path, monkeypatch, capsys
     os.link(src, tmp_path / "hard.safetensors")
     monkeypatch.chdir(tmp_path)
     reads = []
-    monkeypatch.setattr(tatr.suites.clip_convert, "load_any", lambda *a, **k: reads.append(a))
+    monkeypatch.setattr(tatr.suites.clip8.convert, "load_any", lambda *a, **k: reads.append(a))
     for out in (
         "a.safetensors",
         "./a.safetensors",
@@ -661,7 +661,7 @@ def test_convert_checks_the_output_location_before_reading(tmp_path: Path, monke
     (tmp_path / "folder.safetensors").mkdir()
     (tmp_path / "file").write_text("x")
     reads = []
-    monkeypatch.setattr(tatr.suites.clip_convert, "load_any", lambda *a, **k: reads.append(a))
+    monkeypatch.setattr(tatr.suites.clip8.convert, "load_any", lambda *a, **k: reads.append(a))
     cases = {
         tmp_path / "folder.safetensors": "is a folder",
         tmp_path / "missing" / "o.safetensors": "output folder does not exist",

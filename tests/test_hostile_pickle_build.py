@@ -26,7 +26,7 @@ from tatr.core import checkpoints, torchfile
 from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.torch_unpickler import StorageRef, TensorSpec, _overlaps
-from tatr.suites.clip_convert import load_pickled_module
+from tatr.suites.clip8.convert import load_pickled_module
 from tests.test_hostile_files import _pickle, _Storage, _Tensor, cli_error, floats, write_torch_zip
 
 

@@ -209,9 +209,9 @@ def test_label_marks_the_negative_part() -> None:
 def test_components_ablation_tunes_lam_neg_on_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
     from tatr.runs import ablation_spec, ablations
-    from tatr.runs.store import read_store
+    from tatr.store.rows import read_store
     from tatr.suites import get_suite
-    from tatr.suites.scoring import evaluate_merged
+    from tatr.suites.evaluation import evaluate_merged
 
     monkeypatch.setenv("TATR_CACHE", str(tmp_path / "cache"))
     toy = {"tasks": 3, "n": 48}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import optuna
 
-from tatr.runs.store import read_store
 from tatr.runs.sweep.storage import open_storage
+from tatr.store.rows import read_store
 from tests.postgres_fixture import free_port, pg_bindir  # noqa: F401  (other tests import them from here)
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 

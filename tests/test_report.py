@@ -15,7 +15,7 @@ import pytest
 from tatr.cli import main
 from tatr.core.errors import TatrError
 from tatr.report import build as report
-from tatr.runs.store import append_rows, read_store
+from tatr.store.rows import append_rows, read_store
 from tests.report_fixtures import BENCHMARK, TASKS, _run, make_store
 
 TABLES = (
@@ -493,7 +493,7 @@ def test_a_store_from_before_the_ablation_column_reports_the_same(full: Path, tm
 
 def test_every_ablation_kind_has_one_table_and_its_file_exists() -> None:
     from tatr.report import tables
-    from tatr.runs.schema import ABLATION_KINDS
+    from tatr.store.schema import ABLATION_KINDS
 
     assert set(tables.ABLATION_TITLES) == set(ABLATION_KINDS)
     assert set(report.ABLATION_FILES) <= set(ABLATION_KINDS)

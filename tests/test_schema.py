@@ -1,6 +1,6 @@
 """One schema: a sweep, an ablation (with its baselines) and `tatr evaluate` write rows alike.
 
-Every writer goes through `tatr.runs.record`, so every row has the store's columns, in order, each
+Every writer goes through `tatr.store.record`, so every row has the store's columns, in order, each
 of its column's type, and the same meaning: `model` is the suite's model wherever the suite has
 one, `experiment` is the experiment's name, `ablation` the ablation kind (null outside ablations).
 The rows are read back from the JSONL files as written, not through `read_store`, so a writer that
@@ -20,9 +20,9 @@ import pytest
 import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
 from tatr.cli import main
 from tatr.runs.ablation_spec import load_ablation, per_suite_seed, points
-from tatr.runs.schema import ABLATION_KINDS, COLUMNS, INTEGERS, JOB_TYPES, NUMBERS, TEXT
+from tatr.store.schema import ABLATION_KINDS, COLUMNS, INTEGERS, JOB_TYPES, NUMBERS, TEXT
 from tatr.suites import get_suite
-from tatr.suites.scoring import evaluate_merged
+from tatr.suites.evaluation import evaluate_merged
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = {"tasks": 3, "n": 48, "model": "toy-mlp"}
@@ -133,7 +133,7 @@ def test_the_baselines_file_is_the_old_baseline_table() -> None:
 def test_suite_seeds_build_one_suite_per_seed(tmp_path: Path) -> None:
     """With `suite_seeds`, each seed is its own suite: every variant runs per seed, baselines too."""
     from tatr.runs import ablations
-    from tatr.runs.store import read_store
+    from tatr.store.rows import read_store
 
     spec = {"kind": "baselines", "baselines": True, "suite_seeds": True, "seeds": [0, 1], "lam": [0.3, 0.7],
             "variants": [{"method": "ta", "trust_region": "off"}]}  # fmt: skip

@@ -22,7 +22,7 @@ from tatr.core.errors import TatrError
 from tatr.report import build as report
 from tatr.report import figures
 from tatr.report import wandb_rows as report_wandb
-from tatr.runs.store import append_rows, read_store, store_dir
+from tatr.store.rows import append_rows, read_store, store_dir
 from tests.report_fixtures import BENCHMARK, make_store
 
 GOOD_ROW = {

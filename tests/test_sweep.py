@@ -18,13 +18,13 @@ import torch
 import tatr.core.merging
 from tatr.core.errors import TatrError
 from tatr.core.merging import MergePlan, merge, plan_merge
-from tatr.runs.store import COLUMNS, read_store
 from tatr.runs.sweep.run import run_sweep
 from tatr.runs.sweep.space import load_search_space
 from tatr.runs.sweep.storage import storage_url
 from tatr.runs.sweep.trial import LatestValue, make_pruner, mean_metric
+from tatr.store.rows import COLUMNS, read_store
 from tatr.suites import get_suite
-from tatr.suites.scoring import evaluate_merged
+from tatr.suites.evaluation import evaluate_merged
 from tests.sweep_fixtures import NAME, REPO, write_experiment, write_space
 
 SWEEPS = REPO / "sweeps"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import optuna
 
-from tatr.runs.store import read_store
 from tatr.runs.sweep.storage import open_storage
+from tatr.store.rows import read_store
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd, write_experiment
 
 TATR = REPO / "sweeps" / "tatr.yaml"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tatr.runs.store import read_store
+from tatr.store.rows import read_store
 from tests.sweep_fixtures import REPO, cli_env, tatr_cmd
 
 pytest.importorskip("tatr.suites.testbed", reason="the testbed suite is not in this checkout")

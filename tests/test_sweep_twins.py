@@ -39,7 +39,7 @@ TWIN = """
 import sys, time
 from pathlib import Path
 import alembic, optuna, pandas, sqlalchemy, torch  # noqa: F401
-import tatr.cli.sweep, tatr.runs.store, tatr.runs.sweep.run, tatr.runs.tracking  # noqa: F401
+import tatr.cli.sweep, tatr.store.rows, tatr.runs.sweep.run, tatr.runs.tracking  # noqa: F401
 import tests.sweep_fixtures  # noqa: F401
 from tatr.cli import main
 barrier, name, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])

@@ -15,8 +15,9 @@ from tatr.core.errors import TatrError
 from tatr.core.merging import merge
 from tatr.suites import get_suite
 from tatr.suites import testbed as testbed_mod
-from tatr.suites import testbed_build as tb
-from tatr.suites import testbed_data as data
+from tatr.suites.base import BUILD_THREADS
+from tatr.suites.testbed import build as tb
+from tatr.suites.testbed import data
 
 pytestmark = pytest.mark.slow
 TINY = {"preset": "tiny", "progress": False}
@@ -89,7 +90,7 @@ def test_built_bytes_do_not_depend_on_the_callers_thread_count(tmp_path: Path) -
             folder.mkdir()
             tb.build(spec, folder)
             assert torch.get_num_threads() == threads  # the caller's setting is restored
-            assert json.loads((folder / "build_log.json").read_text())["threads"] == tb.BUILD_THREADS == 1
+            assert json.loads((folder / "build_log.json").read_text())["threads"] == BUILD_THREADS == 1
             digests[threads] = {k: hashlib.sha256(v).hexdigest() for k, v in _files(folder).items()}
     finally:
         torch.set_num_threads(before)
@@ -209,7 +210,7 @@ def test_build_time_accuracies_match_the_evaluation_path(tiny_testbed) -> None:
 
 
 def test_evaluation_of_a_merged_model(tiny_testbed) -> None:
-    from tatr.suites.scoring import evaluate_merged
+    from tatr.suites.evaluation import evaluate_merged
 
     suite = tiny_testbed
     ckpts = suite.checkpoints()
@@ -237,7 +238,7 @@ def test_baselines_file_writes_the_table_rows(tiny_testbed, tmp_path: Path, monk
     from click.testing import CliRunner
 
     from tatr.cli import ablate
-    from tatr.runs.store import read_store
+    from tatr.store.rows import read_store
 
     monkeypatch.setenv("TATR_CACHE", str(tiny_testbed.cache_root))
     root = tmp_path / "out"

@@ -23,7 +23,8 @@ import yaml
 from tatr.cli import main as cli_main
 from tatr.cli.prepare_text import FORTUNES, installed_tree, source_tree, summarise_license, unpack_debs
 from tatr.core.errors import TatrError
-from tatr.suites import text_fortunes as tf
+from tatr.suites.text import fortunes as tf
+from tatr.suites.text import fortunes_prepare as tfp
 
 N = 160  # distinct usable entries per class file, unless a quirk below says otherwise
 SPORTS = 140  # the one small English class: en-topic is capped at it
@@ -121,7 +122,7 @@ def test_read_file_prefers_u8_and_filters_length(tree: tf.Tree) -> None:
 
 def test_tasks_and_counts_are_exact(tree: tf.Tree, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    tasks = {t.spec.name: t for t in tf.prepare(tree, out)}
+    tasks = {t.spec.name: t for t in tfp.prepare(tree, out)}
     expected = {
         "en-topic": SPORTS,
         "en-genre": 150,
@@ -154,7 +155,7 @@ def test_tasks_and_counts_are_exact(tree: tf.Tree, tmp_path: Path) -> None:
 
 def test_offensive_files_and_links_are_left_out(tree: tf.Tree, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    tf.prepare(tree, out)
+    tfp.prepare(tree, out)
     rows = [r for p in out.glob("*.jsonl") for r in _jsonl(p)]
     assert not any("OFFENSIVE" in r["text"] or r["text"] == BANNED for r in rows)
     by_label = {label: [r["text"] for r in rows if r["label"] == label] for label in ("english", "italian")}
@@ -169,14 +170,14 @@ def test_offensive_files_and_links_are_left_out(tree: tf.Tree, tmp_path: Path) -
 
 
 def test_output_is_deterministic(tree: tf.Tree, tmp_path: Path) -> None:
-    tf.prepare(tree, tmp_path / "a")
-    tf.prepare(tree, tmp_path / "b")
+    tfp.prepare(tree, tmp_path / "a")
+    tfp.prepare(tree, tmp_path / "b")
     first = _read_out(tmp_path / "a")
     assert first == _read_out(tmp_path / "b")
-    tf.prepare(tree, tmp_path / "a")  # again over its own output
+    tfp.prepare(tree, tmp_path / "a")  # again over its own output
     assert _read_out(tmp_path / "a") == first
     moved = source_tree(shutil.copytree(tree.folder.parents[3], tmp_path / "elsewhere", symlinks=True))
-    tf.prepare(moved, tmp_path / "c")
+    tfp.prepare(moved, tmp_path / "c")
     assert _read_out(tmp_path / "c") == first
 
 
@@ -186,11 +187,11 @@ def _no_leftovers(folder: Path) -> bool:
 
 def test_missing_file_leaves_previous_output_whole(tree: tf.Tree, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    tf.prepare(tree, out)
+    tfp.prepare(tree, out)
     before = _read_out(out)
     (tree.folder / "de" / "fussball").unlink()
     with pytest.raises(TatrError, match=r"de/fussball: missing, but task de-topic \(class fussball\) needs it"):
-        tf.prepare(tree, out)
+        tfp.prepare(tree, out)
     assert _read_out(out) == before and _no_leftovers(tmp_path)
 
 
@@ -198,10 +199,10 @@ def test_failure_while_writing_leaves_nothing_half_written(
     tree: tf.Tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
-    tf.prepare(tree, out)
+    tfp.prepare(tree, out)
     before = _read_out(out)
     calls = []
-    real_write = tf._write
+    real_write = tfp._write
 
     def failing_write(path: Path, text: str) -> None:
         calls.append(path.name)
@@ -209,13 +210,13 @@ def test_failure_while_writing_leaves_nothing_half_written(
             raise OSError(28, "No space left on device")
         real_write(path, text)
 
-    monkeypatch.setattr(tf, "_write", failing_write)
+    monkeypatch.setattr(tfp, "_write", failing_write)
     with pytest.raises(OSError):
-        tf.prepare(tree, out)
+        tfp.prepare(tree, out)
     assert len(calls) == 3 and _read_out(out) == before and _no_leftovers(tmp_path)
     calls.clear()
     with pytest.raises(OSError):
-        tf.prepare(tree, tmp_path / "new")
+        tfp.prepare(tree, tmp_path / "new")
     assert not (tmp_path / "new").exists() and _no_leftovers(tmp_path)
 
 
@@ -224,7 +225,7 @@ def test_refuses_a_folder_it_did_not_write(tree: tf.Tree, tmp_path: Path) -> Non
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(TatrError, match="holds files prepare-text did not write"):
-        tf.prepare(tree, mine)
+        tfp.prepare(tree, mine)
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
@@ -233,7 +234,7 @@ def test_too_small_task_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         TatrError, match=r"task en-genre: class riddles has 50 usable texts, .* hold 400 < 500; check riddles"
     ):
-        tf.prepare(small, tmp_path / "out")
+        tfp.prepare(small, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -306,8 +307,8 @@ def test_unpacked_debs_give_the_same_tasks(tree: tf.Tree, tmp_path: Path) -> Non
     assert [(p.name, p.version, p.license) for p in packages] == [
         (n, f"1.{i}-1", "GPL-2+") for i, n in enumerate(parts)
     ]
-    tf.prepare(tf.Tree(top / FORTUNES, "debs", packages), tmp_path / "from-debs")
-    tf.prepare(tree, tmp_path / "from-tree")
+    tfp.prepare(tf.Tree(top / FORTUNES, "debs", packages), tmp_path / "from-debs")
+    tfp.prepare(tree, tmp_path / "from-tree")
     data = {k: v for k, v in _read_out(tmp_path / "from-debs").items() if k != "DATA.md"}
     assert data == {k: v for k, v in _read_out(tmp_path / "from-tree").items() if k != "DATA.md"}
     # an unpacked root given with --source: versions from the changelogs
@@ -321,7 +322,7 @@ REAL = installed_tree()
 def test_real_packages(tmp_path: Path) -> None:
     assert REAL is not None
     out = tmp_path / "fortunes"
-    tasks = tf.prepare(REAL, out)
+    tasks = tfp.prepare(REAL, out)
     assert len(tasks) >= 6
     for task in tasks:
         rows = _jsonl(out / f"{task.spec.name}.jsonl")

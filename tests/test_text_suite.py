@@ -80,7 +80,7 @@ def test_mean_pooling_matches_the_sentence_transformers_formula(tiny_text) -> No
 
 @pytest.mark.parametrize("pooling", ["cls", "max"])
 def test_pooling_is_read_from_the_sentence_transformers_config(tmp_path: Path, pooling: str) -> None:
-    from tatr.suites.text_model import TextEncoder, load_tokenizer, load_transformer, pack, read_pooling
+    from tatr.suites.text.model import TextEncoder, load_tokenizer, load_transformer, pack, read_pooling
 
     folder = make_tiny_bert(tmp_path / "bert", pooling=pooling)
     assert read_pooling(folder) == pooling
@@ -114,7 +114,7 @@ def test_tatr_merge_reads_the_checkpoints_and_the_merge_evaluates(tiny_text, tmp
 
 
 def test_the_evaluation_cache_returns_the_measured_accuracy_without_running_the_model(tiny_text, monkeypatch) -> None:
-    from tatr.suites.scoring import accuracy
+    from tatr.suites.evaluation import accuracy
 
     theta_t = load_file(str(tiny_text.checkpoints().finetuned["animals"]))
     measured = accuracy(tiny_text, theta_t, "test")  # uncached: the shared scoring rule
@@ -188,7 +188,7 @@ def test_unlabeled_inputs_are_the_split_inputs_without_labels(tiny_text) -> None
 def test_heads_follow_the_zero_shot_recipe(tiny_text) -> None:
     """Reference (CLIP's zero-shot head, as task_vectors builds it): per class, normalise each template's
     embedding, average, normalise again."""
-    from tatr.suites.text_model import load_tokenizer, pack
+    from tatr.suites.text.model import load_tokenizer, pack
 
     encoder = tiny_text.encoder()
     tokenizer = load_tokenizer(tiny_text.source)
@@ -222,7 +222,7 @@ def test_bad_options_are_one_line_errors(tiny_text, options: dict, message: str,
 
 
 def test_bad_task_files_are_one_line_errors(tmp_path: Path) -> None:
-    from tatr.suites.text_tasks import read_rows, read_tasks_file
+    from tatr.suites.text.tasks import read_rows, read_tasks_file
 
     (tmp_path / "a.csv").write_text("text,other\nhello,x\n")
     with pytest.raises(TatrError, match="no column 'label'"):
@@ -245,8 +245,8 @@ def test_the_packaged_minilm_loads_offline_and_embeds_like_sentence_transformers
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    from tatr.suites.text_build import make_encoder
-    from tatr.suites.text_model import load_tokenizer, pack, resolve_model
+    from tatr.suites.text.build import make_encoder
+    from tatr.suites.text.model import load_tokenizer, pack, resolve_model
 
     folder = resolve_model("minilm")
     encoder = make_encoder(folder)

@@ -20,11 +20,11 @@ import optuna
 import pytest
 import torch
 
-from tatr.runs.record import RunRecord, store_rows
-from tatr.runs.store import read_store
 from tatr.runs.sweep.run import run_sweep
 from tatr.runs.sweep.storage import open_storage
 from tatr.runs.tracking import WandbLogger, reconcile, run_id_for, wandb_mode
+from tatr.store.record import RunRecord, store_rows
+from tatr.store.rows import read_store
 from tests.sweep_fixtures import REPO, write_experiment
 
 TATR = REPO / "sweeps" / "tatr.yaml"

@@ -19,12 +19,14 @@ import pytest
 import tests.sweep_fixtures  # noqa: F401  (registers the sweep-toy suite)
 from tatr.cli import main
 from tatr.core.errors import TatrError
+from tatr.io.safe_yaml import read_yaml_mapping
 from tatr.report import wandb_rows
-from tatr.runs import ablation_spec, store
-from tatr.runs.config import load_config, read_yaml_mapping
+from tatr.runs import ablation_spec
+from tatr.runs.config import load_config
 from tatr.runs.sweep.space import load_search_space
+from tatr.store import rows as store
 from tatr.suites import get_suite
-from tatr.suites.text_tasks import read_rows, read_tasks_file
+from tatr.suites.text.tasks import read_rows, read_tasks_file
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED_YAML = REPO / "experiments" / "testbed.yaml"
@@ -165,7 +167,7 @@ def test_tasks_yaml_errors_are_one_line_with_the_line(tmp_path: Path, monkeypatc
         read_tasks_file(tasks)
     one_line(info)
     tasks.write_text("tasks:\n  - {name: t, file: t.jsonl}\n" + "# padding\n" * 200)
-    from tatr.suites import safe_yaml
+    from tatr.io import safe_yaml
 
     monkeypatch.setattr(safe_yaml, "MAX_YAML_BYTES", 1000)
     with pytest.raises(TatrError, match="MiB limit of this tasks file") as info:
@@ -277,7 +279,7 @@ def test_config_files_that_do_not_parse_are_one_line_with_the_line(
 
 
 def test_a_config_file_over_the_size_limit_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tatr.suites import safe_yaml
+    from tatr.io import safe_yaml
 
     path = tmp_path / "exp.yaml"
     path.write_text("name: x\n" + "# padding\n" * 200)
@@ -385,7 +387,7 @@ def test_journal_lines_nested_too_deep_are_damage_not_a_traceback(tmp_path: Path
 
 
 def test_a_pooling_config_nested_too_deep_is_one_line(tmp_path: Path):
-    from tatr.suites.text_model import read_pooling
+    from tatr.suites.text.model import read_pooling
 
     (tmp_path / "modules.json").write_text(DEEP)
     with pytest.raises(TatrError, match="cannot read the pooling module's config") as info:
@@ -413,7 +415,7 @@ def test_broken_published_numbers_are_one_line_not_an_empty_column(tmp_path: Pat
     ],
 )
 def test_a_broken_gtsrb_label_file_is_one_line(tmp_path: Path, body: str, words: str):
-    from tatr.suites.clip_data import load_task
+    from tatr.suites.clip8.data import load_task
     from tests.clip_fixtures import write_gtsrb
 
     write_gtsrb(tmp_path, labels=(0, 14))

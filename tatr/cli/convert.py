@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tatr.suites.clip_convert import FORMATS, FROM_PRETRAINED, convert
+from tatr.suites.clip8.convert import FORMATS, FROM_PRETRAINED, convert
 
 
 @click.command("convert")

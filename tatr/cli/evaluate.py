@@ -18,13 +18,14 @@ import click
 from tatr.core.errors import TatrError
 from tatr.core.methods import get_method, uses_ties_k
 from tatr.core.registry import unknown_name
+from tatr.core.trust_region import uses_exemplars
 from tatr.runs.config import ExperimentConfig, config_dict, config_hash, load_config
-from tatr.runs.plan import PlanBook, uses_exemplars
-from tatr.runs.record import RunRecord, write_store
-from tatr.runs.store import new_run_id
+from tatr.runs.plan import PlanBook
 from tatr.runs.tune import test_choice
+from tatr.store.record import RunRecord, write_store
+from tatr.store.rows import new_run_id
 from tatr.suites import Suite, get_suite
-from tatr.suites.scoring import Evaluation, evaluate_merged, normalized_accuracy
+from tatr.suites.evaluation import Evaluation, evaluate_merged, normalized_accuracy
 
 
 def evaluate_config(

@@ -6,7 +6,7 @@ Where the packages come from, in this order:
 2. the installed packages, when dpkg says all of them are installed;
 3. `apt-get download` into a temporary folder, each `.deb` unpacked with `dpkg-deb -x` (no root);
 4. else one line saying what to install.
-The parsing, the draw and the writing live in `tatr.suites.text_fortunes`; this module finds the
+The parsing, the draw and the writing live in `tatr.suites.text.fortunes`; this module finds the
 files and records each package's version and license for the data card.
 """
 
@@ -26,7 +26,8 @@ import click
 
 from tatr.core.cache import default_cache_root
 from tatr.core.errors import TatrError
-from tatr.suites.text_fortunes import ENGLISH_PACKAGES, PACKAGES, Package, Tree, prepare
+from tatr.suites.text.fortunes import ENGLISH_PACKAGES, PACKAGES, Package, Tree
+from tatr.suites.text.fortunes_prepare import prepare
 
 FORTUNES = Path("usr/share/games/fortunes")
 INSTALL_HINT = "sudo apt-get install " + " ".join(p for p in PACKAGES if p != "fortunes-min")

@@ -26,7 +26,7 @@ read key by key; specs sharing a storage (tied weights) can become views of one 
 
 Names the allowlist does not know raise `PickledObjectError` in strict mode (a state dict needs
 none) and become inert `Inert` stand-ins otherwise (`tatr convert` reads whole pickled modules
-that way; see `tatr.suites.clip_convert`).
+that way; see `tatr.suites.clip8.convert`).
 """
 
 from __future__ import annotations

@@ -103,6 +103,11 @@ def needs_gradients(mode: object) -> bool:
     return isinstance(mode, str) and mode in TR_MODES and TR_MODES.get(mode).needs_gradients
 
 
+def uses_exemplars(mode: object, components: object) -> bool:
+    """Whether a merge needs exemplar gradients: a gradient-based mode, or a component selection."""
+    return needs_gradients(mode) or components is not None
+
+
 def drop_count(q: float, n: int) -> int:
     """⌈(1−q)·n⌉, computed on q's decimal value so binary rounding cannot add a coordinate."""
     if not 0.0 < q <= 1.0:

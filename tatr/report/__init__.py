@@ -1,6 +1,6 @@
 """The report layer: tables, figures and the offline HTML page, built from the results store.
 
-It reads the store's schema (`tatr.runs.schema`, `tatr.runs.store`) and nothing of the run layer's
+It reads the store's schema (`tatr.store.schema`, `tatr.store.rows`) and nothing of the run layer's
 machinery. One concern per module, in the order data flows:
 
     labels     what rows are called and in which order (from the method and mode registries)

@@ -32,8 +32,8 @@ from tatr.report import tables as T
 from tatr.report.render import Table
 from tatr.report.selection import prepare
 from tatr.report.wandb_rows import rows_from_wandb, wandb_run_rows
-from tatr.runs.schema import ABLATION_KINDS, AblationKind
-from tatr.runs.store import read_store, store_dir
+from tatr.store.rows import read_store, store_dir
+from tatr.store.schema import ABLATION_KINDS, AblationKind
 
 __all__ = ["generate", "rows_from_wandb", "wandb_run_rows", "write_report"]
 

@@ -24,7 +24,7 @@ from tatr.report.labels import drop_text, label_rank
 from tatr.report.render import Table
 from tatr.report.selection import AVERAGE, NORMALIZED
 from tatr.report.tables import correlation_frame, curve_frame
-from tatr.runs.schema import AblationKind
+from tatr.store.schema import AblationKind
 
 COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper
 DPI = 220

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from tatr.report.labels import method_label, missing, model_key
-from tatr.runs.schema import COLUMNS, AblationKind
+from tatr.store.schema import COLUMNS, AblationKind
 
 AVERAGE = "Average"
 NORMALIZED = "Normalized"

@@ -34,7 +34,7 @@ from tatr.report.selection import (
     prepare,
     task_order,
 )
-from tatr.runs.schema import PAIR_SEPARATOR, AblationKind
+from tatr.store.schema import PAIR_SEPARATOR, AblationKind
 
 __all__ = [  # imported here for notebooks and tests, beside the table builders defined below
     "AVERAGE",
@@ -43,7 +43,7 @@ __all__ = [  # imported here for notebooks and tests, beside the table builders 
     "prepare",
 ]
 
-# What each ablation's table is about, keyed by kind (`tatr.runs.schema.AblationKind`, the one list).
+# What each ablation's table is about, keyed by kind (`tatr.store.schema.AblationKind`, the one list).
 ABLATION_TITLES = {
     AblationKind.COMPONENTS: "Components of the task vectors outside the trust region",
     AblationKind.TRUST_REGION: "Zero-shot vs exemplar trust region",

@@ -2,12 +2,12 @@
 
 Why it lives apart from `tatr.report.build`: it is the only part of the report that talks to a server and
 reads data written by someone else, so it is where names from data are checked. Every rebuilt row
-goes through `tatr.runs.store.check_row` (safe run id, benchmark, study, task; typed, finite numbers),
+goes through `tatr.store.rows.check_row` (safe run id, benchmark, study, task; typed, finite numbers),
 and a logged table file is fetched only to a path inside a private scratch folder, so a run named
 `../x` or a table path `../../x` gets one line instead of a write outside it. A table that cannot be
 fetched leaves the normalized accuracies empty (the store allows that); one that was fetched but
 cannot be read (not JSON, nested too deep, over `MAX_TABLE_BYTES`, rows of the wrong shape) is one
-line `<file>:<line>: <problem>`, as every reader of a user's file says it (`tatr.core.text_input`).
+line `<file>:<line>: <problem>`, as every reader of a user's file says it (`tatr.io.text_files`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import pandas as pd
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import inside, safe_name
-from tatr.core.text_input import MIB, parse_json, read_text
-from tatr.runs.record import record_from_wandb, store_rows
-from tatr.runs.store import COLUMNS, INTEGERS, check_row
+from tatr.io.text_files import MIB, parse_json, read_text
+from tatr.store.record import record_from_wandb, store_rows
+from tatr.store.rows import COLUMNS, INTEGERS, check_row
 
 
 def rows_from_wandb(path: str, api: object | None = None) -> pd.DataFrame:
@@ -75,7 +75,7 @@ def wandb_run_rows(run: object, scratch: Path) -> list[dict]:
     `name`) plus `study`, `trial`, `config_hash` and, for ablations, `ablation` (its kind); its summary has
     `<split>/accuracy/<task>`, and normalized accuracies either as `<split>/normalized_accuracy/<task>`
     or in the logged `accuracy_table` (fetched from the run's files when needed). The rows are
-    built by `tatr.runs.record` (`record_from_wandb`, `store_rows`), as the store's own rows are.
+    built by `tatr.store.record` (`record_from_wandb`, `store_rows`), as the store's own rows are.
     """
     summary = _as_dict(getattr(run, "summary", {}))
     config = _flatten(_as_dict(getattr(run, "config", {})))

@@ -4,7 +4,7 @@ An ablation file is an ordinary experiment (benchmark, suite options, base `merg
 plus an `ablation:` block that says what to vary:
 
     ablation:
-      kind: components            # one of tatr.runs.schema.AblationKind
+      kind: components            # one of tatr.store.schema.AblationKind
       seeds: [0, 1, 2]            # exemplar draws; variants that use no exemplars run once
       lam: [0.1, 0.2, 0.3, …]     # λ grid, tuned on `tune_split`
       q: [0.9, 0.99, …]           # q grid, tuned with λ (a single value fixes q)
@@ -37,6 +37,8 @@ from tatr.core.errors import TatrError
 from tatr.core.merge_inputs import check_lam_neg_method
 from tatr.core.methods import get_method, merge_label
 from tatr.core.registry import did_you_mean
+from tatr.core.trust_region import uses_exemplars
+from tatr.io.safe_yaml import read_yaml_mapping
 from tatr.runs.config import (
     Component,
     ExperimentConfig,
@@ -46,12 +48,10 @@ from tatr.runs.config import (
     TrustRegionMode,
     apply_override,
     override_value,
-    read_yaml_mapping,
     validation_error,
 )
-from tatr.runs.plan import uses_exemplars
-from tatr.runs.schema import AblationKind
 from tatr.runs.tune import refuse_test_tuning
+from tatr.store.schema import AblationKind
 
 DEFAULT_LAMS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_LAM_NEGS = (0.0, *DEFAULT_LAMS)  # λ_neg = 0: the negative part left out

@@ -2,9 +2,9 @@
 
 Every point (variant × seed × drop or exemplar count) goes through the one run path: its plan from
 `tatr.runs.plan.PlanBook`, its (q, λ) chosen on the tuning split and tested once by
-`tatr.runs.tune.tune_grid`, its rows written as `tatr.runs.record.RunRecord`s.
+`tatr.runs.tune.tune_grid`, its rows written as `tatr.store.record.RunRecord`s.
 
-Rows (see `tatr.runs.schema`): `job_type="ablation"`, `experiment=<the file's name>`,
+Rows (see `tatr.store.schema`): `job_type="ablation"`, `experiment=<the file's name>`,
 `ablation=<kind>`, `study=<the file's name>`; each validation trial is its own run (`trial` = its
 grid index), the test evaluation of the chosen point is the point's run. One store file per run,
 written when the point is done, so an interrupted ablation keeps its finished points. With
@@ -25,10 +25,10 @@ from tatr.runs.ablation_spec import AblationSpec, Point, per_suite_seed, points
 from tatr.runs.adamerging import AdaTuned, tune_adamerging, with_coefficients
 from tatr.runs.config import ExperimentConfig, config_dict
 from tatr.runs.plan import PlanBook
-from tatr.runs.record import RunRecord, write_store
-from tatr.runs.schema import AblationKind
-from tatr.runs.store import git_commit, new_run_id, read_store
 from tatr.runs.tune import Tuned, tune_grid
+from tatr.store.record import RunRecord, write_store
+from tatr.store.rows import git_commit, new_run_id, read_store
+from tatr.store.schema import AblationKind
 
 Log = Callable[[str], None]
 
@@ -187,7 +187,7 @@ def point_records(
 def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root: str | Path, log: Log = print) -> None:
     """The two reference rows of every merging table: θ_0 (Pretrained) and each θ_t on its own task
     (Individual), on the evaluation split, as `job_type="baseline"` runs."""
-    from tatr.suites.scoring import evaluate_merged, normalized_accuracy
+    from tatr.suites.evaluation import evaluate_merged, normalized_accuracy
 
     individual = suite.individual_accuracy(spec.eval_split)
     start = time.perf_counter()

@@ -40,8 +40,8 @@ from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
 from tatr.runs.config import AdaMergingConfig, ExemplarConfig, MergeConfig
 from tatr.runs.plan import PlanBook
-from tatr.runs.record import RunRecord
 from tatr.runs.tune import GridTrial, Tested, Tuned, refuse_test_tuning
+from tatr.store.record import RunRecord
 
 
 @dataclass
@@ -122,7 +122,7 @@ def tune_adamerging(
     seed: int = 0,
 ) -> AdaTuned:
     """Learn λ for each q (one q without a trust region), choose q on `tune_split`, test once."""
-    from tatr.suites.scoring import evaluate_merged
+    from tatr.suites.evaluation import evaluate_merged
 
     refuse_test_tuning(tune_split, allow_test_tuning, "set allow_test_tuning")
     if not qs:

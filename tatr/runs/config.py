@@ -9,7 +9,7 @@ evaluate a NaN model): λ finite (negative allowed, task negation is real), q in
 must be safe path components (`tatr.core.outputs.safe_name`).
 
 All YAML tatr reads (experiments, ablations, sweep spaces, `key=value` overrides) goes through
-`tatr.suites.safe_yaml`, which refuses aliases (`*a` repeated inside `&a` nine levels deep expands
+`tatr.io.safe_yaml`, which refuses aliases (`*a` repeated inside `&a` nine levels deep expands
 a 1 kB file into a billion nodes), reads booleans as YAML 1.2 does (`off`, `on`, `yes`, `no` stay
 words: `merge.trust_region=off` is the mode "off") and makes any failure to parse one line
 `<file>:<line>: <problem>`. A name field (`Name`) that gets a number takes its text back
@@ -30,8 +30,8 @@ from tatr.core.errors import TatrError
 from tatr.core.outputs import safe_name
 from tatr.core.registry import did_you_mean
 from tatr.core.sparsify import BREADCRUMBS_BETA, BREADCRUMBS_DENSITY, DARE_P, DARE_SEED
-from tatr.suites.safe_yaml import load_yaml as _load
-from tatr.suites.safe_yaml import name_text, read_yaml_file
+from tatr.io.safe_yaml import load_yaml as _load
+from tatr.io.safe_yaml import name_text, read_yaml_mapping
 
 # A name (method, suite, study): a YAML number written for it (`2024`) is read back as its text.
 Name = Annotated[str, BeforeValidator(name_text)]
@@ -161,22 +161,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise TatrError(validation_error(exc, path)) from None
-
-
-def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; every problem is a one-line `TatrError`.
-
-    The YAML file reader of experiments, ablation files and sweep search spaces (`safe_yaml.read_yaml_file`,
-    which the text suite's task lists share: at most 16 MiB, UTF-8, `<file>:<line>: <problem>`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TatrError(f"{path}: no such {what}")
-    raw = read_yaml_file(path, what)
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise TatrError(f"{path}: a {what} must be a mapping of keys to values")
-    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str, schema: type[BaseModel] | None = None) -> None:

@@ -19,9 +19,9 @@ from tatr.core.cache import content_hash
 from tatr.core.errors import TatrError
 from tatr.runs.ablation_spec import AblationSpec
 from tatr.runs.config import ExperimentConfig, config_dict
-from tatr.runs.record import RunRecord, write_store
-from tatr.runs.schema import PAIR_SEPARATOR
-from tatr.runs.store import new_run_id
+from tatr.store.record import RunRecord, write_store
+from tatr.store.rows import new_run_id
+from tatr.store.schema import PAIR_SEPARATOR
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -20,24 +20,18 @@ a folder was first prepared for does not change a mask.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.errors import TatrError
-from tatr.core.trust_region import needs_gradients
+from tatr.core.trust_region import needs_gradients, uses_exemplars
 from tatr.runs.config import ExemplarConfig, ExperimentConfig, MergeConfig
 
 PLAN_FORMAT = 2  # bump when the cached plan's meaning changes (2: float64 arenas for float64 models)
 # Loaded plans a book keeps (least recently used out first): a sweep over a method option (TIES k,
 # DARE's p, Breadcrumbs' density) asks for a new plan per trial, each holding its own arenas.
 MAX_PLANS = 4
-
-
-def uses_exemplars(trust_region: object, components: Sequence[str] | None) -> bool:
-    """Whether a merge needs exemplar gradients: a gradient-based mode, or a component selection."""
-    return needs_gradients(trust_region) or components is not None
 
 
 class PlanBook:

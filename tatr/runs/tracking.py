@@ -1,7 +1,7 @@
 """Tracking: every trial and final evaluation goes to the results store, and is mirrored to W&B.
 
-The store (`tatr.runs.store`) is the source of truth; W&B is a convenience that may fail. So:
-* A `RunRecord` (`tatr.runs.record`, the one writer of store rows) is plain data; a trial's is
+The store (`tatr.store.rows`) is the source of truth; W&B is a convenience that may fail. So:
+* A `RunRecord` (`tatr.store.record`, the one writer of store rows) is plain data; a trial's is
   built from what the objective leaves in the Optuna trial's user attributes (per-task accuracy,
   mask statistics, timings, the resolved config). Optuna's storage is transactional, so a trial
   that Optuna marks finished always carries its record.
@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tatr.runs.record import RunRecord, in_store, wandb_config, write_store
-from tatr.runs.store import git_commit
+from tatr.store.record import RunRecord, in_store, wandb_config, write_store
+from tatr.store.rows import git_commit
 
 RECORD_ATTR = "tatr"  # the trial user attribute holding the record's payload
 OFFLINE_MODES = ("offline", "dryrun", "disabled")

@@ -42,7 +42,7 @@ def refuse_test_tuning(split: str, allowed: bool, hint: str) -> None:
 class Tested:
     """One merge evaluated once: the evaluation, the merge and evaluation seconds, the mask statistics."""
 
-    evaluation: Any  # tatr.suites.scoring.Evaluation
+    evaluation: Any  # tatr.suites.evaluation.Evaluation
     merge_seconds: float
     eval_seconds: float
     mask: dict[str, tuple[int, int]] | None = None
@@ -56,7 +56,7 @@ def test_choice(
     book: PlanBook, merge: MergeConfig, exemplars: ExemplarConfig | None = None, split: str = "test"
 ) -> Tested:
     """Merge `merge` (its q and λ are the choice) with the book's plan and evaluate it once on `split`."""
-    from tatr.suites.scoring import evaluate_merged
+    from tatr.suites.evaluation import evaluate_merged
 
     merged, merge_seconds, mask = merge_once(book, merge, exemplars)
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def tune_grid(
     Without a trust region q changes nothing: pass `qs=(1.0,)`. The plan's building time is counted
     in the tested merge's seconds (it is the cost of getting that merge). `lam_negs`: also tune the
     negative component's own λ_neg over this grid (None: `merge.lam_neg` as it is, for every trial)."""
-    from tatr.suites.scoring import evaluate_merged
+    from tatr.suites.evaluation import evaluate_merged
 
     refuse_test_tuning(tune_split, allow_test_tuning, "set allow_test_tuning")
     if not qs or not lams or (lam_negs is not None and not lam_negs):

@@ -12,6 +12,7 @@ the labels never leave the suite, so a method that must not see them cannot read
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,20 @@ from tatr.core.errors import TatrError
 from tatr.core.registry import Registry
 
 SPLITS = ("train", "validation", "test")
+
+
+BUILD_THREADS = 1  # builds run on one torch thread: the bytes of a matrix product depend on the count
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op torch threads, restoring the caller's count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from tatr.core.errors import TatrError
-from tatr.suites import scoring as ev
+from tatr.suites import evaluation as ev
 from tatr.suites.base import Checkpoints
 
 

@@ -70,7 +70,7 @@ class SweepResult:
     best_value: float | None = None
     metric: str = "accuracy"
     validation: dict[str, float] = field(default_factory=dict)
-    test: Any = None  # tatr.suites.scoring.Evaluation of the final run, or None
+    test: Any = None  # tatr.suites.evaluation.Evaluation of the final run, or None
     final_run_id: str | None = None
     wandb_dir: Path | None = None
     wandb_note: str = ""
@@ -255,9 +255,9 @@ def _final(
     study: Any, result: SweepResult, config: ExperimentConfig, plans: PlanBook, results: Path, logger: Any
 ) -> None:
     """Merge the best trial again and evaluate it on test; skipped when the store already has it."""
-    from tatr.runs.record import RunRecord, in_store, write_store
-    from tatr.runs.store import read_store
     from tatr.runs.tracking import run_id_for
+    from tatr.store.record import RunRecord, in_store, write_store
+    from tatr.store.rows import read_store
 
     best = study.best_trial
     run_id = run_id_for(study.study_name, best.number, best.datetime_start, job_type="final")
@@ -266,7 +266,7 @@ def _final(
     if in_store(results, run_id):
         rows = read_store(results)
         rows = rows[rows["run_id"] == run_id]
-        from tatr.suites.scoring import Evaluation
+        from tatr.suites.evaluation import Evaluation
 
         result.test = Evaluation(
             "test",

@@ -25,15 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean
+from tatr.io.safe_yaml import name_text, read_yaml_mapping
 from tatr.runs.config import (
     ExperimentConfig,
     MergeConfig,
     apply_override,
     config_dict,
-    read_yaml_mapping,
     validation_error,
 )
-from tatr.suites.safe_yaml import name_text
 
 NAMES = ("method", "trust_region")  # searched over names: a YAML number in their lists is its text
 PARAMS = ("lam", "q", "method", "trust_region", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density")

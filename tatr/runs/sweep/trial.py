@@ -22,8 +22,9 @@ from typing import Any
 
 import optuna
 
+from tatr.core.trust_region import uses_exemplars
 from tatr.runs.config import ExperimentConfig, config_dict, config_hash
-from tatr.runs.plan import PlanBook, merge_once, uses_exemplars
+from tatr.runs.plan import PlanBook, merge_once
 from tatr.runs.sweep.owners import worker_identity
 from tatr.runs.sweep.space import SearchSpace, trial_config
 
@@ -102,7 +103,7 @@ class Objective:
 
         def record() -> None:
             from tatr.runs.tracking import RECORD_ATTR, payload
-            from tatr.suites.scoring import normalized_accuracy
+            from tatr.suites.evaluation import normalized_accuracy
 
             normalized = normalized_accuracy(accuracy, individual)
             elapsed = time.perf_counter() - start
@@ -138,8 +139,8 @@ class Objective:
 def definition(config: ExperimentConfig) -> dict[str, Any]:
     """What defines a trial beyond its searched parameters, as the store's rows say it.
 
-    The same rules as the store (`tatr.runs.record.store_rows`): the exemplar count only when the
-    merge uses exemplars (`tatr.runs.plan.uses_exemplars`), the seed of the experiment.
+    The same rules as the store (`tatr.store.record.store_rows`): the exemplar count only when the
+    merge uses exemplars (`tatr.core.trust_region.uses_exemplars`), the seed of the experiment.
     """
     merge = config.merge
     components = list(merge.components) if merge.components is not None else None
@@ -163,9 +164,9 @@ def mean_metric(accuracy: Mapping[str, float], individual: Mapping[str, float], 
 
     The objective (all tasks) and the intermediate value after each task (the tasks so far: every
     trial evaluates them in the same order, so at a given step all trials are compared on the
-    same tasks). Normalized accuracy is `tatr.suites.scoring.normalized_accuracy`'s.
+    same tasks). Normalized accuracy is `tatr.suites.evaluation.normalized_accuracy`'s.
     """
-    from tatr.suites.scoring import normalized_accuracy
+    from tatr.suites.evaluation import normalized_accuracy
 
     values = accuracy if metric == "accuracy" else normalized_accuracy(accuracy, individual)
     return sum(values.values()) / len(values)

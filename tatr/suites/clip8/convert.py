@@ -40,7 +40,7 @@ from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import PickledObjectError, PickleNeedsTrust, TatrError
 from tatr.core.outputs import check_output
 from tatr.core.pickled_modules import load_pickled_module, module_state_dict
-from tatr.suites.clip_hf_folder import read_hf_dir
+from tatr.suites.clip8.hf_folder import read_hf_dir
 
 __all__ = [  # re-exported: the pickle and folder readers live in their own modules
     "PickleNeedsTrust",
@@ -233,7 +233,7 @@ def visual_shapes(model_name: str) -> dict[str, tuple[int, ...]]:
     """Key → shape of open_clip's visual tower for `model_name`, built on the meta device (free)."""
     from open_clip.model import _build_vision_tower
 
-    from tatr.suites.clip_heads import model_config
+    from tatr.suites.clip8.heads import model_config
 
     config = model_config(model_name)
     with torch.device("meta"):

@@ -2,7 +2,7 @@
 
 Why a small wrapper and not sentence-transformers' `SentenceTransformer`:
 * the merge core needs a plain `nn.Module` whose `state_dict` keys are the checkpoint's keys, and
-  the shared scoring and gradient code (`tatr.suites.scoring`, `tatr.core.gradients`) call
+  the shared scoring and gradient code (`tatr.suites.evaluation`, `tatr.core.gradients`) call
   `encoder(x)` with one tensor; here `x` is `[batch, 2, length]`, token ids stacked on the
   attention mask (`pack`).
 * The attention mask goes in as a ready 4-D additive mask. Transformers' own mask builder checks

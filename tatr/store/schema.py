@@ -1,7 +1,7 @@
 """The results store's schema: its columns, their types, the job types and the ablation kinds.
 
-Why a module of its own, importing nothing: the store (`tatr.runs.store`), the one record type
-(`tatr.runs.record`) and the report (`tatr.report`) all need these facts, and each must read them
+Why a module of its own, importing nothing: the store (`tatr.store.rows`), the one record type
+(`tatr.store.record`) and the report (`tatr.report`) all need these facts, and each must read them
 from one place. The report may import this module; it holds no run machinery. A row's display
 labels belong to what the row names (`tatr.core.methods.merge_label`, the trust-region modes'
 registry, `tatr.core.components.components_label`), not to the schema.

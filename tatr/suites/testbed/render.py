@@ -2,7 +2,7 @@
 
 Why a module of its own: the pixel-level drawing (signed distances, rotations, palettes, noise) is
 the bulk of the testbed's data code, and it is independent of which domains exist and how a split
-is drawn from them (`tatr.suites.testbed_data`). Every function is vectorised over samples and a
+is drawn from them (`tatr.suites.testbed.data`). Every function is vectorised over samples and a
 pure function of the `torch.Generator` state, so a split's bytes depend only on its seed.
 """
 

@@ -1,7 +1,7 @@
 """The results store: append-only rows, one per (run, task, split), the source of truth for reports.
 
-This is the file layer; what a row means (its columns and their types) is `tatr.runs.schema`, and
-the one code that builds rows is `tatr.runs.record`.
+This is the file layer; what a row means (its columns and their types) is `tatr.store.schema`, and
+the one code that builds rows is `tatr.store.record`.
 
 Each run writes one JSONL file under `<root>/store/`, atomically (temporary file, then rename), so
 concurrent workers never interleave and a crash never leaves half a run. Reading concatenates all
@@ -16,7 +16,7 @@ become paths (`results/<benchmark>/`, `store/<run_id>.jsonl`):
   names (`tatr.core.outputs.safe_name`).
 
 A row that breaks this is refused with one line naming the file and the line number
-(`<file>:<line>: <problem>`, as every reader of a user's file says it: `tatr.core.text_input`),
+(`<file>:<line>: <problem>`, as every reader of a user's file says it: `tatr.io.text_files`),
 whatever is wrong with it: bad JSON, JSON nested 100,000 deep, bytes that are not UTF-8, a file over
 `MAX_STORE_FILE_BYTES`. It is not skipped, since a report without it would be wrong without saying
 so. Fix or remove that file.
@@ -38,8 +38,8 @@ import pandas as pd
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write, inside, safe_name
-from tatr.core.text_input import MIB, numbered_lines, parse_json, read_text
-from tatr.runs.schema import COLUMNS, INTEGERS, NAMES, NUMBERS, PAIR_SEPARATOR, TEXT
+from tatr.io.text_files import MIB, numbered_lines, parse_json, read_text
+from tatr.store.schema import COLUMNS, INTEGERS, NAMES, NUMBERS, PAIR_SEPARATOR, TEXT
 
 
 def check_row(row: object) -> dict[str, Any]:

@@ -40,7 +40,6 @@ from pathlib import Path
 import yaml
 
 from tatr.core.errors import TatrError
-from tatr.core.outputs import atomic_dir, writing
 
 SOURCE = "debian-fortunes"
 PACKAGES = ("fortunes", "fortunes-min", "fortunes-de", "fortunes-es", "fortunes-it")
@@ -334,41 +333,3 @@ def check_out(out: Path) -> None:
             raise TatrError(
                 f"{out}: holds files prepare-text did not write ({foreign[0]}, …); choose an empty or new folder"
             )
-
-
-def _write(path: Path, text: str) -> None:
-    with writing(path), open(path, "w", encoding="utf-8", newline="\n") as fh:  # a full disk names this file
-        fh.write(text)
-
-
-def prepare(
-    tree: Tree,
-    out: Path,
-    log: Callable[[str], None] = lambda _: None,
-    tasks: Iterable[TaskSpec] = TASKS,
-    min_texts: int = MIN_TEXTS,
-) -> list[TaskData]:
-    """Build every task in memory, then write the folder at once (atomically): never half-written."""
-    from tatr.suites.text_fortunes_card import data_card  # the card reads this module's records
-
-    out = Path(out)
-    check_out(out)
-    cache: dict[str, FileTexts] = {}
-
-    def read(rel: str) -> FileTexts:
-        if rel not in cache:
-            cache[rel] = read_file(tree.folder, rel)
-        return cache[rel]
-
-    offensive = offensive_files(tree)
-    banned = {t for rel in offensive if (tree.folder / rel).is_file() for t in read(rel).texts}
-    built = []
-    for spec in tasks:
-        built.append(build_task(tree, spec, read, banned, min_texts))
-        log(f"  {spec.name}: {len(spec.classes)} classes x {built[-1].per_class} = {built[-1].total} texts")
-    files = {"tasks.yaml": tasks_yaml(built), **{f"{t.spec.name}.jsonl": task_jsonl(t) for t in built}}
-    files["DATA.md"] = data_card(tree, built, cache, offensive, refused_links(tree), min_texts)
-    with atomic_dir(out) as tmp:
-        for name, text in files.items():
-            _write(tmp / name, text)
-    return built

@@ -1,7 +1,7 @@
 """The embedded testbed: an 8-task merging benchmark that builds itself on a CPU in minutes.
 
 `Testbed` implements the `Suite` protocol of `tatr.suites.base` over a build from
-`tatr.suites.testbed_build` (data, θ_0, frozen icon heads, θ_t), cached in a content-addressed
+`tatr.suites.testbed.build` (data, θ_0, frozen icon heads, θ_t), cached in a content-addressed
 folder `<cache>/testbed/<hash of the spec and build version>`: built on first use, verified on
 every open (a manifest of file digests), rebuilt when missing or corrupted.
 
@@ -25,11 +25,11 @@ from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean, unknown_name
-from tatr.suites import scoring as ev
-from tatr.suites import testbed_build as tb
+from tatr.io.safe_yaml import as_flag
+from tatr.suites import evaluation as ev
 from tatr.suites.base import SPLITS, SUITES, ExemplarGradients, input_seed, seeded_batches
 from tatr.suites.built_suite import BuiltSuite
-from tatr.suites.safe_yaml import as_flag
+from tatr.suites.testbed import build as tb
 
 # Bump whenever the build code changes its output, so stale cache folders are not reused.
 # 3: the build always runs on one torch thread; a version-2 folder may hold a multi-thread build.

@@ -43,8 +43,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tatr.core.cache import content_hash
 from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean
-from tatr.core.text_input import MIB, csv_records, read_text
-from tatr.suites.clip_splits import (
+from tatr.io.text_files import MIB, csv_records, read_text
+from tatr.suites.clip8.splits import (
     MAX_VAL,
     TASKS,
     VAL_FRACTION,
@@ -59,7 +59,7 @@ from tatr.suites.clip_splits import (
     task_data,
     train_val_indices,
 )
-from tatr.suites.clip_templates import DIGITS, EUROSAT_CLASSNAMES, GTSRB_CLASSNAMES, NUM_CLASSES
+from tatr.suites.clip8.templates import DIGITS, EUROSAT_CLASSNAMES, GTSRB_CLASSNAMES, NUM_CLASSES
 
 __all__ = [
     "MAX_VAL",

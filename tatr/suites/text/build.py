@@ -12,7 +12,7 @@ The recipe follows task_vectors' for CLIP, with a sentence encoder in place of t
 
 Everything random is drawn from generators seeded from `spec.seed` (the split draw, the batch
 order, dropout), and the build runs on one torch thread, as the testbed's does
-(`tatr.suites.testbed_build.BUILD_THREADS`: the bytes of a matrix product depend on the thread
+(`tatr.suites.base.BUILD_THREADS`: the bytes of a matrix product depend on the thread
 count), so the same spec and files give the same bytes. Timings go to `build_log.json`, apart from
 the reproducible files.
 """
@@ -34,10 +34,9 @@ from tqdm.auto import tqdm
 
 from tatr.core.checkpoints import save_state_dict
 from tatr.core.gradients import cosine_logits
-from tatr.suites.base import shuffled_batches
-from tatr.suites.testbed_build import BUILD_THREADS, torch_threads
-from tatr.suites.text_model import TextEncoder, load_tokenizer, load_transformer, pack, read_pooling, trim
-from tatr.suites.text_tasks import TextTask, draw_splits
+from tatr.suites.base import BUILD_THREADS, shuffled_batches, torch_threads
+from tatr.suites.text.model import TextEncoder, load_tokenizer, load_transformer, pack, read_pooling, trim
+from tatr.suites.text.tasks import TextTask, draw_splits
 
 SPLIT_NAMES = ("train", "validation", "test")
 

@@ -30,10 +30,9 @@ the same spec gives the same bytes on the same machine, however busy it is. Why 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -45,22 +44,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tatr.core.checkpoints import save_state_dict
-from tatr.suites import testbed_data as data
-from tatr.suites.base import shuffled_batches
+from tatr.suites.base import BUILD_THREADS, shuffled_batches, torch_threads
+from tatr.suites.testbed import data
 
 MEAN, STD = 0.5, 0.25  # fixed input normalisation, like CLIP's preprocess constants
-BUILD_THREADS = 1  # see the module docstring: the bytes depend on it, and 1 is never the slow case
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with `n` intra-op torch threads, restoring the caller's count afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

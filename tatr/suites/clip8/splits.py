@@ -1,4 +1,4 @@
-"""The datasets and splits behind `tatr.suites.clip_data`: what a loaded task is, not where it came from.
+"""The datasets and splits behind `tatr.suites.clip8.data`: what a loaded task is, not where it came from.
 
 `TaskData.split` is the one place that decides which images are train, validation and test, as
 task_vectors' `<Task>` and `<Task>Val` classes do (see `clip_data`'s docstring for the layouts).

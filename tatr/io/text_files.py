@@ -7,7 +7,7 @@ an integer of 10,000 digits (`ValueError`), a file too large to hold in memory. 
 make the whole file "not a text file"; that line names the first bad line in its parentheses.
 
 It lives in the core (stdlib only) so that every layer reads files the same way: the suites (task
-files), the runs (the store) and the report (W&B tables). YAML is read by `tatr.suites.safe_yaml`,
+files), the runs (the store) and the report (W&B tables). YAML is read by `tatr.io.safe_yaml`,
 which uses `read_text` and `at` from here.
 """
 

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from tatr.core.cache import cached_dir, content_hash
 from tatr.core.checkpoints import header, read_tensor, save_state_dict
 from tatr.core.errors import TatrError
-from tatr.suites import clip_heads as ch
-from tatr.suites.clip_convert import FROM_PRETRAINED, check_architecture, load_any
+from tatr.suites.clip8 import heads as ch
+from tatr.suites.clip8.convert import FROM_PRETRAINED, check_architecture, load_any
 
 CACHE_FORMAT = 1  # part of every clip8 cache key: bump when a cached file's layout changes
 

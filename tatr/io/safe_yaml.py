@@ -16,7 +16,7 @@ three rules hold for all of them at once:
   its text back (`name_text`).
 * **One line per failure.** Any failure to read or parse, including the ones PyYAML lets through
   as `ValueError` (an integer of 5,000 digits) or `RecursionError` (`[` nested 50,000 deep), is a
-  `TatrError` of one line, `<file>:<line>: <problem>` (`tatr.core.text_input`).
+  `TatrError` of one line, `<file>:<line>: <problem>` (`tatr.io.text_files`).
 
 It lives in the suites layer, the lowest that may import yaml (the core may not), because the text
 suite reads task files with it and everything above (configs) shares it.
@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import yaml
 
 from tatr.core.errors import TatrError
-from tatr.core.text_input import MIB, at, read_text
+from tatr.io.text_files import MIB, at, read_text
 
 MAX_YAML_BYTES = 16 * MIB  # a YAML file tatr reads (experiment, ablation, search space, tasks list); PyYAML ~1 MB/s
 
@@ -111,6 +111,22 @@ def read_yaml_file(path: str | Path, what: str) -> Any:
     """The YAML document in file `path` (at most `MAX_YAML_BYTES`, UTF-8); every failure is one line."""
     path = Path(path)
     return parse_yaml(read_text(path, what, MAX_YAML_BYTES), path)
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; every problem is a one-line `TatrError`.
+
+    Experiments, ablation files and sweep search spaces; `read_yaml_file` below it is shared with the
+    text suite's task lists (at most 16 MiB, UTF-8, `<file>:<line>: <problem>`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TatrError(f"{path}: no such {what}")
+    raw = read_yaml_file(path, what)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TatrError(f"{path}: a {what} must be a mapping of keys to values")
+    return raw
 
 
 def _line(exc: yaml.YAMLError, text: str) -> int:

@@ -6,7 +6,7 @@ them from CLIP's `data/prompts.md`; they are written here as `str.format` patter
 
 Class names: only two tasks carry names that are not in the data itself, and those are constants
 here (GTSRB's descriptive sign names from CLIP, EuroSAT's rewording of its folder names). Every
-other task takes its class names from the data at load time (`tatr.suites.clip_data`): folder
+other task takes its class names from the data at load time (`tatr.suites.clip8.data`): folder
 names for SUN397, RESISC45 and DTD, the devkit's `cars_meta.mat` for Cars, digits for MNIST and
 SVHN. That is what task_vectors does too, and it avoids copying lists of hundreds of names whose
 order must match the folders anyway.
