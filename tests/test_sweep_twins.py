@@ -192,3 +192,36 @@ def test_grid_workers_share_the_grids_order_so_trials_never_repeat_a_point() -> 
         study.sampler = samplers[i % 2]
         study.optimize(objective, n_trials=1)
     assert sorted(asked) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+
+
+OPEN = """
+import sys, time
+from pathlib import Path
+from tatr.core.errors import TatrError
+from tatr.runs.sweep.storage import open_storage
+barrier, name, count, url = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+(barrier / name).touch()
+while len(list(barrier.iterdir())) < count:
+    time.sleep(0.001)
+try:
+    open_storage(url)
+except TatrError as exc:
+    sys.exit(f"tatr: error: {exc}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(3))
+def test_processes_creating_one_sqlite_schema_at_once_all_open_it(tmp_path: Path, round_: int) -> None:
+    """The schema race behind twin sweeps on a new SQLite file ("table studies already exists")."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN, str(barrier), f"p{i}", "4", url], cwd=REPO, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors

@@ -160,9 +160,12 @@ def open_storage(url: str, heartbeat: bool = True) -> Any:
             raise TatrError(f"storage {redact(url)}: {_first_line(exc)}") from None
         except OperationalError as exc:  # cannot connect: a server starting gets a few seconds, no more
             last = exc
-            if attempt >= 2 or url.startswith("sqlite"):
+            # two sweeps started at once create the schema together: the loser sees "table … already
+            # exists" (or SQLite's lock) and finds the winner's schema on the next try
+            racing = any(words in str(exc) for words in ("already exists", "database is locked"))
+            if not racing and (attempt >= 2 or url.startswith("sqlite")):
                 break
-            time.sleep(1.0)
+            time.sleep(0.5 * (attempt + 1) if racing else 1.0)
         except SQLAlchemyError as exc:  # concurrent schema creation
             last = exc
             time.sleep(0.5 * (attempt + 1))
