@@ -1,4 +1,4 @@
-"""Measure the merge's dtype rules and print the README's "dtype checks" table.
+"""Measure the merge's dtype rules and print the "dtype checks" table of docs/performance.md.
 
     python benchmarks/dtype_checks.py
 

@@ -1,4 +1,4 @@
-"""The README's statement of how tatr's drop count relates to FusionBench's threshold rule.
+"""The statement (docs/method.md) of how tatr's drop count relates to FusionBench's threshold rule.
 
 FusionBench keeps the coordinates with Ω below the value at sorted index min(int(N·q), N−1). Transcribed
 literally below; tatr drops exactly ⌈(1−q)N⌉, ties broken by position.

@@ -1,5 +1,5 @@
 """Twin sweeps: two `tatr sweep --no-final` processes started at the same instant on one study (the
-README's many-machines recipe, or two sweeps on one SQLite file) must not repeat each other's
+many-machines recipe of docs/sweeps.md, or two sweeps on one SQLite file) must not repeat each other's
 trials, on each storage kind: one SQLite file, one journal file, PostgreSQL.
 
 Both processes import everything first, then wait on a file barrier, so they load the study

@@ -1,7 +1,7 @@
 """The datasets and splits behind `tatr.suites.clip8.data`: what a loaded task is, not where it came from.
 
 `TaskData.split` is the one place that decides which images are train, validation and test, as
-task_vectors' `<Task>` and `<Task>Val` classes do (see `clip_data`'s docstring for the layouts).
+task_vectors' `<Task>` and `<Task>Val` classes do (see `tatr.suites.clip8.data`'s docstring for the layouts).
 """
 
 from __future__ import annotations
