@@ -162,7 +162,7 @@ def test_breadcrumbs_density_that_keeps_nothing_is_one_line(flags: list, needle:
 
 
 def test_density_zero_is_refused_by_the_api_the_config_and_the_sweep_space() -> None:
-    """One check (`tatr.core.sparsify.check_sparsity`) behind every door."""
+    """One check (the density's declaration, `tatr.core.sparsify.BREADCRUMBS_OPTIONS`) behind every door."""
     from tatr.runs.config import load_config
     from tatr.runs.sweep.space import check_value
 

@@ -1,7 +1,8 @@
 """`tatr merge`: merge checkpoint files with TA/TIES/DARE/Breadcrumbs/averaging, with or without the trust region.
 
-The options of DARE (`--drop-rate`, `--seed`) and Breadcrumbs (`--beta`, `--density`) are checked at
-the door, each in one line: a value out of range, not a number, given to a method that does not read
+A method's options are flags derived from their declarations (`tatr.core.options.Option`): TIES'
+`--ties-k`, DARE's `--drop-rate`, `--seed`, Breadcrumbs' `--beta`, `--density`. Each is checked at
+the door, in one line: a value out of range, not a number, given to a method that does not read
 it (it would be silently ignored otherwise), or a Breadcrumbs density that keeps no coordinate (the
 merge would be θ_0).
 """
@@ -21,28 +22,28 @@ from tatr.core.components import COMPONENTS, check_components
 from tatr.core.errors import TatrError
 from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
 from tatr.core.merging import plan_merge
-from tatr.core.methods import METHODS, fixed_method, fixed_methods, get_method
+from tatr.core.methods import METHODS, MergeMethod, fixed_method, fixed_methods, option_users
+from tatr.core.options import OptionValues, all_options, check_options, check_sizes
 from tatr.core.outputs import check_output
-from tatr.core.sparsify import (
-    BREADCRUMBS_BETA,
-    BREADCRUMBS_DENSITY,
-    DARE_P,
-    DARE_SEED,
-    Sparsity,
-    check_breadcrumbs_keeps,
-)
 from tatr.core.trust_region import MODES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
-# flag -> (the merge option it sets, its default, int or float)
-SPARSITY_FLAGS = {
-    "--drop-rate": ("dare_p", DARE_P, float),
-    "--seed": ("dare_seed", DARE_SEED, int),
-    "--beta": ("breadcrumbs_beta", BREADCRUMBS_BETA, float),
-    "--density": ("breadcrumbs_density", BREADCRUMBS_DENSITY, float),
-}
+
+def _option_flags(f: Callable[..., None]) -> Callable[..., None]:
+    """One flag per declared method option (`tatr.core.options.Option`: its flag, help and default),
+    in declaration order; the text is parsed and checked by the declaration (`_options`)."""
+    for option in reversed(all_options()):
+        f = click.option(
+            option.flag,
+            option.name,
+            metavar=option.metavar,
+            help=f"{option.help} [{option.default:g}{option.unit}].",
+        )(f)
+    return f
 
 
 def _components(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -83,28 +84,7 @@ def _components(ctx: click.Context, param: click.Parameter, value: str | None) -
 )
 @click.option("--q", default=0.99, show_default=True, type=float, help="Keep quantile: drops ⌈(1−q)·N⌉ coordinates.")
 @click.option("--lam", default=None, type=float, help="Scaling factor λ (default: the method's, 0.3 for TA/TIES).")
-@click.option("--ties-k", default=20.0, show_default=True, type=float, help="TIES: keep top-k% magnitudes per task.")
-@click.option(
-    "--drop-rate",
-    "drop_rate",
-    metavar="P",
-    help=f"DARE: drop each entry of τ_t with probability p in [0, 1) [{DARE_P}].",
-)
-@click.option(
-    "--seed", "seed", metavar="N", help=f"DARE: seed of the per-task masks (same seed, same masks) [{DARE_SEED}]."
-)
-@click.option(
-    "--beta",
-    "beta",
-    metavar="B",
-    help=f"Breadcrumbs: drop the largest β fraction of |τ| per tensor [{BREADCRUMBS_BETA}].",
-)
-@click.option(
-    "--density",
-    "density",
-    metavar="D",
-    help=f"Breadcrumbs: keep this fraction per tensor, in (0, 1], β + density ≤ 1 [{BREADCRUMBS_DENSITY}].",
-)
+@_option_flags
 @click.option(
     "--lam-neg",
     "lam_neg",
@@ -123,14 +103,10 @@ def command(
     components: tuple[str, ...] | None,
     q: float,
     lam: float | None,
-    ties_k: float,
-    drop_rate: str | None,
-    seed: str | None,
-    beta: str | None,
-    density: str | None,
     lam_neg: str | None,
     out: Path,
     quiet: bool,
+    **flags: str | None,
 ) -> None:
     """Merge fine-tuned checkpoints into one; OUT gets every key of the pretrained model.
 
@@ -140,17 +116,14 @@ def command(
     Flags taking files may also be given once with several paths: --finetuned a.pt b.pt.
     """
     merge_method = fixed_method(method)  # an unknown name gets "did you mean" before any work
-    check_numbers(q=q, lam=lam, ties_k=ties_k)
-    options = _sparsity(method, {"--drop-rate": drop_rate, "--seed": seed, "--beta": beta, "--density": density})
+    check_numbers(q=q, lam=lam)
+    options = _options(merge_method, flags)
     lam_n = None if lam_neg is None else _parse("--lam-neg", lam_neg, float)
     if lam_n is not None:
         check_numbers(lam_neg=lam_n)
         check_lam_neg_method(merge_method, check_components(components))
     base = header(as_source(pretrained))
-    if "breadcrumbs_density" in merge_method.options:
-        check_breadcrumbs_keeps(
-            float(options["breadcrumbs_density"]), (_numel(s) for s, d in base.values() if d.is_floating_point)
-        )
+    check_sizes(merge_method.sparsify, options, (_numel(s) for s, d in base.values() if d.is_floating_point))
     inputs = [pretrained, *finetuned, *gradients, *signed_gradients]
     check_output(out, inputs, suffix=".safetensors", need_bytes=_output_bytes(base))
     start = time.perf_counter()
@@ -159,17 +132,17 @@ def command(
         list(finetuned),
         method=method,
         trust_region=trust_region,
-        ties_k=ties_k,
         components=components,
         gradients=list(gradients) or None,
         signed_gradients=list(signed_gradients) or None,
         progress=not quiet,
-        **options,
+        options=options,
     )
     plan.prepare([q], release_scores=True)
     merged = plan.merged(q, lam, lam_n)
     settings = f"method={method} trust_region={trust_region} q={q} lam={lam}"
-    settings += "".join(f" {name}={value}" for name, value in options.items() if name in merge_method.options)
+    read = [o.name for o in merge_method.declared_options if o.identity == "read"]  # TIES' k: not written, as before
+    settings += "".join(f" {name}={options[name]}" for name in read)
     settings += "" if lam_n is None else f" lam_neg={lam_n}"
     save_state_dict(merged, out, metadata={"tatr": settings})
     seconds = time.perf_counter() - start
@@ -186,19 +159,21 @@ def command(
         )
 
 
-def _sparsity(method: str, given: dict[str, str | None]) -> dict[str, float | int]:
-    """DARE's and Breadcrumbs' options from their flags, checked: each a number in range, given only
-    to a method that reads it, β + density ≤ 1. Returns every option (defaults where not given)."""
-    reads = get_method(method).options
-    values: dict[str, float | int] = {}
-    for flag, (name, default, kind) in SPARSITY_FLAGS.items():
-        text = given.get(flag)
-        if text is not None and name not in reads:
-            users = ", ".join(m.name for m in METHODS.values() if name in m.options)
-            raise TatrError(f"{flag} applies to {users}, not to --method {method}")
-        values[name] = default if text is None else _parse(flag, text, kind)
-    Sparsity(**values)  # type: ignore[arg-type]  # ranges and β + density ≤ 1, one line each
-    return values
+def _options(method: MergeMethod, flags: dict[str, str | None]) -> OptionValues:
+    """The method options from their flags, each parsed and checked by its declaration (one line each): a
+    number in range, given only to a method that reads it (an option in every identity, TIES' k, is
+    taken by every method, as before), then a sparsifier's options together (β + density ≤ 1).
+    Returns every option (defaults where not given)."""
+    given: dict[str, float | int] = {}
+    for option in all_options():
+        text = flags.get(option.name)
+        if text is None:
+            continue
+        if option.identity == "read" and option.name not in method.options:
+            users = ", ".join(option_users(option.name))
+            raise TatrError(f"{option.flag} applies to {users}, not to --method {method.name}")
+        given[option.name] = option.parse(text)
+    return check_options(given)
 
 
 def _parse(flag: str, text: str, kind: type) -> float | int:

@@ -12,7 +12,8 @@ import numbers
 from tatr.core.components import check_lam_neg
 from tatr.core.errors import TatrError
 from tatr.core.methods import MergeMethod
-from tatr.core.trust_region import drop_count
+from tatr.core.options import get_option
+from tatr.core.trust_region import check_q
 
 
 def check_lam_neg_method(method: MergeMethod, components: object) -> None:
@@ -29,17 +30,16 @@ def check_lam_neg_method(method: MergeMethod, components: object) -> None:
 def check_numbers(
     q: float | None = None, lam: float | None = None, ties_k: float | None = None, lam_neg: float | None = None
 ) -> None:
-    """Refuse a bad q, λ, λ_neg or TIES k at the door, with one line naming the value."""
+    """Refuse a bad q, λ, λ_neg or TIES k at the door, with one line naming the value (q's range is
+    `tatr.core.trust_region.check_q`'s, k's its declaration's: `tatr.core.options.Option.check`)."""
     if q is not None:
-        if not _real(q):
-            raise TatrError(f"q must be a number in (0, 1], got {q!r}")
-        drop_count(float(q), 1)
+        check_q(q)
     if lam is not None and not (_real(lam) and math.isfinite(float(lam))):
         raise TatrError(f"λ (lam) must be a finite number (negative is allowed), got {lam!r}")
     if lam_neg is not None and not (_real(lam_neg) and math.isfinite(float(lam_neg))):
         raise TatrError(f"λ_neg (lam_neg) must be a finite number (negative is allowed), got {lam_neg!r}")
-    if ties_k is not None and not (_real(ties_k) and 0 < float(ties_k) <= 100):
-        raise TatrError(f"ties_k must be in (0, 100], got {ties_k!r}")
+    if ties_k is not None:
+        get_option("ties_k").check(ties_k)
 
 
 def _real(value: object) -> bool:

@@ -29,6 +29,7 @@ from tatr.core.components import check_components
 from tatr.core.errors import TatrError
 from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
 from tatr.core.methods import MergeMethod, fixed_method, get_method
+from tatr.core.options import OptionValues, check_options
 from tatr.core.passes import (
     Filter,
     Split,
@@ -40,15 +41,7 @@ from tatr.core.passes import (
     task_split,
     trim_thresholds,
 )
-from tatr.core.sparsify import (
-    BREADCRUMBS_BETA,
-    BREADCRUMBS_DENSITY,
-    DARE_P,
-    DARE_SEED,
-    Sparsifier,
-    Sparsity,
-    sparsifier,
-)
+from tatr.core.sparsify import Sparsifier, Sparsity, sparsifier
 from tatr.core.trust_region import NEEDS_GRADIENTS, check_mode, drop_count, drop_order
 from tatr.core.vectors import ParamSpace, TaskSet, open_task_set, pretrained_tensor
 
@@ -63,23 +56,29 @@ class MergePlan:
         task_set: TaskSet,
         method: MergeMethod,
         trust_region: str,
-        ties_k: float = 20.0,
+        ties_k: float | None = None,
         components: frozenset[str] | None = None,
         cache_pretrained: bool = False,
         progress: bool = False,
-        sparsity: Sparsity | None = None,
+        sparsity: Sparsity | Mapping[str, object] | None = None,
+        *,
+        _arenas: tuple[ParamSpace, Tensor, Tensor | None, Tensor] | None = None,
     ) -> None:
-        check_numbers(ties_k=ties_k)
+        """`ties_k` and `sparsity` (any mapping of option values, `tatr.core.options`) give the options the
+        method reads; values `plan_merge` checked are not checked again. `_arenas`: a saved plan's (`load`)."""
         self.task_set = task_set
         self.method = method
         self.mode = trust_region
-        self.ties_k = ties_k
+        self.options = _option_values(ties_k, sparsity)  # every option; the method reads its own
+        self.ties_k = float(self.options["ties_k"])
         self.components = components
-        self.sparsity = sparsity or Sparsity()  # DARE's and Breadcrumbs' options (the others ignore them)
         self.progress = progress
         self._theta0: dict[str, Tensor] | None = {} if cache_pretrained else None
-        self.space, self.tau_sum, self.omega = first_pass(task_set, trust_region, progress)
-        self._order = torch.empty(0, dtype=torch.int64)  # coordinates ranked by Ω, highest first
+        if _arenas is None:
+            self.space, self.tau_sum, self.omega = first_pass(task_set, trust_region, progress)
+            self._order = torch.empty(0, dtype=torch.int64)  # coordinates ranked by Ω, highest first
+        else:
+            self.space, self.tau_sum, self.omega, self._order = _arenas
         self._masked: Tensor | None = None  # Σ τ with the first `_k` ranked coordinates zeroed
         self._k = 0
         self._consume_sum = False
@@ -257,16 +256,15 @@ class MergePlan:
         task_set: TaskSet,
         method: MergeMethod,
         trust_region: str,
-        ties_k: float = 20.0,
+        ties_k: float | None = None,
         components: frozenset[str] | None = None,
         cache_pretrained: bool = False,
         progress: bool = False,
-        sparsity: Sparsity | None = None,
+        sparsity: Sparsity | Mapping[str, object] | None = None,
     ) -> MergePlan:
         """Rebuild a plan saved by `save` for the same inputs, skipping the streaming pass."""
         from safetensors.torch import load_file
 
-        check_numbers(ties_k=ties_k)
         folder = Path(folder)
         layout = json.loads((folder / "plan.json").read_text())
         if layout["mode"] != trust_region:
@@ -274,15 +272,10 @@ class MergePlan:
         arrays = load_file(str(folder / "plan.safetensors"))
         if arrays["tau_sum"].dtype != arena_dtype(task_set):
             raise ValueError(f"saved plan is in {arrays['tau_sum'].dtype}, not {arena_dtype(task_set)}")
-        plan = cls.__new__(cls)
-        plan.task_set, plan.method, plan.mode = task_set, method, trust_region
-        plan.ties_k, plan.components, plan.progress = ties_k, components, progress
-        plan.sparsity = sparsity or Sparsity()
-        plan._theta0 = {} if cache_pretrained else None
-        plan.space = ParamSpace.build(layout["keys"], task_set.shapes)
-        plan.tau_sum, plan.omega, plan._order = arrays["tau_sum"], arrays.get("omega"), arrays["order"]
-        plan._masked, plan._k, plan._consume_sum, plan._reduced, plan._split = None, 0, False, None, None
-        return plan
+        space = ParamSpace.build(layout["keys"], task_set.shapes)
+        arenas = (space, arrays["tau_sum"], arrays.get("omega"), arrays["order"])
+        args = (task_set, method, trust_region, ties_k, components, cache_pretrained, progress, sparsity)
+        return cls(*args, _arenas=arenas)
 
     # --- internals -----------------------------------------------------------------------------
     def _pretrained(self, key: str) -> Tensor:
@@ -300,7 +293,7 @@ class MergePlan:
         return task_split(self.task_set, self.space, i, keep, self.components, self._sparsifier(i))
 
     def _sparsifier(self, i: int) -> Sparsifier | None:
-        return sparsifier(self.method.sparsify, self.sparsity, self.space.keys[i])
+        return sparsifier(self.method.sparsify, self.options, self.space.keys[i])
 
     def _stream_reduce(self, q: float) -> Tensor:
         keep = None if self.mode == "off" else self.keep_mask(q)
@@ -318,6 +311,16 @@ class MergePlan:
         return reduce_tasks(ts, space, self.method, thresholds, admissible_for, self._pretrained, dtype, self.progress)
 
 
+def _option_values(ties_k: float | None, sparsity: Sparsity | Mapping[str, object] | None) -> OptionValues:
+    """Every option's value from a plan's arguments; checked unless `check_options` made them."""
+    if isinstance(sparsity, OptionValues) and (ties_k is None or ties_k == sparsity["ties_k"]):
+        return sparsity
+    given = dict(sparsity.values() if isinstance(sparsity, Sparsity) else (sparsity or {}))
+    if ties_k is not None:
+        given["ties_k"] = ties_k
+    return check_options(given)
+
+
 def _apply(key: str, theta0: Tensor, step: Tensor, what: str) -> Tensor:
     """θ_0 + step for one tensor (step = λ·M, …), in θ_0's dtype, θ_0's bits wherever the step is 0."""
     moved = step != 0
@@ -333,26 +336,23 @@ def plan_merge(
     *,
     method: str = "ta",
     trust_region: str = "zero-shot",
-    ties_k: float = 20.0,
     components: Sequence[str] | None = None,
     gradients: Sequence[StateInput] | None = None,
     signed_gradients: Sequence[StateInput] | None = None,
     cache_pretrained: bool = False,
     progress: bool = False,
-    dare_p: float = DARE_P,
-    dare_seed: int = DARE_SEED,
-    breadcrumbs_beta: float = BREADCRUMBS_BETA,
-    breadcrumbs_density: float = BREADCRUMBS_DENSITY,
+    options: Mapping[str, object] | None = None,
+    **given: object,
 ) -> MergePlan:
     """Validate the inputs and compute the (q, λ)-independent part of a merge.
 
-    `dare_p`/`dare_seed` (DARE's drop rate and mask seed) and `breadcrumbs_beta`/`breadcrumbs_density`
-    are read by the methods that use them (`tatr.core.sparsify` has their defaults' sources)."""
+    The method's options are keywords (`ties_k=20`, `dare_p=0.5`, `breadcrumbs_density=0.9`, …) or an
+    `options` mapping: each is checked against its declaration (`tatr.core.options`; their defaults'
+    sources are in `tatr.core.sparsify`), an unknown name gets "did you mean"; a method reads its own."""
     merge_method = fixed_method(method)
     check_mode(trust_region)
     chosen = check_components(components)
-    check_numbers(ties_k=ties_k)
-    sparsity = Sparsity(dare_p, dare_seed, breadcrumbs_beta, breadcrumbs_density)
+    values = options if isinstance(options, OptionValues) and not given else check_options({**(options or {}), **given})
     if trust_region in NEEDS_GRADIENTS and gradients is None:
         raise TatrError(f"trust-region mode '{trust_region}' needs exemplar gradients (--gradients, one file per task)")
     if chosen is not None:
@@ -361,7 +361,7 @@ def plan_merge(
         if signed_gradients is None:
             raise TatrError("components need signed mean gradients (--signed-gradients, one file per task)")
     task_set = open_task_set(pretrained, finetuned, gradients, signed_gradients)
-    return MergePlan(task_set, merge_method, trust_region, ties_k, chosen, cache_pretrained, progress, sparsity)
+    return MergePlan(task_set, merge_method, trust_region, None, chosen, cache_pretrained, progress, values)
 
 
 def merge(
@@ -372,21 +372,17 @@ def merge(
     trust_region: str = "zero-shot",
     q: float = 0.99,
     lam: float | None = None,
-    ties_k: float = 20.0,
     components: Sequence[str] | None = None,
     gradients: Sequence[StateInput] | None = None,
     signed_gradients: Sequence[StateInput] | None = None,
     progress: bool = False,
-    dare_p: float = DARE_P,
-    dare_seed: int = DARE_SEED,
-    breadcrumbs_beta: float = BREADCRUMBS_BETA,
-    breadcrumbs_density: float = BREADCRUMBS_DENSITY,
     lam_neg: float | None = None,
+    **options: object,
 ) -> dict[str, Tensor]:
     """Merge once: θ_0 + λ·M with the trust region at q (θ_0 + λ·M_rest + λ_neg·M_neg with `lam_neg`).
-    Returns every key of θ_0."""
-    check_numbers(q=q, lam=lam, ties_k=ties_k, lam_neg=lam_neg)  # before any work
-    Sparsity(dare_p, dare_seed, breadcrumbs_beta, breadcrumbs_density)
+    The method's options are keywords, as for `plan_merge`. Returns every key of θ_0."""
+    check_numbers(q=q, lam=lam, lam_neg=lam_neg)  # before any work
+    values = check_options(options)
     if lam_neg is not None:
         check_lam_neg_method(get_method(method), check_components(components))
     plan = plan_merge(
@@ -394,15 +390,11 @@ def merge(
         finetuned,
         method=method,
         trust_region=trust_region,
-        ties_k=ties_k,
         components=components,
         gradients=gradients,
         signed_gradients=signed_gradients,
         progress=progress,
-        dare_p=dare_p,
-        dare_seed=dare_seed,
-        breadcrumbs_beta=breadcrumbs_beta,
-        breadcrumbs_density=breadcrumbs_density,
+        options=values,
     )
     plan.prepare([q], release_scores=True)
     return plan.merged(q, lam, lam_neg)

@@ -40,25 +40,20 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from tatr.core import sparsify as _sparsify  # noqa: F401  # registers the sparsifiers and their options
 from tatr.core.errors import TatrError
+from tatr.core.options import SPARSIFIERS, Option, all_options
 from tatr.core.registry import Registry
 from tatr.core.trust_region import TR_MODES
-
-Sparsify = Literal["none", "top-k", "dare", "breadcrumbs"]
-# The merge options (`MergeConfig` fields) each sparsifier reads: stores and reports record these only.
-SPARSIFY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "top-k": ("ties_k",),
-    "dare": ("dare_p", "dare_seed"),
-    "breadcrumbs": ("breadcrumbs_beta", "breadcrumbs_density"),
-}
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
     label: str  # the one display name of this configuration (tables, reports, W&B)
-    sparsify: Sparsify  # top-k: TIES' model-wide trim; dare, breadcrumbs: per tensor (tatr.core.sparsify)
+    # a registered sparsifier (`tatr.core.options.SPARSIFIERS`): none; top-k, TIES' model-wide trim; dare,
+    # breadcrumbs, per tensor (`tatr.core.sparsify`). The method reads that sparsifier's options.
+    sparsify: str
     elect_sign: bool  # TIES sign election and disjoint reduction
     reduce: Literal["sum", "mean"]  # with elect_sign: the disjoint sum or the disjoint mean
     default_lam: float
@@ -67,6 +62,9 @@ class MergeMethod:
     # "fixed": λ is given (or tuned on a grid); "task"/"layer": AdaMerging learns one λ per task or per
     # parameter tensor on unlabeled inputs (`tatr.core.adamerging`), so there is no fixed-λ merge
     coefficients: Literal["fixed", "task", "layer"] = "fixed"
+
+    def __post_init__(self) -> None:
+        SPARSIFIERS.get(self.sparsify)  # an unknown sparsifier is refused when the method is declared
 
     @property
     def learned(self) -> bool:
@@ -80,7 +78,12 @@ class MergeMethod:
     @property
     def options(self) -> tuple[str, ...]:
         """The merge options this configuration reads (e.g. `ties_k`, `dare_p`)."""
-        return SPARSIFY_OPTIONS[self.sparsify]
+        return tuple(o.name for o in self.declared_options)
+
+    @property
+    def declared_options(self) -> tuple[Option, ...]:
+        """The declarations of the options this configuration reads (`tatr.core.options.Option`)."""
+        return SPARSIFIERS.get(self.sparsify).options
 
     @property
     def linear(self) -> bool:
@@ -196,6 +199,17 @@ def merge_label(method: str, trust_region: str | None = None) -> str:
 def uses_option(name: object, option: str) -> bool:
     """True for a configuration that reads the merge option `option` (so stores and reports record it)."""
     return isinstance(name, str) and name in METHODS and option in METHODS.get(name).options
+
+
+def option_users(option: str) -> list[str]:
+    """The registered methods that read `option` (for "--drop-rate applies to dare, dare-ties")."""
+    return [m.name for m in METHODS.values() if option in m.options]
+
+
+def unread_identity_options(name: object) -> set[str]:
+    """The options that leave a point's identity for method `name`: the options that enter it only
+    where read ("read") and that this method does not read."""
+    return {o.name for o in all_options() if o.identity == "read" and not uses_option(name, o.name)}
 
 
 def uses_ties_k(name: object) -> bool:

@@ -30,20 +30,24 @@ Ranges: DARE p in [0, 1); Breadcrumbs β in [0, 1] and density in (0, 1] with β
 (mergekit accepts it) keeps no coordinate, so the merge would silently be θ_0: it is refused, as is a
 density that keeps no entry even of the model's largest tensor (`check_breadcrumbs_keeps`, where the
 sizes are known). β = 0 is meaningful and accepted: it drops no outliers (plain magnitude pruning).
+
+Each option (and TIES' k, whose trim is a model-wide pass in `tatr.core.passes`) is declared once below
+(`tatr.core.options.Option`: name, type, default, range, flag, help, identity) and registered with its
+sparsifier in `SPARSIFIERS`; the config, flags, store columns, search space and labels derive from it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from tatr.core.errors import TatrError
+from tatr.core.options import SPARSIFIERS, Option, SparsifierKind, check_options, defaults
 
 DARE_P = 0.5
 DARE_SEED = 0
@@ -55,9 +59,100 @@ Transform = Callable[[Tensor], Tensor]  # applies one task's sparsity pattern to
 Sparsifier = Callable[[int, Tensor], Transform]  # (task, its admissible τ of one tensor) -> transform
 
 
+def _density_above_zero(density: float) -> None:
+    if float(density) <= 0.0:
+        raise TatrError(
+            f"Breadcrumbs density must be above 0: density {density!r} keeps no coordinate of any task vector, "
+            "so the merge would be θ_0 (β = 0 alone is fine: it drops no outliers)"
+        )
+
+
+def _band_fits(values: Mapping[str, Any]) -> None:
+    beta, density = values["breadcrumbs_beta"], values["breadcrumbs_density"]
+    if float(beta) + float(density) > 1.0 + _SLACK:
+        raise TatrError(
+            f"Breadcrumbs β + density must be at most 1 (β drops the largest, density keeps the next), "
+            f"got β={beta!r} + density={density!r}"
+        )
+
+
+TIES_K = 20.0
+# TIES' trim (top-k% of |τ| per task over the whole model: a pass of its own, `tatr.core.passes`).
+# Its k is in every point's identity, as in the first stores.
+TIES_K_OPTION = Option(
+    "ties_k",
+    float,
+    TIES_K,
+    "--ties-k",
+    "TIES: keep top-k% magnitudes per task",
+    "ties_k",
+    "k",
+    low=0.0,
+    high=100.0,
+    low_open=True,
+    unit="%",
+    metavar="K",
+    identity="always",
+)
+DARE_OPTIONS = (
+    Option(
+        "dare_p",
+        float,
+        DARE_P,
+        "--drop-rate",
+        "DARE: drop each entry of τ_t with probability p in [0, 1)",
+        "DARE drop rate p",
+        "p",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        metavar="P",
+    ),
+    Option(
+        "dare_seed",
+        int,
+        DARE_SEED,
+        "--seed",
+        "DARE: seed of the per-task masks (same seed, same masks)",
+        "DARE seed",
+        "seed",
+        low=0,
+        metavar="N",
+    ),
+)
+BREADCRUMBS_OPTIONS = (
+    Option(
+        "breadcrumbs_beta",
+        float,
+        BREADCRUMBS_BETA,
+        "--beta",
+        "Breadcrumbs: drop the largest β fraction of |τ| per tensor",
+        "Breadcrumbs β (beta)",
+        "β",
+        low=0.0,
+        high=1.0,
+        metavar="B",
+    ),
+    Option(
+        "breadcrumbs_density",
+        float,
+        BREADCRUMBS_DENSITY,
+        "--density",
+        "Breadcrumbs: keep this fraction per tensor, in (0, 1], β + density ≤ 1",
+        "Breadcrumbs density",
+        "density",
+        low=0.0,
+        high=1.0,
+        metavar="D",
+        more=_density_above_zero,
+    ),
+)
+
+
 @dataclass(frozen=True)
 class Sparsity:
-    """DARE's and Breadcrumbs' options; a method reads only its own (`MergeMethod.options`)."""
+    """DARE's and Breadcrumbs' options as one value (the API's older spelling of them; a merge takes any
+    mapping of option values, `tatr.core.options.check_options`); checked through their declarations."""
 
     dare_p: float = DARE_P
     dare_seed: int = DARE_SEED
@@ -65,31 +160,14 @@ class Sparsity:
     breadcrumbs_density: float = BREADCRUMBS_DENSITY
 
     def __post_init__(self) -> None:
-        check_sparsity(self.dare_p, self.dare_seed, self.breadcrumbs_beta, self.breadcrumbs_density)
+        check_options(asdict(self))
+
+    def values(self) -> dict[str, Any]:
+        return {**defaults(), **asdict(self)}
 
 
-def check_sparsity(
-    dare_p: object = None, dare_seed: object = None, beta: object = None, density: object = None
-) -> None:
-    """Refuse a bad drop rate, seed, β or density at the door, with one line naming the value."""
-    if dare_p is not None and not (_real(dare_p) and 0.0 <= float(dare_p) < 1.0):  # type: ignore[arg-type]
-        raise TatrError(f"DARE drop rate p must be in [0, 1), got {dare_p!r}")
-    integer = isinstance(dare_seed, int) and not isinstance(dare_seed, bool)
-    if dare_seed is not None and not (integer and dare_seed >= 0):  # type: ignore[operator]
-        raise TatrError(f"DARE seed must be a non-negative integer, got {dare_seed!r}")
-    for name, value in (("β (beta)", beta), ("density", density)):
-        if value is not None and not (_real(value) and 0.0 <= float(value) <= 1.0):  # type: ignore[arg-type]
-            raise TatrError(f"Breadcrumbs {name} must be in [0, 1], got {value!r}")
-    if density is not None and float(density) <= 0.0:  # type: ignore[arg-type]
-        raise TatrError(
-            f"Breadcrumbs density must be above 0: density {density!r} keeps no coordinate of any task vector, "
-            "so the merge would be θ_0 (β = 0 alone is fine: it drops no outliers)"
-        )
-    if beta is not None and density is not None and float(beta) + float(density) > 1.0 + _SLACK:  # type: ignore[arg-type]
-        raise TatrError(
-            f"Breadcrumbs β + density must be at most 1 (β drops the largest, density keeps the next), "
-            f"got β={beta!r} + density={density!r}"
-        )
+def _keeps(values: Mapping[str, Any], sizes: Iterable[int]) -> None:
+    check_breadcrumbs_keeps(values["breadcrumbs_density"], sizes)
 
 
 def check_breadcrumbs_keeps(density: float, sizes: Iterable[int]) -> None:
@@ -105,10 +183,6 @@ def check_breadcrumbs_keeps(density: float, sizes: Iterable[int]) -> None:
             f"Breadcrumbs density {density!r} keeps no coordinate: ⌊density·n⌋ = 0 even for the model's largest "
             f"tensor (n = {largest:,}), so the merge would be θ_0; give a density above 1/{largest}"
         )
-
-
-def _real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def task_seed(seed: int, task: int, key: str) -> int:
@@ -191,26 +265,42 @@ def breadcrumbs(tau: Tensor, beta: float, density: float) -> Tensor:
     return torch.where(keep, tau, torch.zeros((), dtype=tau.dtype))
 
 
-def sparsifier(kind: str, options: Sparsity, key: str) -> Sparsifier | None:
+def sparsifier(kind: str, options: Sparsity | Mapping[str, Any], key: str) -> Sparsifier | None:
     """The per-task sparsifier of one tensor for a method's `sparsify` kind; None when it has none here.
 
     It returns a *transform* rather than the sparsified τ so that one pattern (one DARE draw, one
     magnitude band of the whole admissible τ) can be applied to parts of τ as well: the λ_neg merge
     scales the negative component apart from the rest (`tatr.core.merging`)."""
-    if kind == "dare":
-        p, seed = options.dare_p, options.dare_seed
+    values = options.values() if isinstance(options, Sparsity) else {**defaults(), **options}
+    make = SPARSIFIERS.get(kind).make
+    return None if make is None else make(values, key)
 
-        def dare_for(task: int, tau: Tensor) -> Transform:
-            generator = torch.Generator().manual_seed(task_seed(seed, task, key))
-            return _dare_transform(tau.shape, p, generator)
 
-        return dare_for
-    if kind == "breadcrumbs":
-        beta, density = options.breadcrumbs_beta, options.breadcrumbs_density
+def _dare_sparsifier(values: Mapping[str, Any], key: str) -> Sparsifier:
+    p, seed = values["dare_p"], values["dare_seed"]
 
-        def breadcrumbs_for(task: int, tau: Tensor) -> Transform:
-            keep = breadcrumbs_keep(tau, beta, density)
-            return lambda x: torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+    def dare_for(task: int, tau: Tensor) -> Transform:
+        generator = torch.Generator().manual_seed(task_seed(seed, task, key))
+        return _dare_transform(tau.shape, p, generator)
 
-        return breadcrumbs_for
-    return None
+    return dare_for
+
+
+def _breadcrumbs_sparsifier(values: Mapping[str, Any], key: str) -> Sparsifier:
+    beta, density = values["breadcrumbs_beta"], values["breadcrumbs_density"]
+
+    def breadcrumbs_for(task: int, tau: Tensor) -> Transform:
+        keep = breadcrumbs_keep(tau, beta, density)
+        return lambda x: torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+
+    return breadcrumbs_for
+
+
+# Registration order is the order of the options' store columns, config fields and flags.
+SPARSIFIERS.add("none", SparsifierKind("none"))
+SPARSIFIERS.add("top-k", SparsifierKind("top-k", (TIES_K_OPTION,)))
+SPARSIFIERS.add("dare", SparsifierKind("dare", DARE_OPTIONS, make=_dare_sparsifier))
+SPARSIFIERS.add(
+    "breadcrumbs",
+    SparsifierKind("breadcrumbs", BREADCRUMBS_OPTIONS, make=_breadcrumbs_sparsifier, together=_band_fits, sizes=_keeps),
+)

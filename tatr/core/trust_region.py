@@ -29,6 +29,7 @@ exactly ⌈(1−q)N⌉ and q=1 drops nothing (tests/test_fusionbench_convention.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -108,11 +109,18 @@ def uses_exemplars(mode: object, components: object) -> bool:
     return needs_gradients(mode) or components is not None
 
 
+def check_q(q: object) -> float:
+    """The one check of the keep quantile q, behind every door (API, `tatr merge`, configs, search
+    spaces, ablation grids): a real number in (0, 1], else one line naming the value."""
+    real = isinstance(q, numbers.Real) and not isinstance(q, bool)
+    if not (real and 0.0 < float(q) <= 1.0):  # type: ignore[arg-type]  # NaN fails the comparison
+        raise TatrError(f"q must be in (0, 1], got {q!r}")
+    return float(q)  # type: ignore[arg-type]
+
+
 def drop_count(q: float, n: int) -> int:
     """⌈(1−q)·n⌉, computed on q's decimal value so binary rounding cannot add a coordinate."""
-    if not 0.0 < q <= 1.0:
-        raise TatrError(f"q must be in (0, 1], got {q}")
-    return math.ceil((1 - Fraction(repr(float(q)))) * n)
+    return math.ceil((1 - Fraction(repr(check_q(q)))) * n)
 
 
 def ties_keep_rank(percent: float, n: int) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 from tatr.core.methods import METHODS, merge_label
 from tatr.core.trust_region import MODES, TR_MODES
@@ -23,6 +24,7 @@ __all__ = [
     "method_rank",
     "missing",
     "model_key",
+    "options_label",
     "reference_label",
 ]
 
@@ -60,6 +62,16 @@ def method_label(method: object, trust_region: object = None) -> str:
     if mode is None:
         return label
     return label + (TR_MODES.get(mode).label if mode in TR_MODES else f"+TR ({mode})")
+
+
+def options_label(method: object, values: Mapping[str, object]) -> str:
+    """The options a row's method reads, as their declarations label them (`Option.text`): 'k=20%' for
+    TIES, 'p=0.5 seed=0' for DARE, '' for TA or a method no registry knows; unset values are left out."""
+    name = "" if missing(method) else _LEGACY.get(str(method).lower(), str(method).lower())
+    if name not in METHODS:
+        return ""
+    options = METHODS.get(name).declared_options
+    return " ".join(o.text(values[o.name]) for o in options if not missing(values.get(o.name)))
 
 
 def method_rank(method: object, trust_region: object) -> tuple[int, int, str]:

@@ -30,23 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from tatr.core.components import components_label
 from tatr.core.errors import TatrError
 from tatr.core.merge_inputs import check_lam_neg_method
 from tatr.core.methods import get_method, merge_label
 from tatr.core.registry import did_you_mean
-from tatr.core.trust_region import uses_exemplars
+from tatr.core.trust_region import check_q, uses_exemplars
 from tatr.io.safe_yaml import read_yaml_mapping
 from tatr.runs.config import (
-    Component,
+    Components,
     ExperimentConfig,
     MergeConfig,
     Name,
-    Split,
-    TrustRegionMode,
+    SplitName,
+    TrustRegionName,
     apply_override,
+    option_fields,
     override_value,
     validation_error,
 )
@@ -63,19 +64,20 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-class Variant(_Frozen):
-    """The merge settings one compared row changes; unset fields keep the file's `merge` values."""
-
-    method: Name | None = None
-    trust_region: TrustRegionMode | None = None
-    components: tuple[Component, ...] | None = None
-    ties_k: float | None = Field(None, gt=0.0, le=100.0)
+# The merge settings one compared row changes; unset fields keep the file's `merge` values. The method
+# options are fields built from their declarations (`tatr.runs.config.option_fields`), as `MergeConfig`'s.
+Variant = create_model(  # type: ignore[call-overload]
+    "Variant",
+    __base__=_Frozen,
+    __module__=__name__,
+    method=(Name | None, None),
+    trust_region=(TrustRegionName | None, None),
+    components=(Components | None, None),
+    **option_fields("always", optional=True),
     # a number fixes the negative component's own λ_neg; `tuned` searches the block's `lam_neg` grid
-    lam_neg: float | Literal["tuned"] | None = None
-    dare_p: float | None = Field(None, ge=0.0, lt=1.0)
-    dare_seed: int | None = Field(None, ge=0)
-    breadcrumbs_beta: float | None = Field(None, ge=0.0, le=1.0)
-    breadcrumbs_density: float | None = Field(None, ge=0.0, le=1.0)
+    lam_neg=(float | Literal["tuned"] | None, None),
+    **option_fields("read", optional=True),
+)
 
 
 class AblationSpec(_Frozen):
@@ -88,8 +90,8 @@ class AblationSpec(_Frozen):
     drops: tuple[float, ...] = ()
     exemplars: tuple[int, ...] = ()
     max_coordinates: int = Field(2_000_000, ge=100)
-    tune_split: Split = "validation"
-    eval_split: Split = "test"
+    tune_split: SplitName = "validation"
+    eval_split: SplitName = "test"
     allow_test_tuning: bool = False
     baselines: bool = False  # also record θ_0 and the fine-tuned θ_t on the evaluation split
     suite_seeds: bool = False  # each seed is also the suite's `seed` option: one suite (build) per seed
@@ -98,8 +100,11 @@ class AblationSpec(_Frozen):
     def _check(self) -> AblationSpec:
         if not self.seeds or not self.lam or not self.q or not self.lam_neg:
             raise ValueError("seeds, lam, lam_neg and q need at least one value each")
-        if any(not 0.0 < q <= 1.0 for q in self.q):
-            raise ValueError("every q must be in (0, 1]")
+        try:
+            for q in self.q:
+                check_q(q)
+        except TatrError as exc:
+            raise ValueError(str(exc)) from None
         if self.kind == AblationKind.MASK_RATIO and not self.drops:
             raise ValueError("a mask-ratio ablation needs `drops` (the dropped fractions 1−q)")
         if any(not 0.0 <= d < 1.0 for d in self.drops):

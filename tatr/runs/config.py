@@ -4,9 +4,11 @@ Why pydantic and not Hydra: a config is plain data that must be hashed, saved be
 and put into `wandb.config`; validation with `extra="forbid"` turns a typo into a one-line error.
 
 Every number is checked at the door (`allow_inf_nan=False` on every model: λ = NaN would merge and
-evaluate a NaN model): λ finite (negative allowed, task negation is real), q in (0, 1], ties_k in
-(0, 100], counts positive, seeds non-negative. Names that end up in paths (`name`, `benchmark`)
-must be safe path components (`tatr.core.outputs.safe_name`).
+evaluate a NaN model): λ finite (negative allowed, task negation is real), q in (0, 1]
+(`tatr.core.trust_region.check_q`), each method option by its declaration (`tatr.core.options`:
+ties_k in (0, 100], DARE's p in [0, 1), …), counts positive, seeds non-negative. Trust-region modes,
+components and splits are checked against their registries (`TR_MODES`, `COMPONENTS`, `SPLITS`).
+Names that end up in paths (`name`, `benchmark`) must be safe path components (`tatr.core.outputs.safe_name`).
 
 All YAML tatr reads (experiments, ablations, sweep spaces, `key=value` overrides) goes through
 `tatr.io.safe_yaml`, which refuses aliases (`*a` repeated inside `&a` nine levels deep expands
@@ -20,24 +22,69 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from tatr.core.components import check_components
 from tatr.core.errors import TatrError
+from tatr.core.options import Option, all_options, check_together
 from tatr.core.outputs import safe_name
 from tatr.core.registry import did_you_mean
-from tatr.core.sparsify import BREADCRUMBS_BETA, BREADCRUMBS_DENSITY, DARE_P, DARE_SEED
+from tatr.core.trust_region import check_mode, check_q
 from tatr.io.safe_yaml import load_yaml as _load
 from tatr.io.safe_yaml import name_text, read_yaml_mapping
+from tatr.store.schema import check_split
 
 # A name (method, suite, study): a YAML number written for it (`2024`) is read back as its text.
 Name = Annotated[str, BeforeValidator(name_text)]
-TrustRegionMode = Literal["off", "zero-shot", "exemplar", "gradient-only", "magnitude-only"]
-Component = Literal["orthogonal", "positive", "negative"]
-Split = Literal["train", "validation", "test"]
+
+
+def _door(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A core check (a one-line `TatrError`) as a pydantic validator: a ValueError, so the message
+    names the file and the key; the value itself is kept as pydantic typed it."""
+
+    def validate(value: Any) -> Any:
+        try:
+            check(value)
+        except TatrError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    return validate
+
+
+def _component(name: str) -> str:
+    check_components([name])
+    return name
+
+
+def _unique(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value or len(set(value)) != len(value):
+        raise ValueError("components must be a non-empty list without repeats")
+    return value
+
+
+# Names checked against their registries (`TR_MODES`, `COMPONENTS`, `SPLITS`): one list each, and an
+# unknown name gets the registries' one line with "did you mean".
+TrustRegionName = Annotated[str, AfterValidator(_door(check_mode))]
+ComponentName = Annotated[str, AfterValidator(_door(_component))]
+Components = Annotated[tuple[ComponentName, ...], AfterValidator(_unique)]
+SplitName = Annotated[str, AfterValidator(_door(check_split))]
+Quantile = Annotated[float, AfterValidator(_door(check_q))]
 
 
 class _Frozen(BaseModel):
@@ -46,61 +93,77 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-class MergeConfig(_Frozen):
-    method: Name = "ta"
-    trust_region: TrustRegionMode = "zero-shot"
-    q: float = Field(0.99, gt=0.0, le=1.0)
-    lam: float | None = None  # None: the method's default scaling factor; finite, may be negative
-    ties_k: float = Field(20.0, gt=0.0, le=100.0)
-    # None: the plain trust-region mask (TATR). A subset: the component ablation (needs signed gradients).
-    components: tuple[Component, ...] | None = None
-    # The negative component's own scaling factor (components with negative and another part); None: λ.
-    lam_neg: float | None = None
-    # DARE (dare, dare-ties) and Breadcrumbs options; each method reads its own. Defaults and their
-    # sources (FusionBench's CLIP-ViT DARE, mergekit's Breadcrumbs): tatr.core.sparsify.
-    dare_p: float = Field(DARE_P, ge=0.0, lt=1.0)  # drop rate
-    dare_seed: int = Field(DARE_SEED, ge=0)  # seeds every (task, tensor) mask
-    breadcrumbs_beta: float = Field(BREADCRUMBS_BETA, ge=0.0, le=1.0)  # the largest |τ| fraction dropped
-    breadcrumbs_density: float = Field(BREADCRUMBS_DENSITY, ge=0.0, le=1.0)  # the fraction kept
+def option_field(option: Option, optional: bool = False) -> tuple[Any, Any]:
+    """A method option's pydantic field, from its declaration (`tatr.core.options.Option`): its type,
+    its default (None where `optional`: an ablation variant leaves it as the file sets it), its range
+    checked by `Option.check`, the one check every door uses."""
+    kind = Annotated[option.kind, AfterValidator(_door(option.check))]  # type: ignore[name-defined]
+    if optional:
+        return kind | None, Field(None, description=option.help)
+    return kind, Field(option.default, description=option.help)
+
+
+def option_fields(identity: str, optional: bool = False) -> dict[str, tuple[Any, Any]]:
+    """The fields of the declared options with this identity policy, in declaration order."""
+    return {o.name: option_field(o, optional) for o in all_options() if o.identity == identity}
+
+
+class _MergeSettings(_Frozen):
+    """What `MergeConfig` does; its fields are below, the method options' derived from their declarations."""
 
     def identity(self) -> dict[str, Any]:
         """The merge's part of a result's identity (`tatr.runs.ablations.point_hash`): every field, less
-        λ_neg when unset and the sparsifiers' options a method does not read.
+        λ_neg when unset and the options a method does not read.
 
         Why not the whole dump: DARE's and Breadcrumbs' options and λ_neg came after the first stores, so
         `--resume` would re-run their finished points, and a TA point would re-run when only DARE's p
-        changed. TIES' k stays in every identity, as in the first stores. A new field joins every
-        identity unless it is a sparsifier's option (`tatr.core.methods.SPARSIFY_OPTIONS`)."""
-        from tatr.core.methods import SPARSIFY_OPTIONS, uses_option
+        changed. TIES' k stays in every identity, as in the first stores. An option declares which it
+        is (`Option.identity`: "always" or "read"); a new non-option field joins every identity."""
+        from tatr.core.methods import unread_identity_options
 
         data = self.model_dump(mode="json")
-        options = {o for opts in SPARSIFY_OPTIONS.values() for o in opts} - {"ties_k"}
-        unread = {o for o in options if not uses_option(self.method, o)}
-        if self.lam_neg is None:
+        unread = unread_identity_options(getattr(self, "method"))  # noqa: B009
+        if getattr(self, "lam_neg") is None:  # noqa: B009
             unread.add("lam_neg")
         return {k: v for k, v in data.items() if k not in unread}
 
-    @field_validator("components")
-    @classmethod
-    def _components_unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is not None and (not value or len(set(value)) != len(value)):
-            raise ValueError("components must be a non-empty list without repeats")
-        return value
+    def options(self) -> dict[str, Any]:
+        """Every method option's value (each method reads its own: `MergeMethod.options`)."""
+        return {o.name: getattr(self, o.name) for o in all_options()}
 
     @model_validator(mode="after")
-    def _combinations(self) -> MergeConfig:
-        """β + density ≤ 1; λ_neg only where it scales a part apart (`tatr.core.merge_inputs.check_lam_neg_method`)."""
+    def _combinations(self) -> _MergeSettings:
+        """A sparsifier's options together (Breadcrumbs' β + density ≤ 1); λ_neg only where it scales a part
+        apart (`tatr.core.merge_inputs.check_lam_neg_method`)."""
         from tatr.core.merge_inputs import check_lam_neg_method
         from tatr.core.methods import get_method
-        from tatr.core.sparsify import check_sparsity
 
         try:
-            check_sparsity(beta=self.breadcrumbs_beta, density=self.breadcrumbs_density)
-            if self.lam_neg is not None:
-                check_lam_neg_method(get_method(self.method), self.components)
+            check_together(self.options())
+            if getattr(self, "lam_neg") is not None:  # noqa: B009
+                check_lam_neg_method(get_method(getattr(self, "method")), getattr(self, "components"))  # noqa: B009
         except TatrError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+
+# A method's options are fields named after them (`ties_k`, `dare_p`, …), built from their declarations:
+# those in every identity after λ, the others after λ_neg (the order of the first stores' configs).
+MergeConfig = create_model(  # type: ignore[call-overload]
+    "MergeConfig",
+    __base__=_MergeSettings,
+    __module__=__name__,
+    method=(Name, "ta"),
+    trust_region=(TrustRegionName, "zero-shot"),
+    q=(Quantile, 0.99),
+    lam=(float | None, None),  # None: the method's default scaling factor; finite, may be negative
+    **option_fields("always"),
+    # None: the plain trust-region mask (TATR). A subset: the component ablation (needs signed gradients).
+    components=(Components | None, None),
+    # The negative component's own scaling factor (components with negative and another part); None: λ.
+    lam_neg=(float | None, None),
+    **option_fields("read"),
+)
 
 
 class ExemplarConfig(_Frozen):
@@ -143,7 +206,7 @@ class ExperimentConfig(_Frozen):
     merge: MergeConfig = MergeConfig()
     exemplars: ExemplarConfig = ExemplarConfig()
     adamerging: AdaMergingConfig = AdaMergingConfig()
-    split: Split = "validation"
+    split: SplitName = "validation"
     seed: int = Field(0, ge=0)
 
     @field_validator("name", "benchmark")

@@ -103,7 +103,6 @@ class PlanBook:
         from tatr.core.components import check_components
         from tatr.core.merging import MergePlan
         from tatr.core.methods import fixed_method
-        from tatr.core.sparsify import Sparsity
         from tatr.core.vectors import open_task_set
 
         components = check_components(merge.components)
@@ -115,7 +114,6 @@ class PlanBook:
         if key in self._plans:
             self._plans[key] = self._plans.pop(key)  # most recently used last
             return self._plans[key]
-        sparsity = Sparsity(merge.dare_p, merge.dare_seed, merge.breadcrumbs_beta, merge.breadcrumbs_density)
         if components is not None and merge.trust_region == "off":
             raise TatrError("components need a trust region: choose a trust-region mode other than 'off'")
         folder = self.folder(merge.trust_region, ex)
@@ -127,10 +125,10 @@ class PlanBook:
             task_set,
             method,
             merge.trust_region,
-            merge.ties_k,
+            None,
             components,
             cache_pretrained=True,
-            sparsity=sparsity,
+            sparsity=merge.options(),  # every method option (checked by the config), the method reads its own
         )
         plan.prepare([self.q_min])
         while len(self._plans) >= MAX_PLANS:

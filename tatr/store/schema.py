@@ -1,6 +1,6 @@
 """The results store's schema: its columns, their types, the job types and the ablation kinds.
 
-Why a module of its own, importing nothing: the store (`tatr.store.rows`), the one record type
+Why a module of its own, importing only the core's declarations: the store (`tatr.store.rows`), the one record type
 (`tatr.store.record`) and the report (`tatr.report`) all need these facts, and each must read them
 from one place. The report may import this module; it holds no run machinery. A row's display
 labels belong to what the row names (`tatr.core.methods.merge_label`, the trust-region modes'
@@ -19,6 +19,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from tatr.core.errors import TatrError
+from tatr.core.methods import METHODS  # noqa: F401  # registers the methods, so every option is declared
+from tatr.core.options import all_options
+from tatr.core.registry import unknown_name
+
+# The merge options a row holds only where its method reads them (`tatr.core.methods.MergeMethod.options`):
+# each declared once (`tatr.core.options.Option`), its column named after it, in declaration order.
+METHOD_OPTIONS: tuple[str, ...] = tuple(o.name for o in all_options())
+
 COLUMNS = (
     "run_id",
     "study",
@@ -33,11 +42,7 @@ COLUMNS = (
     "q",
     "lam",
     "lam_neg",  # the negative component's own λ (components ablation), null where every part has λ
-    "ties_k",
-    "dare_p",
-    "dare_seed",
-    "breadcrumbs_beta",
-    "breadcrumbs_density",
+    *METHOD_OPTIONS,  # ties_k, dare_p, dare_seed, breadcrumbs_beta, breadcrumbs_density
     "components",
     "exemplars",
     "seed",
@@ -55,13 +60,13 @@ COLUMNS = (
 # the type of each column; anything may also be null (None)
 NAMES = ("run_id", "benchmark", "study", "experiment")  # become paths or labels: safe names
 TEXT = ("job_type", "ablation", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash")
-INTEGERS = ("trial", "exemplars", "seed", "dare_seed")
+INTEGERS = ("trial", "exemplars", "seed", *(o.name for o in all_options() if o.kind is int))
 NUMBERS = (
-    *("q", "lam", "lam_neg", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density"),
+    *("q", "lam", "lam_neg", *(o.name for o in all_options() if o.kind is float)),
     *("accuracy", "normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp"),
 )
-# Merge options a row holds only where its method reads them (`tatr.core.methods.MergeMethod.options`).
-METHOD_OPTIONS = ("ties_k", "dare_p", "dare_seed", "breadcrumbs_beta", "breadcrumbs_density")
+# The splits a suite evaluates on and configs name (`split`, `tune_split`, `eval_split`): their one list.
+SPLITS = ("train", "validation", "test")
 PAIR_SEPARATOR = "|"  # a gradient-correlation row's task is "a|b"
 
 # trial, final: a sweep; ablation: a tuned point of an ablation file (its grid trials too);
@@ -88,3 +93,10 @@ class AblationKind(StrEnum):
 
 
 ABLATION_KINDS: tuple[str, ...] = tuple(k.value for k in AblationKind)  # the order the report lists them
+
+
+def check_split(split: object) -> str:
+    """A split name, or one line with "did you mean" and the known splits."""
+    if split not in SPLITS:
+        raise TatrError(unknown_name("split", split, SPLITS))
+    return str(split)

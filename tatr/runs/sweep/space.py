@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tatr.core.errors import TatrError
+from tatr.core.options import all_options, get_option
 from tatr.core.registry import did_you_mean
 from tatr.io.safe_yaml import name_text, read_yaml_mapping
 from tatr.runs.config import (
@@ -35,15 +36,14 @@ from tatr.runs.config import (
 )
 
 NAMES = ("method", "trust_region")  # searched over names: a YAML number in their lists is its text
-PARAMS = ("lam", "q", "method", "trust_region", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density")
-NUMERIC = ("lam", "q", "ties_k", "dare_p", "breadcrumbs_beta", "breadcrumbs_density")
-# ties_k: TIES as published (K=20); DARE's and Breadcrumbs' defaults are MergeConfig's (sources: tatr.core.sparsify)
-PAPER_DEFAULT = {
-    "lam": 0.3,
-    "q": 0.99,
-    "ties_k": 20.0,
-    **{k: MergeConfig.model_fields[k].default for k in ("dare_p", "breadcrumbs_beta", "breadcrumbs_density")},
-}
+# The method options a sweep searches: the declared float ones (`tatr.core.options.Option.searchable`;
+# a seed is set, not searched), each checked by its declaration.
+SEARCHED_OPTIONS = tuple(o.name for o in all_options() if o.searchable)
+PARAMS = ("lam", "q", "method", "trust_region", *SEARCHED_OPTIONS)
+NUMERIC = ("lam", "q", *SEARCHED_OPTIONS)
+# the paper's λ and q; each option's declared default (TIES' k=20 as published; DARE's and Breadcrumbs'
+# sources: tatr.core.sparsify)
+PAPER_DEFAULT = {"lam": 0.3, "q": 0.99, **{k: get_option(k).default for k in SEARCHED_OPTIONS}}
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
 METRICS = ("accuracy", "normalized_accuracy")
@@ -157,10 +157,12 @@ def _number(field_name: str, value: Any) -> float:
 
 
 def check_value(name: str, value: Any) -> None:
-    """Refuse a value the merge would refuse (ValueError), now rather than in trial 37 (or never, for NaN)."""
+    """Refuse a value the merge would refuse (ValueError), now rather than in trial 37 (or never, for NaN).
+
+    q by `check_q`, a method option by its declaration (`Option.check`): the checks the merge runs."""
     from tatr.core.methods import fixed_method
-    from tatr.core.sparsify import check_sparsity
-    from tatr.core.trust_region import check_mode
+    from tatr.core.options import is_option
+    from tatr.core.trust_region import check_mode, check_q
 
     try:
         if name == "method":
@@ -171,14 +173,10 @@ def check_value(name: str, value: Any) -> None:
             raise ValueError(f"expected a number, got {value!r}")
         elif not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
-        elif name == "q" and not 0 < value <= 1:
-            raise ValueError(f"q must be in (0, 1], got {value}")
-        elif name == "ties_k" and not 0 < value <= 100:
-            raise ValueError(f"ties_k must be in (0, 100], got {value}")
-        elif name == "dare_p":
-            check_sparsity(dare_p=value)
-        elif name in ("breadcrumbs_beta", "breadcrumbs_density"):
-            check_sparsity(**{"beta" if name == "breadcrumbs_beta" else "density": value})
+        elif name == "q":
+            check_q(value)
+        elif is_option(name):
+            get_option(name).check(value)
     except TatrError as exc:
         raise ValueError(str(exc)) from None
 
@@ -260,20 +258,21 @@ class SearchSpace(_Frozen):
 
     @model_validator(mode="after")
     def _band(self) -> SearchSpace:
-        """Breadcrumbs' β + density ≤ 1 for every trial, not only the first: the largest β the space
-        can suggest (or its fixed value, or the default) plus the largest density."""
-        from tatr.core.sparsify import check_sparsity
+        """A sparsifier's options together (Breadcrumbs' β + density ≤ 1) for every trial, not only the
+        first: the largest value the space can suggest of each (or its fixed value, or the default)."""
+        from tatr.core.options import SPARSIFIERS
 
-        def largest(name: str) -> float:
+        def largest(name: str) -> Any:
             spec = self.param(name)
             if spec is not None:
                 return max(spec.choices) if spec.choices is not None else float(spec.high)  # type: ignore[arg-type,type-var]
-            return float(self.merge.get(name, MergeConfig.model_fields[name].default))
+            return self.merge.get(name, get_option(name).default)
 
-        beta, density = largest("breadcrumbs_beta"), largest("breadcrumbs_density")
-        if self.param("breadcrumbs_beta") is not None or self.param("breadcrumbs_density") is not None:
+        for kind in SPARSIFIERS.values():
+            if kind.together is None or not any(self.param(o.name) is not None for o in kind.options):
+                continue
             try:
-                check_sparsity(beta=beta, density=density)
+                kind.together({o.name: largest(o.name) for o in kind.options})
             except TatrError as exc:
                 raise ValueError(f"{exc} (the largest values this space can suggest)") from None
         return self

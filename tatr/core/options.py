@@ -1,0 +1,180 @@
+"""A merge method's options, each declared once: name, type, default, range, flag, help, identity.
+
+Why a module of its own: an option (TIES' k, DARE's drop rate, Breadcrumbs' β) is one fact that the
+API keywords, the experiment config (`tatr.runs.config.MergeConfig`), the `tatr merge` flags, the
+store's columns (`tatr.store.schema`), the search-space checks (`tatr.runs.sweep.space`), a point's
+identity and the report's labels all need. Each of them derives what it needs from the `Option`
+declared here, as mergekit's `ConfigParameterDef`; none of them lists an option again.
+
+Options are grouped by the sparsifier that reads them (`SparsifierKind`, registered in `SPARSIFIERS`):
+a `MergeMethod` names its sparsifier (`tatr.core.methods`), so a method reads exactly its sparsifier's
+options. A sparsifier may add a check over its options together (Breadcrumbs: β + density ≤ 1) and one
+over the model's tensor sizes (Breadcrumbs: a density that keeps nothing anywhere).
+
+Adding a sparsifying method with its options (see tests/test_method_options.py):
+  1. its per-tensor sparsifier and a `SPARSIFIERS.add(name, SparsifierKind(name, (Option(…), …), make=…))`
+     beside it (`tatr.core.sparsify`);
+  2. a `MergeMethod(…, sparsify=name, …)` in `tatr.core.methods`.
+Everything else (config fields, flags, columns, search space, identity, labels) follows.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tatr.core.errors import TatrError
+from tatr.core.registry import Registry, unknown_name
+
+Number = int | float
+
+
+@dataclass(frozen=True)
+class Option:
+    """One merge option of a sparsifier, declared once.
+
+    `low`/`high` bound the value (None: unbounded), open or closed; `what` names it in an error
+    ("DARE drop rate p"), `label` in a report ("p"; `unit` follows the value, e.g. "%"). `identity`:
+    "read" (the option enters a point's identity only for the methods that read it; new options) or
+    "always" (every identity has it, as TIES' k in the first stores). `more` is an extra check after the
+    range (a value the range admits but the merge cannot use), raising a one-line `TatrError`.
+    """
+
+    name: str  # the config key, the API keyword and the store column
+    kind: type[int] | type[float]
+    default: Number
+    flag: str  # the `tatr merge` flag
+    help: str
+    what: str
+    label: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    unit: str = ""
+    metavar: str = "X"
+    identity: Literal["read", "always"] = "read"
+    more: Callable[[Number], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.check(self.default)  # a declaration cannot default to a value it refuses
+
+    @property
+    def searchable(self) -> bool:
+        """Searched by sweeps (a float range or list); an integer option (a seed) is set, not searched."""
+        return self.kind is float
+
+    def range_text(self) -> str:
+        if self.kind is int and self.low == 0 and self.high is None:
+            return "a non-negative integer"
+        lo = "-∞" if self.low is None else f"{self.low:g}"
+        hi = "∞" if self.high is None else f"{self.high:g}"
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        return f"{'an integer' if self.kind is int else ''} in {left}{lo}, {hi}{right}".strip()
+
+    def check(self, value: object) -> Number:
+        """The value if it is one this option takes, else the one-line `TatrError` every door raises."""
+        if self.kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = _real(value) and math.isfinite(float(value))  # type: ignore[arg-type]
+        if ok:
+            v = float(value)  # type: ignore[arg-type]
+            ok = (self.low is None or (v > self.low if self.low_open else v >= self.low)) and (
+                self.high is None or (v < self.high if self.high_open else v <= self.high)
+            )
+        if not ok:
+            raise TatrError(f"{self.what} must be {self.range_text()}, got {value!r}")
+        if self.more is not None:
+            self.more(value)  # type: ignore[arg-type]
+        return value  # type: ignore[return-value]
+
+    def parse(self, text: str) -> Number:
+        """A flag's text as this option's type (one line naming the flag if it is not); `check` it next."""
+        try:
+            return self.kind(text)
+        except ValueError:
+            what = "an integer" if self.kind is int else "a number"
+            raise TatrError(f"{self.flag} must be {what}, got {text!r}") from None
+
+    def text(self, value: object) -> str:
+        """The report's label of a value: 'p=0.5', 'k=20%'."""
+        shown = f"{value:g}" if _real(value) else str(value)
+        return f"{self.label}={shown}{self.unit}"
+
+
+@dataclass(frozen=True)
+class SparsifierKind:
+    """A sparsifier and the options it reads.
+
+    `make(values, key)` gives the per-task sparsifier of one tensor (`tatr.core.sparsify.Sparsifier`),
+    or None where the merge does it elsewhere (TIES' model-wide trim, no sparsifier). `together(values)`
+    checks its options jointly; `sizes(values, sizes)` checks them against the model's tensor sizes."""
+
+    name: str
+    options: tuple[Option, ...] = ()
+    make: Callable[[Mapping[str, Any], str], Any] | None = None
+    together: Callable[[Mapping[str, Any]], None] | None = None
+    sizes: Callable[[Mapping[str, Any], Iterable[int]], None] | None = None
+
+
+SPARSIFIERS: Registry[SparsifierKind] = Registry("sparsifier")
+
+
+def all_options() -> list[Option]:
+    """Every declared option, in registration order (the order of columns, fields and flags)."""
+    return [o for kind in SPARSIFIERS.values() for o in kind.options]
+
+
+def get_option(name: str) -> Option:
+    for option in all_options():
+        if option.name == name:
+            return option
+    raise TatrError(unknown_name("merge option", name, [o.name for o in all_options()]))
+
+
+def is_option(name: object) -> bool:
+    return any(o.name == name for o in all_options())
+
+
+def defaults() -> dict[str, Number]:
+    return {o.name: o.default for o in all_options()}
+
+
+class OptionValues(dict[str, Any]):
+    """Every option's value, checked (only `check_options` makes one): a merge given one does not
+    check it again, so one `tatr merge` call checks each number once."""
+
+
+def check_options(given: Mapping[str, object]) -> OptionValues:
+    """Every option's value (the default where not given), each given one checked, then each
+    sparsifier's options together: the one check behind the API, the config and the CLI."""
+    if isinstance(given, OptionValues):
+        return given
+    values = OptionValues(defaults())
+    for name, value in given.items():
+        values[name] = get_option(name).check(value)
+    check_together(values)
+    return values
+
+
+def check_together(values: Mapping[str, Any]) -> None:
+    """Each sparsifier's check of its options together (values already checked one by one)."""
+    for kind in SPARSIFIERS.values():
+        if kind.together is not None:
+            kind.together(values)
+
+
+def check_sizes(sparsify: str, values: Mapping[str, Any], sizes: Iterable[int]) -> None:
+    """The sparsifier's check against the model's floating tensor sizes (from the file headers)."""
+    kind = SPARSIFIERS.get(sparsify)
+    if kind.sizes is not None:
+        kind.sizes(values, sizes)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
