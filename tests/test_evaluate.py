@@ -22,6 +22,7 @@ class ToySuite:
     """Two tasks on random 4-d inputs; a linear encoder whose identity-like θ_0 is known."""
 
     name = "toy"
+    model_name = "toy-linear"
     tasks = ("a", "b")
 
     def __init__(self, folder: Path) -> None:

@@ -22,9 +22,10 @@ import torch
 
 from tatr.runs.sweep.run import run_sweep
 from tatr.runs.sweep.storage import open_storage
-from tatr.runs.tracking import WandbLogger, reconcile, run_id_for, wandb_mode
+from tatr.runs.tracking import WandbLogger, reconcile, wandb_mode
 from tatr.store.record import RunRecord, store_rows
 from tatr.store.rows import read_store
+from tatr.store.run_ids import sweep_run_id
 from tests.sweep_fixtures import REPO, write_experiment
 
 TATR = REPO / "sweeps" / "tatr.yaml"
@@ -224,5 +225,5 @@ def test_store_rows_have_the_contract_columns() -> None:
     assert row["exemplars"] is None and row["ties_k"] is None
     assert (row["study"], row["trial"], row["seed"], row["experiment"]) == ("s", 7, 3, "exp")
     assert row["normalized_accuracy"] == 60.0
-    assert run_id_for("a b/c", 3, "t") != run_id_for("a b/c", 3, "u")
-    assert "/" not in run_id_for("a b/c", 3, "t")
+    assert sweep_run_id("a b/c", 3, "t") != sweep_run_id("a b/c", 3, "u")
+    assert "/" not in sweep_run_id("a b/c", 3, "t")

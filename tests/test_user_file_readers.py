@@ -307,9 +307,7 @@ def test_off_unquoted_in_an_experiment_file(tmp_path: Path, word: str) -> None:
     if word == "off":
         assert load_config(path).merge.trust_region == "off"
     else:  # a word, not a boolean: the mode list names the one spelling
-        with pytest.raises(
-            TatrError, match=rf"merge\.trust_region: unknown trust-region mode '{word}'.*\boff\b"
-        ):
+        with pytest.raises(TatrError, match=rf"merge\.trust_region: unknown trust-region mode '{word}'.*\boff\b"):
             load_config(path)
 
 

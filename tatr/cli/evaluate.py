@@ -22,8 +22,8 @@ from tatr.core.trust_region import uses_exemplars
 from tatr.runs.config import ExperimentConfig, config_dict, config_hash, load_config
 from tatr.runs.plan import PlanBook
 from tatr.runs.tune import test_choice
-from tatr.store.record import RunRecord, write_store
-from tatr.store.rows import new_run_id
+from tatr.store.record import RunRecord, suite_model, write_store
+from tatr.store.run_ids import evaluate_run_id
 from tatr.suites import Suite, get_suite
 from tatr.suites.evaluation import Evaluation, evaluate_merged, normalized_accuracy
 
@@ -55,23 +55,25 @@ def evaluate_config(
     return result, timings
 
 
-def record(config: ExperimentConfig, model: str, result: Evaluation, timings: dict[str, float]) -> RunRecord:
-    """The store record of one `tatr evaluate` run (`job_type="evaluate"`)."""
-    return RunRecord(
-        run_id=f"evaluate-{new_run_id()}",
-        study=None,
-        trial=None,
-        job_type="evaluate",
-        config=config_dict(config),
-        config_hash=config_hash(config),
-        split=result.split,
-        accuracy=result.accuracy,
-        normalized=result.normalized,
-        merge_seconds=timings.get("merge_s"),
-        eval_seconds=timings.get("evaluate_s"),
-        value=result.mean_accuracy,
-        subject=model,
-    )
+def record(
+    config: ExperimentConfig, model: str, result: Evaluation, timings: dict[str, float], suite: Suite | None = None
+) -> RunRecord:
+    """The store record of one `tatr evaluate` run (`job_type="evaluate"`); `suite` names its model."""
+    common = {
+        "run_id": evaluate_run_id(),
+        "job_type": "evaluate",
+        "config": config_dict(config),
+        "config_hash": config_hash(config),
+        "model": suite_model(suite),
+        "split": result.split,
+        "accuracy": result.accuracy,
+        "normalized": result.normalized,
+        "eval_seconds": timings.get("evaluate_s"),
+        "value": result.mean_accuracy,
+    }
+    if model == "merged":
+        return RunRecord.merged(merge_seconds=timings.get("merge_s"), **common)
+    return RunRecord.reference(subject=model, **common)
 
 
 def describe(config: ExperimentConfig, model: str) -> str:
@@ -151,7 +153,7 @@ def command(
     suite = get_suite(config.benchmark, config.suite, cache_dir)
     result, timings = evaluate_config(suite, config, model, cache_dir)
     if root is not None:
-        write_store(root, record(config, model, result, timings))
+        write_store(root, record(config, model, result, timings, suite))
     if as_json:
         payload = {
             "config": config_dict(config),

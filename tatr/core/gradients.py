@@ -3,7 +3,8 @@
 The mean of |∇ℓ(x_n)| is not |mean ∇ℓ|, so one backward over a batch cannot give it; per-sample
 gradients are computed with `torch.func.vmap(grad(...))` over chunks of exemplars instead of one
 backward pass per sample. Only parameters that require grad are differentiated; the caller picks
-them (e.g. the visual tower) by passing `names`.
+them (e.g. the visual tower) by passing `names`. The loss is cross-entropy of the one classification
+rule of every suite, `tatr.core.classify.cosine_logits`, times the suite's logit scale.
 
 Attention runs on PyTorch's MATH scaled-dot-product kernel inside the vmap, and
 `nn.MultiheadAttention`'s fused inference fast path is switched off meanwhile: neither fused op
@@ -25,10 +26,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-
-def cosine_logits(features: Tensor, head: Tensor, scale: float) -> Tensor:
-    """The classification rule shared by all suites (see `tatr.suites.base`)."""
-    return scale * F.normalize(features, dim=-1) @ F.normalize(head, dim=-1).T
+from tatr.core.classify import cosine_logits  # the one rule; AdaMerging imports it from here too
 
 
 @contextlib.contextmanager

@@ -26,8 +26,9 @@ from tatr.runs.adamerging import AdaTuned, tune_adamerging, with_coefficients
 from tatr.runs.config import ExperimentConfig, config_dict
 from tatr.runs.plan import PlanBook
 from tatr.runs.tune import Tuned, tune_grid
-from tatr.store.record import RunRecord, write_store
-from tatr.store.rows import git_commit, new_run_id, read_store
+from tatr.store.record import RunRecord, suite_model, write_store
+from tatr.store.rows import git_commit, read_store
+from tatr.store.run_ids import ablation_run_id, baseline_run_id, grid_trial_run_id
 from tatr.store.schema import AblationKind
 
 Log = Callable[[str], None]
@@ -79,7 +80,7 @@ def run(
             else:
                 tuned = tune_grid(book, point.merge, point.qs, point.lams, exemplars, *splits, lam_negs=point.lam_negs)
             book.clear()  # a point's plan is used once; the cache folder stays for the next point
-            records = point_records(cfg, part, point, tuned, key)
+            records = point_records(cfg, part, point, tuned, key, suite_model(suite))
             if isinstance(tuned, AdaTuned):
                 records = with_coefficients(records, tuned)
             for rec in records:
@@ -124,13 +125,13 @@ def _finished(root: str | Path) -> set[str]:
 
 
 def point_records(
-    config: ExperimentConfig, spec: AblationSpec, point: Point, tuned: Tuned, key: str
+    config: ExperimentConfig, spec: AblationSpec, point: Point, tuned: Tuned, key: str, model: str | None = None
 ) -> list[RunRecord]:
     """The records of one point: each validation trial as its own run, then the test evaluation.
 
     Every record's config is the point's resolved experiment (its merge at that trial's q and λ, its
-    exemplar draw, `seed` = the draw), with the ablation block, for W&B."""
-    run_id = f"ablation-{spec.kind}-{new_run_id()}"
+    exemplar draw, `seed` = the draw), with the ablation block, for W&B; `model` is the suite's."""
+    run_id = ablation_run_id(spec.kind)
     stamp, commit = time.time(), git_commit()
 
     def resolved(q: float, lam: float, lam_neg: float | None) -> dict[str, Any]:
@@ -147,13 +148,14 @@ def point_records(
         "study": config.name,
         "job_type": "ablation",
         "config_hash": key,
+        "model": model,
         "ablation": str(spec.kind),
         "git_commit": commit,
         "timestamp": stamp,
     }
     records = [
-        RunRecord(
-            run_id=f"{run_id}-t{i:03d}",
+        RunRecord.merged(
+            run_id=grid_trial_run_id(run_id, i),
             trial=i,
             config=resolved(t.q, t.lam, t.lam_neg),
             split=spec.tune_split,
@@ -167,7 +169,7 @@ def point_records(
     ]
     tested = tuned.tested
     records.append(
-        RunRecord(
+        RunRecord.merged(
             run_id=run_id,
             trial=None,
             config=resolved(tuned.merge.q, tuned.merge.lam, tuned.merge.lam_neg),  # type: ignore[arg-type]
@@ -195,11 +197,12 @@ def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root
     seconds = time.perf_counter() - start
     stamp, commit = time.time(), git_commit()
     for subject, accuracy in (("pretrained", pretrained.accuracy), ("individual", dict(individual))):
-        rec = RunRecord(
-            run_id=f"baseline-{subject}-{new_run_id()}",
+        rec = RunRecord.reference(
+            subject=subject,
+            run_id=baseline_run_id(subject),
             study=config.name,
-            trial=None,
             job_type="baseline",
+            model=suite_model(suite),
             config=config_dict(config),
             config_hash=content_hash("baseline", subject, config.benchmark, config.suite)[:12],
             split=spec.eval_split,
@@ -207,7 +210,6 @@ def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root
             normalized=normalized_accuracy(accuracy, individual),
             eval_seconds=seconds if subject == "pretrained" else None,
             ablation=str(spec.kind),
-            subject=subject,
             git_commit=commit,
             timestamp=stamp,
         )

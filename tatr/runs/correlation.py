@@ -19,8 +19,8 @@ from tatr.core.cache import content_hash
 from tatr.core.errors import TatrError
 from tatr.runs.ablation_spec import AblationSpec
 from tatr.runs.config import ExperimentConfig, config_dict
-from tatr.store.record import RunRecord, write_store
-from tatr.store.rows import new_run_id
+from tatr.store.record import RunRecord, suite_model, write_store
+from tatr.store.run_ids import ablation_run_id
 from tatr.store.schema import PAIR_SEPARATOR
 
 
@@ -88,18 +88,14 @@ def gradient_correlation(
         drawn = config.model_copy(
             update={"seed": seed, "exemplars": config.exemplars.model_copy(update={"seed": seed})}
         )
-        rec = RunRecord(
-            run_id=f"ablation-{spec.kind}-{new_run_id()}",
+        rec = RunRecord.gradients(
+            run_id=ablation_run_id(spec.kind),
             study=config.name,
-            trial=None,
-            job_type="ablation",
             config=config_dict(drawn),
             config_hash=content_hash("gradient-correlation", config.benchmark, config.suite, n, seed)[:12],
-            split="train",
-            accuracy={f"{a}{PAIR_SEPARATOR}{b}": float(corr[i, j]) for (i, a), (j, b) in pairs},
-            normalized={},
+            model=suite_model(suite),
+            correlations={f"{a}{PAIR_SEPARATOR}{b}": float(corr[i, j]) for (i, a), (j, b) in pairs},
             ablation=str(spec.kind),
-            subject="gradients",
             timestamp=time.time(),
         )
         write_store(root, rec)

@@ -9,7 +9,8 @@ The store (`tatr.store.rows`) is the source of truth; W&B is a convenience that 
   deprecated) writes the store rows and one W&B run per finished trial.
 * A worker killed between Optuna's `tell` and the callback leaves a finished trial without rows;
   `reconcile` writes them on the next start. Store files are named by a run id derived from the
-  study, the trial number and its start time, so a trial can never get two files, whoever writes.
+  study, the trial number and its start time (`tatr.store.run_ids.sweep_run_id`), so a trial can
+  never get two files, whoever writes.
 * W&B: one run per trial, `group` = study, `job_type` = trial | final, tags for benchmark, method
   and trust-region mode, the resolved config in `wandb.config`. Offline by default, under the
   results folder; online when `WANDB_MODE`/`WANDB_API_KEY` say so. Online, the server is probed
@@ -20,9 +21,7 @@ The store (`tatr.store.rows`) is the source of truth; W&B is a convenience that 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from tatr.store.record import RunRecord, in_store, wandb_config, write_store
 from tatr.store.rows import git_commit
+from tatr.store.run_ids import sweep_run_id
 
 RECORD_ATTR = "tatr"  # the trial user attribute holding the record's payload
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
@@ -37,19 +37,7 @@ PROBE_SECONDS = 3.0  # the one wait an unreachable W&B server costs a sweep
 INIT_TIMEOUT = 30.0  # wandb.init's wait for a server that answered the probe (W&B's default: 90 s)
 
 
-# --- run ids ---------------------------------------------------------------------------------------
-def slug(text: str) -> str:
-    """A file- and W&B-safe form of a study name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "study"
-
-
-def run_id_for(study: str, number: int, started: object, job_type: str = "trial") -> str:
-    """Deterministic per (study, trial, start time): a re-run of the same trial maps to the same file."""
-    digest = hashlib.sha256(f"{study}|{number}|{started}|{job_type}".encode()).hexdigest()[:8]
-    kind = "" if job_type == "trial" else f"{job_type}-"
-    return f"{slug(study)[:40]}-{kind}t{number:04d}-{digest}"
-
-
+# --- a trial's record ------------------------------------------------------------------------------
 def payload(
     config: dict[str, Any],
     config_hash: str,
@@ -59,11 +47,13 @@ def payload(
     merge_seconds: float,
     eval_seconds: float,
     mask: Mapping[str, tuple[int, int]] | None,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """What the objective stores in the trial's user attributes (JSON-able)."""
+    """What the objective stores in the trial's user attributes (JSON-able); `model` is the suite's."""
     return {
         "config": config,
         "config_hash": config_hash,
+        "model": model,
         "split": split,
         "accuracy": dict(accuracy),
         "normalized": dict(normalized),
@@ -79,13 +69,14 @@ def record_from_trial(study: str, trial: Any) -> RunRecord | None:
     state = trial.state.name
     if not data or state not in ("COMPLETE", "PRUNED") or not data.get("accuracy"):
         return None
-    return RunRecord(
-        run_id=run_id_for(study, trial.number, trial.datetime_start),
+    return RunRecord.merged(
+        run_id=sweep_run_id(study, trial.number, trial.datetime_start),
         study=study,
         trial=trial.number,
         job_type="trial",
         config=data["config"],
         config_hash=data["config_hash"],
+        model=data.get("model"),  # None in a trial recorded before payloads had it: the config's
         split=data["split"],
         accuracy=data["accuracy"],
         normalized=data["normalized"],

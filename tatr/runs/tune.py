@@ -11,6 +11,9 @@ Two ways to choose, one way to test:
 * A sweep (`tatr.runs.sweep`) lets Optuna choose: its best trial's configuration goes to
   `test_choice` like a grid's winner does.
 
+Every merged model, a sweep's trials included, is evaluated by `evaluate_merge`, so every one gets
+the same checks (a non-finite parameter is refused) before its accuracies can reach the store.
+
 `refuse_test_tuning` is the one guard against choosing on the test split: the test split is for
 the single evaluation of the choice, so tuning on it needs an explicit override.
 """
@@ -18,7 +21,7 @@ the single evaluation of the choice, so tuning on it needs an explicit override.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,16 +55,31 @@ class Tested:
         return None if self.mask is None else {k: [int(d), int(n)] for k, (d, n) in self.mask.items()}
 
 
+def evaluate_merge(
+    suite: Any,
+    merged: Mapping[str, Any],
+    split: str,
+    tasks: Sequence[str] | None = None,
+    on_task: Callable[[str, float], None] | None = None,
+) -> tuple[Any, float]:
+    """The one evaluation of a merged model, for sweep trials, grid trials and tested choices alike:
+    `tatr.suites.evaluation.evaluate_merged` (a NaN or infinite parameter is refused before anything
+    is evaluated, so nothing reaches the store), and the seconds it took. `on_task(task, accuracy)`
+    is called as each task finishes (a sweep reports to its pruner there, and may stop the trial)."""
+    from tatr.suites.evaluation import evaluate_merged
+
+    start = time.perf_counter()
+    evaluation = evaluate_merged(suite, merged, split, tasks, on_task)
+    return evaluation, time.perf_counter() - start
+
+
 def test_choice(
     book: PlanBook, merge: MergeConfig, exemplars: ExemplarConfig | None = None, split: str = "test"
 ) -> Tested:
     """Merge `merge` (its q and λ are the choice) with the book's plan and evaluate it once on `split`."""
-    from tatr.suites.evaluation import evaluate_merged
-
     merged, merge_seconds, mask = merge_once(book, merge, exemplars)
-    start = time.perf_counter()
-    evaluation = evaluate_merged(book.suite, merged, split)
-    return Tested(evaluation, merge_seconds, time.perf_counter() - start, mask)
+    evaluation, seconds = evaluate_merge(book.suite, merged, split)
+    return Tested(evaluation, merge_seconds, seconds, mask)
 
 
 @dataclass(frozen=True)
@@ -127,8 +145,6 @@ def tune_grid(
     Without a trust region q changes nothing: pass `qs=(1.0,)`. The plan's building time is counted
     in the tested merge's seconds (it is the cost of getting that merge). `lam_negs`: also tune the
     negative component's own λ_neg over this grid (None: `merge.lam_neg` as it is, for every trial)."""
-    from tatr.suites.evaluation import evaluate_merged
-
     refuse_test_tuning(tune_split, allow_test_tuning, "set allow_test_tuning")
     if not qs or not lams or (lam_negs is not None and not lam_negs):
         raise TatrError("a tuning grid needs at least one q and one λ (and one λ_neg when it tunes λ_neg)")
@@ -147,9 +163,7 @@ def tune_grid(
                 t0 = time.perf_counter()
                 merged = plan.merged(q, lam, lam_neg)
                 merge_seconds = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                ev = evaluate_merged(book.suite, merged, tune_split)
-                seconds = time.perf_counter() - t0
+                ev, seconds = evaluate_merge(book.suite, merged, tune_split)
                 trial = GridTrial(q, lam, ev.accuracy, ev.normalized, merge_seconds, seconds, lam_neg)
                 trials.append(trial)
                 if best is None or trial.mean > best.mean:

@@ -7,7 +7,9 @@ one of its grid trials, a baseline, a `tatr evaluate --root` run. Every writer b
 `store_rows` too, so the columns (`tatr.store.schema`) mean the same whatever wrote them:
 
 * `experiment` is the experiment's `name` (its config's), `ablation` the ablation kind or null;
-* `model` is the suite's `model` option wherever the suite has one;
+* `model` is the suite's model (`Suite.model_name`: the testbed's ViT, clip8's and the text suite's
+  `suite.model`), which every writer passes; a record built without it (a W&B run logged before
+  records carried it) falls back to the config's `model`, then its suite's `model` option;
 * merge columns come from the resolved merge config: q is null without a trust region, λ is the
   method's default when unset, a method's options only for the methods that read them (TIES k
   for TIES, p and seed for DARE, β and density for Breadcrumbs), λ_neg where it was set,
@@ -15,6 +17,11 @@ one of its grid trials, a baseline, a `tatr evaluate --root` run. Every writer b
 * `subject` says what was evaluated: a merge, θ_0 (`pretrained`), each fine-tuned θ_t on its own
   task (`individual`), or exemplar gradients (`gradients`, the correlation ablation): the last
   three have no merge columns; a reference model's seed is its suite's build seed (`suite.seed`).
+
+Writers build records with the named constructors, one per subject: `RunRecord.merged` (a merge
+evaluated on one split: sweep trials and finals, ablation points and their grid trials, `tatr
+evaluate`), `RunRecord.reference` (θ_0 or the θ_t: baselines, `tatr evaluate --model`) and
+`RunRecord.gradients` (the correlation ablation). Their run ids come from `tatr.store.run_ids`.
 """
 
 from __future__ import annotations
@@ -55,20 +62,158 @@ class RunRecord:
     subject: str = "merged"  # see SUBJECTS
     git_commit: str | None = None  # None: the working tree's commit, when written
     timestamp: float | None = None  # None: the time of writing
+    model: str | None = None  # the suite's model (`Suite.model_name`); None: read from the config
 
     def __post_init__(self) -> None:
         if self.subject not in SUBJECTS:
             raise ValueError(f"subject must be one of {SUBJECTS}, got {self.subject!r}")
+        if self.model is None:
+            object.__setattr__(self, "model", config_model(self.config))
 
     @property
     def merge(self) -> dict[str, Any]:
         return self.config.get("merge", {}) if self.subject == "merged" else {}
 
-    @property
-    def model(self) -> str | None:
-        """The suite's model (`suite.model`), or None for suites without one."""
-        model = (self.config.get("suite") or {}).get("model", self.config.get("model"))
-        return None if model is None else str(model)
+    # --- the named constructors: one per subject, what each kind of run records -------------------
+    @classmethod
+    def merged(
+        cls,
+        *,
+        run_id: str,
+        job_type: str,
+        config: dict[str, Any],
+        config_hash: str,
+        model: str | None,
+        split: str,
+        accuracy: Mapping[str, float],
+        normalized: Mapping[str, float],
+        study: str | None = None,
+        trial: int | None = None,
+        merge_seconds: float | None = None,
+        eval_seconds: float | None = None,
+        mask: Mapping[str, list[int]] | None = None,
+        params: Mapping[str, Any] | None = None,
+        state: str = "COMPLETE",
+        value: float | None = None,
+        ablation: str | None = None,
+        git_commit: str | None = None,
+        timestamp: float | None = None,
+    ) -> RunRecord:
+        """A merge (`config["merge"]`, at its q and λ) evaluated on `split`: a sweep trial or final,
+        an ablation point or one of its grid trials, a `tatr evaluate` run."""
+        return cls(
+            run_id=run_id,
+            study=study,
+            trial=trial,
+            job_type=job_type,
+            config=config,
+            config_hash=config_hash,
+            split=split,
+            accuracy=dict(accuracy),
+            normalized=dict(normalized),
+            merge_seconds=merge_seconds,
+            eval_seconds=eval_seconds,
+            mask=None if mask is None else {k: list(v) for k, v in mask.items()},
+            params=dict(params or {}),
+            state=state,
+            value=value,
+            ablation=None if ablation is None else str(ablation),
+            subject="merged",
+            git_commit=git_commit,
+            timestamp=timestamp,
+            model=model,
+        )
+
+    @classmethod
+    def reference(
+        cls,
+        *,
+        subject: str,
+        run_id: str,
+        job_type: str,
+        config: dict[str, Any],
+        config_hash: str,
+        model: str | None,
+        split: str,
+        accuracy: Mapping[str, float],
+        normalized: Mapping[str, float],
+        study: str | None = None,
+        eval_seconds: float | None = None,
+        value: float | None = None,
+        ablation: str | None = None,
+        git_commit: str | None = None,
+        timestamp: float | None = None,
+    ) -> RunRecord:
+        """A reference model on `split`: θ_0 (`subject="pretrained"`) or each θ_t on its own task
+        (`"individual"`); its rows have no merge columns (a baseline, `tatr evaluate --model`)."""
+        if subject not in ("pretrained", "individual"):
+            raise ValueError(f"a reference model is 'pretrained' or 'individual', got {subject!r}")
+        return cls(
+            run_id=run_id,
+            study=study,
+            trial=None,
+            job_type=job_type,
+            config=config,
+            config_hash=config_hash,
+            split=split,
+            accuracy=dict(accuracy),
+            normalized=dict(normalized),
+            eval_seconds=eval_seconds,
+            value=value,
+            ablation=None if ablation is None else str(ablation),
+            subject=subject,
+            git_commit=git_commit,
+            timestamp=timestamp,
+            model=model,
+        )
+
+    @classmethod
+    def gradients(
+        cls,
+        *,
+        run_id: str,
+        config: dict[str, Any],
+        config_hash: str,
+        model: str | None,
+        correlations: Mapping[str, float],
+        ablation: str,
+        study: str | None = None,
+        timestamp: float | None = None,
+    ) -> RunRecord:
+        """Statistics of exemplar gradients at θ_0 (the correlation ablation): one value per task pair
+        ("a|b", `tatr.store.schema.PAIR_SEPARATOR`) in the accuracy column, split `train` (the
+        exemplars' split), no normalized value, no merge columns."""
+        return cls(
+            run_id=run_id,
+            study=study,
+            trial=None,
+            job_type="ablation",
+            config=config,
+            config_hash=config_hash,
+            split="train",
+            accuracy=dict(correlations),
+            normalized={},
+            ablation=str(ablation),
+            subject="gradients",
+            timestamp=timestamp,
+            model=model,
+        )
+
+
+def suite_model(suite: object) -> str | None:
+    """What a record's `model` is for a run on `suite`: its `model_name` (`tatr.suites.base.Suite`);
+    None for a plugin suite without one (the record then reads its config, `config_model`)."""
+    name = getattr(suite, "model_name", None)
+    return None if name is None else str(name)
+
+
+def config_model(config: Mapping[str, Any]) -> str | None:
+    """The model a config names: its `model` (a W&B run's config, `wandb_config`), else its suite's
+    `model` option; None when neither does (records written before every suite had a model name)."""
+    model = config.get("model")
+    if model is None:
+        model = (config.get("suite") or {}).get("model")
+    return None if model is None else str(model)
 
 
 def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
@@ -139,6 +284,8 @@ def wandb_config(rec: RunRecord) -> dict[str, Any]:
     """What a W&B run's config holds: the resolved config plus what `record_from_wandb` reads back."""
     extra: dict[str, Any] = {"study": rec.study, "trial": rec.trial, "params": rec.params}
     extra["config_hash"] = rec.config_hash
+    if rec.model is not None:
+        extra["model"] = rec.model  # read back by `record_from_wandb` (`config_model`)
     if rec.ablation is not None and not isinstance(rec.config.get("ablation"), dict):
         extra["ablation"] = {"kind": rec.ablation}
     return {**rec.config, **extra}

@@ -1,7 +1,7 @@
 """The results store: append-only rows, one per (run, task, split), the source of truth for reports.
 
-This is the file layer; what a row means (its columns and their types) is `tatr.store.schema`, and
-the one code that builds rows is `tatr.store.record`.
+This is the file layer; what a row means (its columns and their types) is `tatr.store.schema`, the
+one code that builds rows is `tatr.store.record`, and how runs are named is `tatr.store.run_ids`.
 
 Each run writes one JSONL file under `<root>/store/`, atomically (temporary file, then rename), so
 concurrent workers never interleave and a crash never leaves half a run. Reading concatenates all
@@ -28,7 +28,6 @@ import json
 import math
 import subprocess
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -39,6 +38,7 @@ import pandas as pd
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write, inside, safe_name
 from tatr.io.text_files import MIB, numbered_lines, parse_json, read_text
+from tatr.store.run_ids import new_run_id
 from tatr.store.schema import COLUMNS, INTEGERS, NAMES, NUMBERS, PAIR_SEPARATOR, TEXT
 
 
@@ -80,10 +80,6 @@ MAX_STORE_FILE_BYTES = 1024 * MIB  # one run's rows; a larger file is not one ta
 
 def store_dir(root: str | Path) -> Path:
     return Path(root) / "store"
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
 def append_rows(root: str | Path, rows: Iterable[Mapping[str, Any]], run_id: str | None = None) -> Path:

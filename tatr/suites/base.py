@@ -3,8 +3,9 @@
 A suite hands out *files* (θ_0, the θ_t, gradient statistics) because the merge core streams from
 files tensor by tensor; and it evaluates a merged state dict with its own frozen per-task heads.
 
-Classification rule shared by all suites (CLIP zero-shot heads and the testbed alike):
-    logits = scale · normalize(encoder(x)) @ head.T, with `head` rows L2-normalised class embeddings.
+Classification rule shared by all suites (CLIP zero-shot heads and the testbed alike), written once in
+`tatr.core.classify.cosine_logits`:
+    logits = scale · normalize(encoder(x)) @ normalize(head).T, with `head` rows L2-normalised class embeddings.
 
 Unlabeled inputs (`Suite.unlabeled_loader`, for AdaMerging's test-time adaptation) are *inputs only*:
 the labels never leave the suite, so a method that must not see them cannot read them by mistake.
@@ -67,6 +68,11 @@ class ExemplarGradients:
 class Suite(Protocol):
     name: str
     tasks: tuple[str, ...]
+
+    @property
+    def model_name(self) -> str:
+        """The model every store row of this suite names (its `model` column), e.g. "ViT-B-32"."""
+        ...
 
     def checkpoints(self) -> Checkpoints:
         """Build or fetch θ_0 and θ_t (cached, content-addressed) and return their paths."""

@@ -1,44 +1,167 @@
-"""What every suite that builds itself into one cache folder shares: the folder's layout and its reads.
+"""What every suite that builds itself into one cache folder shares: the folder's layout, its reads, and the
+defaults of the build and of the `Suite` methods that do not depend on the suite.
 
 Why a base class: the testbed and the text suite build the same folder (θ_0, one θ_t per task, the
-frozen heads, `meta.json` with classes and build-time accuracies, `build_log.json`), and a new
-self-building suite should get the reads for free and only write `folder`, `encoder`, the loaders
-and `evaluate`. The class keeps only lazily loaded state (the heads, the meta).
+frozen heads, the data, `meta.json` with classes and build-time accuracies, `build_log.json`), and a
+new self-building suite should get the rest for free and only write `folder` (with `built_folder`),
+`encoder`, the loaders (`loader`, `exemplar_loader`) and `evaluate`. The class keeps only lazily
+loaded state (the folder's path, the heads, the meta, the data).
 
     <folder>/pretrained.safetensors        θ_0
     <folder>/finetuned/<task>.safetensors  θ_t
     <folder>/heads.safetensors             task → [classes, dim], rows L2-normalised
+    <folder>/data_<task>.safetensors       x_<split>, y_<split> (stored inputs and labels) per split
     <folder>/meta.json                     {"classes": {task: [...]}, "accuracy": {...}, ...}
     <folder>/build_log.json                build timings (seconds)
+
+The defaults:
+* `built_folder`: the verified cache folder `<cache_root>/<name>/<key>`, written on first use on
+  `BUILD_THREADS` torch threads (`pinned_build`: the bytes of a matrix product depend on the count).
+* `finetune` (a function, called by the builds): the one fine-tune loop, every weight against the frozen
+  head with the one cosine rule (`tatr.core.classify`), AdamW with warmup + cosine (`warmup_cosine`).
+* `exemplar_gradients`: `tatr.suites.evaluation.exemplar_gradients` with the suite's `gradient_chunk`.
+* `unlabeled_loader`: endless seeded batches of a split's stored inputs, through `prepare`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
+from tatr.core.cache import cached_dir, default_cache_root
+from tatr.core.classify import cosine_logits
 from tatr.core.errors import TatrError
 from tatr.suites import evaluation as ev
-from tatr.suites.base import Checkpoints
+from tatr.suites.base import (
+    BUILD_THREADS,
+    Checkpoints,
+    ExemplarGradients,
+    input_seed,
+    seeded_batches,
+    shuffled_batches,
+    torch_threads,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
+# --- the build ----------------------------------------------------------------------------------
+def pinned_build(build: Callable[P, R]) -> Callable[P, R]:
+    """`build` run on `BUILD_THREADS` intra-op torch threads whatever the caller's setting (restored after):
+    with another count, small matrix products and layer norm's weight gradient round differently, so the
+    built bytes would change with the machine's load while the cache key stays the same."""
+
+    @functools.wraps(build)
+    def pinned(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch_threads(BUILD_THREADS):
+            return build(*args, **kwargs)
+
+    return pinned
+
+
+def warmup_cosine(step: int, total: int, warmup: int, dtype: torch.dtype = torch.float64) -> float:
+    """The learning-rate factor at `step`: linear warmup over `warmup` steps, then cosine decay to zero.
+
+    `dtype` is the precision of the cosine, and each is computed exactly as the build that uses it
+    always did, since the factor rounds into every weight a build writes: float32 (the testbed) takes
+    the cosine of the float32-rounded angle progress·π; float64 (the text suite) is `math.cos` of
+    π·(step − warmup)/(total − warmup).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    if dtype == torch.float32:
+        angle = (step - warmup) / span * torch.pi
+        return 0.5 * (1 + torch.cos(torch.tensor(angle, dtype=torch.float32)).item())
+    if dtype == torch.float64:
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span))
+    raise ValueError(f"the schedule is computed in float32 or float64, not {dtype}")
+
+
+def finetune(
+    encoder: nn.Module,
+    theta0: Mapping[str, Tensor],
+    head: Tensor,
+    x: Tensor,
+    y: Tensor,
+    spec: Any,
+    seed: int,
+    prepare: Callable[[Tensor], Tensor] | None = None,
+    schedule_dtype: torch.dtype = torch.float64,
+) -> dict[str, Tensor]:
+    """Fine-tune every weight of `encoder`, loaded with θ_0, against the frozen `head`; returns θ_t.
+
+    `spec` gives `finetune_steps`, `finetune_batch`, `finetune_lr`, `weight_decay` and `logit_scale`.
+    The loss is cross-entropy of the cosine rule's logits times `logit_scale`; AdamW with a warmup
+    of a tenth of the steps, then cosine decay (`warmup_cosine` in `schedule_dtype`). The batches are a
+    seeded shuffle (`shuffled_batches`), each `prepare`d (`x[idx]` as is when None); dropout, where
+    the encoder has any, draws from a generator seeded with `seed`, and the caller's random state is
+    left as it was. The encoder is left in eval mode, holding θ_t.
+    """
+    encoder.load_state_dict(dict(theta0))
+    opt = torch.optim.AdamW(encoder.parameters(), lr=spec.finetune_lr, weight_decay=spec.weight_decay)
+    stream = shuffled_batches(len(y), spec.finetune_batch, torch.Generator().manual_seed(seed))
+    steps = spec.finetune_steps
+    warmup = max(1, steps // 10)
+    encoder.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # dropout
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = spec.finetune_lr * warmup_cosine(step, steps, warmup, schedule_dtype)
+            idx = next(stream)
+            inputs = x[idx] if prepare is None else prepare(x[idx])
+            loss = F.cross_entropy(cosine_logits(encoder(inputs), head, spec.logit_scale), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    encoder.eval()
+    return {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+
+
+# --- the suite ----------------------------------------------------------------------------------
 class BuiltSuite:
-    """The shared reads of a built folder; a subclass sets `name`, `tasks`, `spec` (with `logit_scale`)
-    and provides `folder`, the verified build folder (built on first use)."""
+    """The shared reads of a built folder and the default `Suite` methods; a subclass sets `name`, `tasks`,
+    `spec` (with `logit_scale`), `cache_root` and `progress`, and provides `folder` (with `built_folder`),
+    `encoder`, `loader`, `exemplar_loader` and `evaluate`; `prepare` where its stored inputs are not the
+    encoder's inputs, `gradient_chunk` to fix the exemplar gradients' chunk."""
 
     name: str
     tasks: tuple[str, ...]
     spec: Any
+    cache_root: Path | None = None
+    progress: bool = False
+    # samples per vmap call of the exemplar gradients; None: `auto_chunk`. A fixed value keeps regenerated
+    # gradients bit for bit (the float summation order depends on it).
+    gradient_chunk: int | None = None
+    _folder: Path | None = None
     _heads: dict[str, Tensor] | None = None
     _meta: dict[str, Any] | None = None
+    _data: dict[str, dict[str, Tensor]] | None = None
 
+    # --- the folder -----------------------------------------------------------------------------
     @property
     def folder(self) -> Path:
+        """The verified build folder, built on first use (a subclass returns `self.built_folder(...)`)."""
         raise NotImplementedError
+
+    def built_folder(self, key: str, write: Callable[[Path], None]) -> Path:
+        """`<cache_root>/<name>/<key>`, verified on every open; written by `write(tmp)` on `BUILD_THREADS`
+        torch threads when missing or corrupted. Kept for the suite's lifetime."""
+        if self._folder is None:
+            root = Path(self.cache_root) if self.cache_root is not None else default_cache_root()
+            self._folder = cached_dir(root / self.name, key, pinned_build(write))
+        return self._folder
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -50,6 +173,7 @@ class BuiltSuite:
         """Timings of the build that produced the cached folder (seconds)."""
         return json.loads((self.folder / "build_log.json").read_text())
 
+    # --- Suite protocol: the reads --------------------------------------------------------------
     def checkpoints(self) -> Checkpoints:
         folder = self.folder
         return Checkpoints(
@@ -72,6 +196,33 @@ class BuiltSuite:
 
     def pretrained_accuracy(self, split: str) -> dict[str, float]:
         return self._recorded("pretrained", split)
+
+    # --- Suite protocol: the defaults -----------------------------------------------------------
+    def prepare(self, x: Tensor) -> Tensor:
+        """A batch of stored inputs (rows of `x_<split>`) as the encoder takes them; as stored by default."""
+        return x
+
+    def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
+        """Endless seeded batches of `task`'s `prepare`d inputs of `split` (`seeded_batches`), labels left behind."""
+        ev.check_split(split)
+        x, _ = self._split(task, split)
+        return (self.prepare(x[idx]) for idx in seeded_batches(len(x), batch_size, input_seed(seed, task)))
+
+    def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
+        """Gradient statistics at θ_0 for every task, cached by content (`tatr.suites.evaluation`)."""
+        chunk, progress = self.gradient_chunk, self.progress
+        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, chunk=chunk, progress=progress)
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
+        """The stored (inputs, labels) of `task`'s `split`, from `data_<task>.safetensors` (loaded once)."""
+        self._check_task(task)
+        ev.check_split(split)
+        if self._data is None:
+            self._data = {}
+        if task not in self._data:
+            self._data[task] = load_file(str(self.folder / f"data_{task}.safetensors"))
+        return self._data[task][f"x_{split}"], self._data[task][f"y_{split}"]
 
     def _recorded(self, which: str, split: str) -> dict[str, float]:
         """Accuracies measured at build time (validation/test); other splits are measured now."""

@@ -3,8 +3,9 @@
 Suites implement `Suite.evaluate` and `Suite.exemplar_gradients` by delegating here, so both
 benchmarks classify with the same rule and cache gradients the same way:
 
-* `task_accuracy` / `accuracy`: top-1 accuracy in percent with the shared cosine rule
-  (`argmax normalize(f) @ head.T`; the logit scale does not change the argmax).
+* `task_accuracy` / `accuracy`: top-1 accuracy in percent with the one cosine rule of every suite
+  (`tatr.core.classify.cosine_logits`, argmax of normalize(f) @ normalize(head).T: the logit scale
+  does not change the argmax, so it is left at 1).
 * `normalized_accuracy`: merged accuracy ÷ the task's individual fine-tuned accuracy, in percent,
   the paper's headline metric.
 * `evaluate_merged`: both at once, as an `Evaluation` with averages and a printable table. A merged
@@ -23,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tatr.core.cache import cached_dir, content_hash, default_cache_root, file_digest
 from tatr.core.checkpoints import header, load_state_dict, save_state_dict
+from tatr.core.classify import cosine_logits, unit_rows
 from tatr.core.errors import TatrError
 from tatr.core.gradients import gradient_stats
 from tatr.suites.base import SPLITS, ExemplarGradients, Suite
@@ -40,10 +41,10 @@ GRADIENT_FORMAT = 1
 def task_accuracy(encoder: nn.Module, head: Tensor, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
     """Top-1 accuracy in percent of `encoder` with the frozen cosine `head` over `batches`."""
     encoder.eval()
-    head = F.normalize(head.float(), dim=-1)
+    head = unit_rows(head.float())  # once, not per batch
     correct = total = 0
     for x, y in batches:
-        logits = F.normalize(encoder(x).float(), dim=-1) @ head.T
+        logits = cosine_logits(encoder(x).float(), head, unit_head=True)
         correct += int((logits.argmax(-1) == y).sum())
         total += len(y)
     if total == 0:

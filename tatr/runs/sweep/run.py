@@ -11,9 +11,12 @@ The flow of one sweep (`run_sweep`):
    database collide on schema creation. The study remembers a hash of the experiment and space;
    resuming with another experiment under the same name is refused.
 4. Workers (this process, or K spawned processes) run trials until the study holds the requested
-   number of finished (complete or pruned) trials. A trial loads the plan once per process, then
-   costs one masked multiply-add (`MergePlan.merged`) plus its evaluation; it reports after each task
-   its mean over the tasks so far, so a median or successive-halving pruner stops hopeless ones.
+   number of finished (complete or pruned) trials. With one worker, this process's suite and plan
+   book of step 2 serve the trials (nothing is built twice); a spawned worker builds its own from
+   the cache. A trial loads the plan once per process, then costs one masked multiply-add
+   (`MergePlan.merged`) plus its evaluation (`tatr.runs.tune.evaluate_merge`, as a grid's: a
+   non-finite merged model is refused); it reports after each task its mean over the tasks so far,
+   so a median or successive-halving pruner stops hopeless ones.
 5. The best trial is merged again and evaluated on test: the `final` run.
 
 Resume. A worker records its host, pid and process start time in the study and in its running
@@ -184,7 +187,7 @@ def run_sweep(
         if counts(the_study)[0] >= trials:
             pass  # already complete: no worker to start
         elif workers == 1:
-            run_worker(spec, 0, on_trial=bar, logger=logger)
+            run_worker(spec, 0, on_trial=bar, logger=logger, suite=suite, plans=plans)  # what is built, reused
         else:
             run_workers(spec, workers, the_study, bar)
     reconcile(the_study, results, logger)
@@ -255,12 +258,12 @@ def _final(
     study: Any, result: SweepResult, config: ExperimentConfig, plans: PlanBook, results: Path, logger: Any
 ) -> None:
     """Merge the best trial again and evaluate it on test; skipped when the store already has it."""
-    from tatr.runs.tracking import run_id_for
-    from tatr.store.record import RunRecord, in_store, write_store
+    from tatr.store.record import RunRecord, in_store, suite_model, write_store
     from tatr.store.rows import read_store
+    from tatr.store.run_ids import sweep_run_id
 
     best = study.best_trial
-    run_id = run_id_for(study.study_name, best.number, best.datetime_start, job_type="final")
+    run_id = sweep_run_id(study.study_name, best.number, best.datetime_start, job_type="final")
     result.final_run_id = run_id
     cfg = trial_config(config, best.params)
     if in_store(results, run_id):
@@ -276,13 +279,14 @@ def _final(
         )
         return
     tested = test_choice(plans, cfg.merge, cfg.exemplars, "test")
-    rec = RunRecord(
+    rec = RunRecord.merged(
         run_id=run_id,
         study=study.study_name,
         trial=best.number,
         job_type="final",
         config=config_dict(cfg),
         config_hash=config_hash(cfg),
+        model=suite_model(plans.suite),
         split="test",
         accuracy=tested.evaluation.accuracy,
         normalized=tested.evaluation.normalized,

@@ -1,8 +1,10 @@
 """One sweep trial: the objective, what it reports to the pruner, and what it tells the dashboard.
 
-A trial costs one masked multiply-add (`MergePlan.merged`) plus its evaluation; everything that
-does not depend on the trial's parameters is in a `tatr.runs.plan.PlanBook`, built once and shared
-through a content-addressed cache folder.
+A trial costs one masked multiply-add (`MergePlan.merged`) plus its evaluation
+(`tatr.runs.tune.evaluate_merge`, the grids' own, with its checks); everything that does not depend on
+the trial's parameters is in a `tatr.runs.plan.PlanBook`, built once and shared through a
+content-addressed cache folder. In `tatr sweep`'s own process the objective takes the sweep's suite
+and book (`Objective(spec, suite, plans)`); a spawned worker builds its own.
 
 What a trial shows (optuna-dashboard reads these):
 * its intermediate value after each task is the mean metric over the tasks evaluated so far
@@ -27,6 +29,7 @@ from tatr.runs.config import ExperimentConfig, config_dict, config_hash
 from tatr.runs.plan import PlanBook, merge_once
 from tatr.runs.sweep.owners import worker_identity
 from tatr.runs.sweep.space import SearchSpace, trial_config
+from tatr.runs.tune import evaluate_merge
 
 
 def modes_of(space: SearchSpace, config: ExperimentConfig) -> list[str]:
@@ -76,8 +79,10 @@ class Objective:
         self.spec = spec
         self.config = ExperimentConfig.model_validate(spec.config)
         self.space = SearchSpace.from_dict(spec.space)
-        self.suite = suite or get_suite(self.config.benchmark, self.config.suite)
-        self.plans = plans or PlanBook(self.suite, self.config, q_min_of(self.space, self.config))
+        self.suite = suite if suite is not None else get_suite(self.config.benchmark, self.config.suite)
+        if plans is None:
+            plans = PlanBook(self.suite, self.config, q_min_of(self.space, self.config))
+        self.plans = plans
         self._individual: dict[str, float] | None = None
 
     def individual(self, split: str) -> dict[str, float]:
@@ -103,11 +108,22 @@ class Objective:
 
         def record() -> None:
             from tatr.runs.tracking import RECORD_ATTR, payload
+            from tatr.store.record import suite_model
             from tatr.suites.evaluation import normalized_accuracy
 
             normalized = normalized_accuracy(accuracy, individual)
             elapsed = time.perf_counter() - start
-            data = payload(config_dict(cfg), config_hash(cfg), split, accuracy, normalized, seconds, elapsed, mask)
+            data = payload(
+                config_dict(cfg),
+                config_hash(cfg),
+                split,
+                accuracy,
+                normalized,
+                seconds,
+                elapsed,
+                mask,
+                model=suite_model(self.suite),
+            )
             trial.set_user_attr(RECORD_ATTR, data)
 
         def on_task(task: str, acc: float) -> None:
@@ -117,7 +133,7 @@ class Objective:
                 record()
                 raise optuna.TrialPruned(f"pruned after {len(accuracy)} of {len(tasks)} tasks")
 
-        self.suite.evaluate(merged, split, tasks, on_task)
+        evaluate_merge(self.suite, merged, split, tasks, on_task)  # the grids' evaluation, with its checks
         missing = [t for t in tasks if t not in accuracy]
         if missing:
             raise RuntimeError(f"suite {self.suite.name} did not report task(s) {', '.join(missing)}")

@@ -63,13 +63,17 @@ def run_worker(
     index: int = 0,
     on_trial: Callable[[Any, Any], None] | None = None,
     logger: Any = None,
+    suite: Any = None,
+    plans: Any = None,
 ) -> None:
     """Run trials until the study holds `spec.trials` finished ones (any worker's count).
 
     The worker registers in the study, then seeds its sampler (`worker_seed`: never the seed of
     another worker of the study, see the module docstring). `index` is its number among this
     machine's workers; the seed does not depend on it. `logger` is the process's `WandbLogger`
-    (one per process, so a W&B failure warns once).
+    (one per process, so a W&B failure warns once). `suite` and `plans` (a `PlanBook` of that
+    suite and `spec`'s experiment) are what the process already built: `tatr sweep`'s own process
+    passes its own, so nothing is built twice; a spawned worker (None) builds them once.
     """
     import optuna
 
@@ -79,7 +83,7 @@ def run_worker(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(spec.storage)
     space = SearchSpace.from_dict(spec.space)
-    objective = Objective(spec)
+    objective = Objective(spec, suite, plans)
     pruner = make_pruner(space.pruner, len(objective.suite.tasks))
     study = optuna.load_study(study_name=spec.study, storage=storage, pruner=pruner)
     me = register_worker(study)  # before choosing the seed, which reads the registry (module docstring)

@@ -123,6 +123,11 @@ class Clip8:
         self._full_model: nn.Module | None = None
         self._finetuned: dict[str, Path] = {}
 
+    @property
+    def model_name(self) -> str:
+        """The store's `model`: the open_clip architecture (`suite.model`, e.g. "ViT-B-32")."""
+        return self.options.model
+
     # --- setup ----------------------------------------------------------------------------------
     @cached_property
     def device(self) -> torch.device:

@@ -15,8 +15,9 @@ Why it is built this way (the regime the paper studies; see the README's "Testbe
   (lr 5e-4, warmup + cosine), so it mostly re-aligns features (individual ~91%).
 
 Everything random is drawn from generators seeded from `spec.seed`, and the whole build runs on
-exactly one torch thread (`BUILD_THREADS`, whatever `torch.get_num_threads()` says outside), so
-the same spec gives the same bytes on the same machine, however busy it is. Why one thread:
+exactly one torch thread (`BUILD_THREADS`, whatever `torch.get_num_threads()` says outside:
+`tatr.suites.built_suite.pinned_build`), so the same spec gives the same bytes on the same machine,
+however busy it is. Why one thread:
 * The bytes depend on the thread count otherwise. Measured (torch 2.x with MKL, x86): a matrix
   product with 5–11 rows (the icon heads, per-class gradients) and layer norm's weight gradient
   round differently with 1 and 2 threads, so a build's files changed with the machine's load
@@ -44,7 +45,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tatr.core.checkpoints import save_state_dict
-from tatr.suites.base import BUILD_THREADS, shuffled_batches, torch_threads
+from tatr.core.classify import cosine_logits
+from tatr.suites import built_suite
 from tatr.suites.testbed import data
 
 MEAN, STD = 0.5, 0.25  # fixed input normalisation, like CLIP's preprocess constants
@@ -149,16 +151,9 @@ def build_data(spec: TestbedSpec) -> dict[str, dict[str, Tensor]]:
 
 
 # --- training ---------------------------------------------------------------------------------
-def cosine_logits(features: Tensor, head: Tensor, scale: float) -> Tensor:
-    return scale * F.normalize(features, dim=-1) @ F.normalize(head, dim=-1).T
-
-
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warmup then cosine decay to zero, as in the paper's fine-tuning recipe."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+# The testbed's schedules take a float32 cosine (the text suite's a float64 one): the factor rounds into
+# every weight, so the built bytes depend on it.
+SCHEDULE_DTYPE = torch.float32
 
 
 def pretrain_batch(spec: TestbedSpec, pools: dict[str, dict[str, Tensor]], step: int, per_task: int) -> dict:
@@ -195,7 +190,8 @@ def pretrain(spec: TestbedSpec, pools: dict[str, dict[str, Tensor]], progress: b
     encoder.train()
     for step in tqdm(range(spec.pretrain_steps), desc="pretrain θ_0", disable=not progress, leave=False):
         for group in opt.param_groups:
-            group["lr"] = spec.pretrain_lr * _schedule(step, spec.pretrain_steps, spec.pretrain_steps // 20)
+            lr = built_suite.warmup_cosine(step, spec.pretrain_steps, spec.pretrain_steps // 20, SCHEDULE_DTYPE)
+            group["lr"] = spec.pretrain_lr * lr
         batch = pretrain_batch(spec, pools, step, per_task)
         feats = encoder(preprocess(torch.cat([batch[t][0] for t in spec.tasks])))
         loss = torch.zeros(())
@@ -238,42 +234,25 @@ def make_heads(spec: TestbedSpec, encoder: nn.Module, classifiers: Mapping[str, 
 def finetune(
     spec: TestbedSpec, theta0: Mapping[str, Tensor], head: Tensor, x: Tensor, y: Tensor, seed: int
 ) -> dict[str, Tensor]:
-    """Fine-tune every encoder weight against a frozen head (AdamW, warmup + cosine)."""
+    """Fine-tune every encoder weight against a frozen head: the shared loop (`built_suite.finetune`) on the
+    whole split preprocessed once, with the testbed's float32 schedule."""
     encoder = make_encoder(spec)
-    encoder.load_state_dict(dict(theta0))
-    opt = torch.optim.AdamW(encoder.parameters(), lr=spec.finetune_lr, weight_decay=spec.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    stream = shuffled_batches(len(y), spec.finetune_batch, gen)
-    xf = preprocess(x)
-    encoder.train()
-    for step in range(spec.finetune_steps):
-        for group in opt.param_groups:
-            group["lr"] = spec.finetune_lr * _schedule(step, spec.finetune_steps, max(1, spec.finetune_steps // 10))
-        idx = next(stream)
-        loss = F.cross_entropy(cosine_logits(encoder(xf[idx]), head, spec.logit_scale), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    return built_suite.finetune(encoder, theta0, head, preprocess(x), y, spec, seed, schedule_dtype=SCHEDULE_DTYPE)
 
 
 @torch.inference_mode()
 def accuracy_of(spec: TestbedSpec, state: Mapping[str, Tensor], head: Tensor, x: Tensor, y: Tensor) -> float:
     encoder = make_encoder(spec)
     encoder.load_state_dict(dict(state))
-    pred = (F.normalize(embed(encoder, x), dim=-1) @ head.T).argmax(-1)
+    pred = cosine_logits(embed(encoder, x), head, unit_head=True).argmax(-1)  # the saved head's rows as they are
     return 100.0 * float((pred == y).float().mean())
 
 
 # --- the whole build --------------------------------------------------------------------------
+@built_suite.pinned_build
 def build(spec: TestbedSpec, folder: Path, progress: bool = False, log: Callable[[str], None] | None = None) -> None:
     """Write data, θ_0, heads, θ_t and their accuracies into `folder` (a temporary cache dir),
     on `BUILD_THREADS` torch threads whatever the caller's setting (the bytes depend on it)."""
-    with torch_threads(BUILD_THREADS):
-        _build(spec, folder, progress, log)
-
-
-def _build(spec: TestbedSpec, folder: Path, progress: bool, log: Callable[[str], None] | None) -> None:
     timings: dict[str, float] = {"threads": torch.get_num_threads()}
     start, cpu_start = time.perf_counter(), time.process_time()
     pools = build_data(spec)

@@ -12,7 +12,7 @@ the fields of `TestbedSpec`, plus `preset: tiny` for the reduced build the tests
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from tatr.core.cache import cached_dir, content_hash, default_cache_root
+from tatr.core.cache import content_hash, default_cache_root
 from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean, unknown_name
 from tatr.io.safe_yaml import as_flag
 from tatr.suites import evaluation as ev
-from tatr.suites.base import SPLITS, SUITES, ExemplarGradients, input_seed, seeded_batches
+from tatr.suites.base import SUITES
 from tatr.suites.built_suite import BuiltSuite
 from tatr.suites.testbed import build as tb
 
@@ -103,27 +103,29 @@ def spec_key(spec: tb.TestbedSpec) -> str:
 
 
 class Testbed(BuiltSuite):
-    """The testbed as a `Suite`; everything is loaded lazily from the verified cache folder."""
+    """The testbed as a `Suite`; everything is loaded lazily from the verified cache folder. `BuiltSuite`
+    gives the reads, `unlabeled_loader` (through `prepare`) and `exemplar_gradients`."""
 
     name = "testbed"
+    # fixed (not auto) so that regenerated gradients match the committed results bit for bit
+    gradient_chunk = 16
 
     def __init__(self, spec: tb.TestbedSpec, cache_root: Path | None = None, progress: bool = True) -> None:
         self.spec = spec
         self.tasks: tuple[str, ...] = tuple(spec.tasks)
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.progress = progress
-        self._folder: Path | None = None
-        self._data: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def model_name(self) -> str:
+        """The store's `model`: the tiny open_clip ViT of this build, by width × layers."""
+        return f"testbed-vit-{self.spec.width}x{self.spec.layers}"
 
     # --- the build ------------------------------------------------------------------------------
     @property
     def folder(self) -> Path:
         """The verified build folder, built (minutes at full size) if missing or corrupted."""
-        if self._folder is None:
-            self._folder = cached_dir(
-                self.cache_root / "testbed", spec_key(self.spec), lambda tmp: tb.build(self.spec, tmp, self.progress)
-            )
-        return self._folder
+        return self.built_folder(spec_key(self.spec), lambda tmp: tb.build(self.spec, tmp, self.progress))
 
     # --- Suite protocol --------------------------------------------------------------------------
     def encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
@@ -149,16 +151,10 @@ class Testbed(BuiltSuite):
         idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
         return _tensor_loader(tb.preprocess(x[idx]), y[idx], 64)
 
-    def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
-        """Endless seeded batches of `task`'s preprocessed inputs of `split`, labels left behind."""
-        ev.check_split(split)
-        x, _ = self._split(task, split)
-        x = tb.preprocess(x)
-        return (x[idx] for idx in seeded_batches(len(x), batch_size, input_seed(seed, task)))
-
-    def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
-        # chunk fixed (not auto) so that regenerated gradients match the committed results bit for bit
-        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, chunk=16, progress=self.progress)
+    def prepare(self, x: Tensor) -> Tensor:
+        """Stored uint8 images → the encoder's normalised float inputs (elementwise, so per batch or per split
+        alike)."""
+        return tb.preprocess(x)
 
     def evaluate(
         self,
@@ -168,14 +164,6 @@ class Testbed(BuiltSuite):
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, float]:
         return ev.accuracy(self, state_dict, split, tasks, on_task)
-
-    def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
-        self._check_task(task)
-        if split not in SPLITS:
-            raise TatrError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
-        if task not in self._data:
-            self._data[task] = tb.load_split(self.folder, task)
-        return self._data[task][f"x_{split}"], self._data[task][f"y_{split}"]
 
 
 def _tensor_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:

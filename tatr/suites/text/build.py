@@ -6,13 +6,14 @@ The recipe follows task_vectors' for CLIP, with a sentence encoder in place of t
 * Each task's frozen head is the encoder's zero-shot classifier: per class, the normalised
   embeddings of the class description in a few templates ("This text is about {label}."),
   averaged and normalised again, as CLIP's heads average over prompt templates.
-* θ_t fine-tunes the whole encoder on the task with its head frozen (AdamW, warmup + cosine, the
-  cosine rule's logits times `logit_scale` into cross-entropy), so task vectors cover the encoder
-  only and every θ_t is a safetensors file `tatr merge` reads directly.
+* θ_t fine-tunes the whole encoder on the task with its head frozen (`built_suite.finetune`, the
+  testbed's loop: AdamW, warmup + a float64 cosine, the cosine rule's logits times `logit_scale` into
+  cross-entropy), so task vectors cover the encoder only and every θ_t is a safetensors file
+  `tatr merge` reads directly.
 
 Everything random is drawn from generators seeded from `spec.seed` (the split draw, the batch
 order, dropout), and the build runs on one torch thread, as the testbed's does
-(`tatr.suites.base.BUILD_THREADS`: the bytes of a matrix product depend on the thread
+(`tatr.suites.built_suite.pinned_build`: the bytes of a matrix product depend on the thread
 count), so the same spec and files give the same bytes. Timings go to `build_log.json`, apart from
 the reproducible files.
 """
@@ -20,7 +21,6 @@ the reproducible files.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tatr.core.checkpoints import save_state_dict
-from tatr.core.gradients import cosine_logits
-from tatr.suites.base import BUILD_THREADS, shuffled_batches, torch_threads
+from tatr.core.classify import cosine_logits
+from tatr.suites import built_suite
 from tatr.suites.text.model import TextEncoder, load_tokenizer, load_transformer, pack, read_pooling, trim
 from tatr.suites.text.tasks import TextTask, draw_splits
 
@@ -67,39 +67,16 @@ def make_head(encoder: nn.Module, tokenizer: Any, task: TextTask, max_length: in
     return torch.stack(rows).contiguous()
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def finetune(
     encoder: nn.Module, theta0: Mapping[str, Tensor], head: Tensor, x: Tensor, y: Tensor, spec: Any, seed: int
 ) -> dict[str, Tensor]:
-    """Fine-tune every encoder weight against the frozen head; returns θ_t (θ_0 is not changed)."""
-    encoder.load_state_dict(dict(theta0))
-    opt = torch.optim.AdamW(encoder.parameters(), lr=spec.finetune_lr, weight_decay=spec.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    stream = shuffled_batches(len(y), spec.finetune_batch, gen)
-    warmup = max(1, spec.finetune_steps // 10)
-    encoder.train()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # dropout
-        for step in range(spec.finetune_steps):
-            for group in opt.param_groups:
-                group["lr"] = spec.finetune_lr * _schedule(step, spec.finetune_steps, warmup)
-            idx = next(stream)
-            loss = F.cross_entropy(cosine_logits(encoder(trim(x[idx])), head, spec.logit_scale), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    encoder.eval()
-    return encoder_state(encoder)
+    """Fine-tune every encoder weight against the frozen head (the shared loop, each batch cut to its longest
+    text, the float64 schedule); returns θ_t (θ_0 is not changed), the encoder holding it."""
+    return built_suite.finetune(encoder, theta0, head, x, y, spec, seed, prepare=trim, schedule_dtype=torch.float64)
 
 
 def accuracy_of(encoder: nn.Module, head: Tensor, x: Tensor, y: Tensor) -> float:
-    pred = (F.normalize(embed(encoder, x), dim=-1) @ head.T).argmax(-1)
+    pred = cosine_logits(embed(encoder, x), head, unit_head=True).argmax(-1)  # the head's rows as they are
     return 100.0 * float((pred == y).float().mean())
 
 
@@ -116,6 +93,7 @@ def tokenize_splits(
     return out
 
 
+@built_suite.pinned_build
 def build(
     spec: Any,
     source: Path,
@@ -124,19 +102,8 @@ def build(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> None:
-    """Write data, θ_0, heads, θ_t and their accuracies into `folder` (a temporary cache dir)."""
-    with torch_threads(BUILD_THREADS):
-        _build(spec, source, tasks, folder, progress, log)
-
-
-def _build(
-    spec: Any,
-    source: Path,
-    tasks: Sequence[TextTask],
-    folder: Path,
-    progress: bool,
-    log: Callable[[str], None] | None,
-) -> None:
+    """Write data, θ_0, heads, θ_t and their accuracies into `folder` (a temporary cache dir), on
+    `BUILD_THREADS` torch threads whatever the caller's setting."""
     timings: dict[str, float] = {"threads": torch.get_num_threads()}
     start, cpu_start = time.perf_counter(), time.process_time()
     tokenizer = load_tokenizer(source)

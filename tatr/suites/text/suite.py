@@ -22,24 +22,23 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from tatr.core.cache import cached_dir, content_hash, default_cache_root
+from tatr.core.cache import content_hash, default_cache_root
 from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write
 from tatr.core.registry import did_you_mean
 from tatr.io.safe_yaml import as_flag, name_text
 from tatr.suites import evaluation as ev
-from tatr.suites.base import SUITES, ExemplarGradients, input_seed, seeded_batches
+from tatr.suites.base import SUITES
 from tatr.suites.built_suite import BuiltSuite
 from tatr.suites.text.build import build, make_encoder
 from tatr.suites.text.model import resolve_model, trim
@@ -113,9 +112,12 @@ def model_files(folder: Path) -> list[Path]:
 
 
 class TextSuite(BuiltSuite):
-    """The text suite as a `Suite`; everything loads lazily from the verified cache folder."""
+    """The text suite as a `Suite`; everything loads lazily from the verified cache folder. `BuiltSuite` gives
+    the reads, `unlabeled_loader` (each batch `prepare`d: cut to its longest text) and `exemplar_gradients`."""
 
     name = "text"
+    # chunk 4: per-sample gradients of the 30k×384 word embedding are dense inside vmap (47 MB each)
+    gradient_chunk = 4
 
     def __init__(self, spec: TextSpec, cache_root: Path | None = None, progress: bool = True) -> None:
         self.spec = spec
@@ -125,9 +127,12 @@ class TextSuite(BuiltSuite):
         self.task_list = load_tasks(spec)
         self.tasks: tuple[str, ...] = tuple(t.name for t in self.task_list)
         self._key: str | None = None
-        self._folder: Path | None = None
-        self._data: dict[str, dict[str, Tensor]] = {}
         self._template: nn.Module | None = None
+
+    @property
+    def model_name(self) -> str:
+        """The store's `model`: `suite.model` as given (a packaged short name, a folder, a hub name)."""
+        return self.spec.model
 
     # --- the build ------------------------------------------------------------------------------
     @property
@@ -140,13 +145,9 @@ class TextSuite(BuiltSuite):
 
     @property
     def folder(self) -> Path:
-        if self._folder is None:
-
-            def run(tmp: Path) -> None:
-                build(self.spec, self.source, self.task_list, tmp, self.progress, log=self._log)
-
-            self._folder = cached_dir(self.cache_root / "text", self.key, run)
-        return self._folder
+        return self.built_folder(
+            self.key, lambda tmp: build(self.spec, self.source, self.task_list, tmp, self.progress, log=self._log)
+        )
 
     def _log(self, line: str) -> None:
         if self.progress:
@@ -181,15 +182,9 @@ class TextSuite(BuiltSuite):
         idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
         return _batch_loader(x[idx], y[idx], 64)
 
-    def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
-        """Endless seeded batches of `task`'s token tensors of `split`, each cut to its longest text; no labels."""
-        ev.check_split(split)
-        x, _ = self._split(task, split)
-        return (trim(x[idx]) for idx in seeded_batches(len(x), batch_size, input_seed(seed, task)))
-
-    def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
-        # chunk 4: per-sample gradients of the 30k×384 word embedding are dense inside vmap (47 MB each)
-        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, chunk=4, progress=self.progress)
+    def prepare(self, x: Tensor) -> Tensor:
+        """A batch of stored token tensors [n, 2, max_length] cut to its longest text."""
+        return trim(x)
 
     def evaluate(
         self,
@@ -219,13 +214,6 @@ class TextSuite(BuiltSuite):
             if on_task is not None:
                 on_task(task, cached)
         return out
-
-    def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
-        self._check_task(task)
-        ev.check_split(split)
-        if task not in self._data:
-            self._data[task] = load_file(str(self.folder / f"data_{task}.safetensors"))
-        return self._data[task][f"x_{split}"], self._data[task][f"y_{split}"]
 
 
 def _read_accuracy(path: Path) -> float | None:
