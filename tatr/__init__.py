@@ -8,11 +8,15 @@ state dict (CLIP, an LLM, a toy MLP):
 
 The package is laid out by layer; imports point down only (checked by import-linter):
 
-    tatr/cli/      the `tatr` command                       (imports everything below)
-    tatr/report/   tables, figures, the HTML page           (reads the store's schema)
-    tatr/runs/     plan → tune → record, sweeps, ablations  (configs, suites, core)
-    tatr/suites/   testbed, clip8: data, heads, scoring     (core)
-    tatr/core/     task vectors, trust region, merges, files (torch and safetensors only)
+    tatr/cli/      the `tatr` command                          (imports everything below)
+    tatr/report/   tables, figures, the HTML page              (the store, the io readers, the core)
+    tatr/runs/     plan → tune → record, sweeps, ablations     (configs, suites, store, core)
+    tatr/suites/   testbed/, text/, clip8/, sharing base,      (store, io, core; no suite imports another)
+                   built_suite and evaluation
+    tatr/store/    schema, rows, run ids, the one record type  (io, core)
+    tatr/io/       safe YAML and text-file readers             (core's errors)
+    tatr/core/     task vectors, trust region, methods and     (torch and safetensors only)
+                   their options, merges, files
 """
 
 from tatr.core.adamerging import adamerging  # also registers AdaMerging's method names and labels
