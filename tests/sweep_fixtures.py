@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.checkpoints import save_state_dict
+from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients
 
@@ -120,13 +121,22 @@ class ToySweepSuite:
         tasks: tuple[str, ...] | None = None,
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, float]:
+        return {t: p.accuracy for t, p in self.evaluate_predictions(state_dict, split, tasks, on_task).items()}
+
+    def evaluate_predictions(
+        self,
+        state_dict: Mapping[str, Tensor],
+        split: str,
+        tasks: tuple[str, ...] | None = None,
+        on_task: Callable[[str, float], None] | None = None,
+    ) -> dict[str, TaskPredictions]:
         def slow(task: str, acc: float) -> None:
             if self.delay:
                 time.sleep(self.delay)
             if on_task is not None:
                 on_task(task, acc)
 
-        return ev.accuracy(self, state_dict, split, tasks, slow)
+        return ev.predictions(self, state_dict, split, tasks, slow)
 
     def individual_accuracy(self, split: str) -> dict[str, float]:
         out = {}

@@ -70,6 +70,7 @@ def record(
         "normalized": result.normalized,
         "eval_seconds": timings.get("evaluate_s"),
         "value": result.mean_accuracy,
+        "predictions": result.predictions,
     }
     if model == "merged":
         return RunRecord.merged(merge_seconds=timings.get("merge_s"), **common)

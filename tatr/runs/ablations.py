@@ -163,6 +163,7 @@ def point_records(
             normalized=t.normalized,
             merge_seconds=t.merge_seconds,
             eval_seconds=t.eval_seconds,
+            predictions=t.predictions,
             **common,
         )
         for i, t in enumerate(tuned.trials)
@@ -180,6 +181,7 @@ def point_records(
             eval_seconds=tested.eval_seconds,
             mask=tested.mask_lists(),
             value=tested.evaluation.mean_accuracy,
+            predictions=tested.evaluation.predictions,
             **common,
         )
     )
@@ -210,6 +212,7 @@ def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root
             normalized=normalized_accuracy(accuracy, individual),
             eval_seconds=seconds if subject == "pretrained" else None,
             ablation=str(spec.kind),
+            predictions=pretrained.predictions if subject == "pretrained" else None,
             git_commit=commit,
             timestamp=stamp,
         )

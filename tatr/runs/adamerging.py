@@ -137,7 +137,8 @@ def tune_adamerging(
         summary = result.summary()
         t0 = time.perf_counter()
         ev = evaluate_merged(book.suite, result.merged, tune_split)
-        trial = GridTrial(q, summary["mean"], ev.accuracy, ev.normalized, seconds, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        trial = GridTrial(q, summary["mean"], ev.accuracy, ev.normalized, seconds, elapsed, predictions=ev.predictions)
         trials.append(trial)
         summaries.append(summary)
         if best is None or trial.mean > best[0].mean:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tatr.store.predictions import TaskPredictions, prediction_columns, predictions_from_row
 from tatr.store.record import RunRecord, in_store, wandb_config, write_store
 from tatr.store.rows import git_commit
 from tatr.store.run_ids import sweep_run_id
@@ -48,9 +49,11 @@ def payload(
     eval_seconds: float,
     mask: Mapping[str, tuple[int, int]] | None,
     model: str | None = None,
+    predictions: Mapping[str, TaskPredictions] | None = None,
 ) -> dict[str, Any]:
-    """What the objective stores in the trial's user attributes (JSON-able); `model` is the suite's."""
-    return {
+    """What the objective stores in the trial's user attributes (JSON-able); `model` is the suite's,
+    `predictions` each task's per-example outcome, kept as the store row will hold it."""
+    data: dict[str, Any] = {
         "config": config,
         "config_hash": config_hash,
         "model": model,
@@ -61,6 +64,17 @@ def payload(
         "eval_seconds": eval_seconds,
         "mask": None if mask is None else {k: [int(d), int(n)] for k, (d, n) in mask.items()},
     }
+    if predictions:
+        data["predictions"] = {t: prediction_columns(p, split) for t, p in predictions.items()}
+    return data
+
+
+def trial_predictions(stored: Any) -> dict[str, TaskPredictions] | None:
+    """The predictions a trial's payload kept (None for trials recorded before payloads had them)."""
+    if not isinstance(stored, Mapping):
+        return None
+    out = {t: predictions_from_row(c) for t, c in stored.items() if isinstance(c, Mapping)}
+    return {t: p for t, p in out.items() if p is not None} or None
 
 
 def record_from_trial(study: str, trial: Any) -> RunRecord | None:
@@ -83,6 +97,7 @@ def record_from_trial(study: str, trial: Any) -> RunRecord | None:
         merge_seconds=data.get("merge_seconds"),
         eval_seconds=data.get("eval_seconds"),
         mask=data.get("mask"),
+        predictions=trial_predictions(data.get("predictions")),
         params=dict(trial.params),
         state=state,
         value=trial.value if state == "COMPLETE" else None,

@@ -93,6 +93,7 @@ class GridTrial:
     merge_seconds: float
     eval_seconds: float
     lam_neg: float | None = None
+    predictions: dict[str, Any] | None = None  # per task (tatr.store.predictions.TaskPredictions), where given
 
     @property
     def mean(self) -> float:
@@ -164,7 +165,7 @@ def tune_grid(
                 merged = plan.merged(q, lam, lam_neg)
                 merge_seconds = time.perf_counter() - t0
                 ev, seconds = evaluate_merge(book.suite, merged, tune_split)
-                trial = GridTrial(q, lam, ev.accuracy, ev.normalized, merge_seconds, seconds, lam_neg)
+                trial = GridTrial(q, lam, ev.accuracy, ev.normalized, merge_seconds, seconds, lam_neg, ev.predictions)
                 trials.append(trial)
                 if best is None or trial.mean > best.mean:
                     best = trial

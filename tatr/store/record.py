@@ -14,6 +14,8 @@ one of its grid trials, a baseline, a `tatr evaluate --root` run. Every writer b
   method's default when unset, a method's options only for the methods that read them (TIES k
   for TIES, p and seed for DARE, β and density for Breadcrumbs), λ_neg where it was set,
   exemplars only when the merge uses them;
+* `predictions` (optional, per task) become the row's `n_examples`, `correct` and `predicted`
+  (`tatr.store.predictions`); a task without them (a plugin suite, a pruned trial) gets nulls;
 * `subject` says what was evaluated: a merge, θ_0 (`pretrained`), each fine-tuned θ_t on its own
   task (`individual`), or exemplar gradients (`gradients`, the correlation ablation): the last
   three have no merge columns; a reference model's seed is its suite's build seed (`suite.seed`).
@@ -33,6 +35,7 @@ from typing import Any
 
 from tatr.core.methods import METHODS, uses_option
 from tatr.core.trust_region import uses_exemplars
+from tatr.store.predictions import TaskPredictions, prediction_columns
 from tatr.store.rows import append_rows, store_dir
 from tatr.store.schema import METHOD_OPTIONS
 
@@ -63,6 +66,7 @@ class RunRecord:
     git_commit: str | None = None  # None: the working tree's commit, when written
     timestamp: float | None = None  # None: the time of writing
     model: str | None = None  # the suite's model (`Suite.model_name`); None: read from the config
+    predictions: dict[str, TaskPredictions] | None = None  # per task, where the suite gives them
 
     def __post_init__(self) -> None:
         if self.subject not in SUBJECTS:
@@ -98,6 +102,7 @@ class RunRecord:
         ablation: str | None = None,
         git_commit: str | None = None,
         timestamp: float | None = None,
+        predictions: Mapping[str, TaskPredictions] | None = None,
     ) -> RunRecord:
         """A merge (`config["merge"]`, at its q and λ) evaluated on `split`: a sweep trial or final,
         an ablation point or one of its grid trials, a `tatr evaluate` run."""
@@ -122,6 +127,7 @@ class RunRecord:
             git_commit=git_commit,
             timestamp=timestamp,
             model=model,
+            predictions=None if predictions is None else dict(predictions),
         )
 
     @classmethod
@@ -143,6 +149,7 @@ class RunRecord:
         ablation: str | None = None,
         git_commit: str | None = None,
         timestamp: float | None = None,
+        predictions: Mapping[str, TaskPredictions] | None = None,
     ) -> RunRecord:
         """A reference model on `split`: θ_0 (`subject="pretrained"`) or each θ_t on its own task
         (`"individual"`); its rows have no merge columns (a baseline, `tatr evaluate --model`)."""
@@ -165,6 +172,7 @@ class RunRecord:
             git_commit=git_commit,
             timestamp=timestamp,
             model=model,
+            predictions=None if predictions is None else dict(predictions),
         )
 
     @classmethod
@@ -257,8 +265,15 @@ def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
         "config_hash": rec.config_hash,
         "timestamp": rec.timestamp,
     }
+    predictions = rec.predictions or {}
     return [
-        {**common, "task": task, "accuracy": acc, "normalized_accuracy": rec.normalized.get(task)}
+        {
+            **common,
+            "task": task,
+            "accuracy": acc,
+            "normalized_accuracy": rec.normalized.get(task),
+            **prediction_columns(predictions.get(task), rec.split),
+        }
         for task, acc in rec.accuracy.items()
     ]
 

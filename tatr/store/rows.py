@@ -13,7 +13,9 @@ become paths (`results/<benchmark>/`, `store/<run_id>.jsonl`):
 * every row is a JSON object whose fields have their column's type (text, integer, finite number,
   list of text, or null); numbers are finite (an accuracy of NaN is refused when written);
 * `run_id`, `benchmark`, `study`, `experiment` and each `|`-separated part of `task` are safe
-  names (`tatr.core.outputs.safe_name`).
+  names (`tatr.core.outputs.safe_name`);
+* the per-example predictions (`n_examples`, `correct`, `predicted`: `tatr.store.predictions`) are
+  null, or valid base64 whose lengths fit `n_examples`, with the row's accuracy 100·mean(correct).
 
 A row that breaks this is refused with one line naming the file and the line number
 (`<file>:<line>: <problem>`, as every reader of a user's file says it: `tatr.io.text_files`),
@@ -38,6 +40,7 @@ import pandas as pd
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write, inside, safe_name
 from tatr.io.text_files import MIB, numbered_lines, parse_json, read_text
+from tatr.store.predictions import check_prediction_columns
 from tatr.store.run_ids import new_run_id
 from tatr.store.schema import COLUMNS, INTEGERS, NAMES, NUMBERS, PAIR_SEPARATOR, TEXT
 
@@ -72,6 +75,7 @@ def check_row(row: object) -> dict[str, Any]:
     comps = row.get("components")
     if comps is not None and (not isinstance(comps, list) or not all(isinstance(c, str) for c in comps)):
         raise ValueError(f"components must be a list of names, got {comps!r}")
+    check_prediction_columns(row)  # base64, lengths that fit n_examples, accuracy = 100·mean(correct)
     return row
 
 

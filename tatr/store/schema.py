@@ -55,12 +55,21 @@ COLUMNS = (
     "git_commit",
     "config_hash",
     "timestamp",
+    # per-example predictions (`tatr.store.predictions`), added last so older columns keep their order;
+    # null in rows written before them
+    "n_examples",
+    "correct",  # base64 of the packed "was right" bits, in the suite's fixed example order
+    "predicted",  # base64 of the predicted classes (uint8 or uint16), test-split rows only
 )
+PREDICTION_COLUMNS = ("n_examples", "correct", "predicted")
 
 # the type of each column; anything may also be null (None)
 NAMES = ("run_id", "benchmark", "study", "experiment")  # become paths or labels: safe names
-TEXT = ("job_type", "ablation", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash")
-INTEGERS = ("trial", "exemplars", "seed", *(o.name for o in all_options() if o.kind is int))
+TEXT = (
+    *("job_type", "ablation", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash"),
+    *("correct", "predicted"),
+)
+INTEGERS = ("trial", "exemplars", "seed", *(o.name for o in all_options() if o.kind is int), "n_examples")
 NUMBERS = (
     *("q", "lam", "lam_neg", *(o.name for o in all_options() if o.kind is float)),
     *("accuracy", "normalized_accuracy", "merge_seconds", "eval_seconds", "timestamp"),

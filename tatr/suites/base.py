@@ -118,7 +118,13 @@ class Suite(Protocol):
         tasks: tuple[str, ...] | None = None,
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, float]:
-        """Top-1 accuracy in percent per task; `on_task` is called as each task finishes (pruning)."""
+        """Top-1 accuracy in percent per task; `on_task` is called as each task finishes (pruning).
+
+        A suite may also define `evaluate_predictions` with the same arguments, returning per task a
+        `tatr.store.predictions.TaskPredictions` (which examples were right and the predicted class, in
+        the fixed order of its loader): the built-in suites do, and every writer then stores them. It is
+        not part of this protocol, so a plugin suite without it still is a `Suite` (its rows have none).
+        """
         ...
 
     def individual_accuracy(self, split: str) -> dict[str, float]:

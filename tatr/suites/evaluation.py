@@ -3,9 +3,12 @@
 Suites implement `Suite.evaluate` and `Suite.exemplar_gradients` by delegating here, so both
 benchmarks classify with the same rule and cache gradients the same way:
 
-* `task_accuracy` / `accuracy`: top-1 accuracy in percent with the one cosine rule of every suite
-  (`tatr.core.classify.cosine_logits`, argmax of normalize(f) @ normalize(head).T: the logit scale
-  does not change the argmax, so it is left at 1).
+* `task_predictions` / `predictions`: which examples were right and the predicted class, per task,
+  in the loader's fixed order (`tatr.store.predictions.TaskPredictions`), with the one cosine rule of
+  every suite (`tatr.core.classify.cosine_logits`, argmax of normalize(f) @ normalize(head).T: the
+  logit scale does not change the argmax, so it is left at 1); `task_accuracy` / `accuracy` are
+  their top-1 accuracies in percent. A suite exposes them as `evaluate_predictions` (same arguments
+  as `Suite.evaluate`, optional: `suite_predictions` falls back to `evaluate` without it).
 * `normalized_accuracy`: merged accuracy ÷ the task's individual fine-tuned accuracy, in percent,
   the paper's headline metric.
 * `evaluate_merged`: both at once, as an `Evaluation` with averages and a printable table. A merged
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +35,7 @@ from tatr.core.checkpoints import header, load_state_dict, save_state_dict
 from tatr.core.classify import cosine_logits, unit_rows
 from tatr.core.errors import TatrError
 from tatr.core.gradients import gradient_stats
+from tatr.store.predictions import TaskPredictions
 from tatr.suites.base import SPLITS, ExemplarGradients, Suite
 
 # Bump when the gradient computation changes meaning, so old cache entries are not reused.
@@ -38,18 +43,26 @@ GRADIENT_FORMAT = 1
 
 
 @torch.inference_mode()
-def task_accuracy(encoder: nn.Module, head: Tensor, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
-    """Top-1 accuracy in percent of `encoder` with the frozen cosine `head` over `batches`."""
+def task_predictions(encoder: nn.Module, head: Tensor, batches: Iterable[tuple[Tensor, Tensor]]) -> TaskPredictions:
+    """Per-example outcome of `encoder` with the frozen cosine `head` over `batches`, in batch order:
+    which examples were right and the predicted class (`.accuracy`: top-1 accuracy in percent)."""
     encoder.eval()
     head = unit_rows(head.float())  # once, not per batch
-    correct = total = 0
+    correct: list[np.ndarray] = []
+    predicted: list[np.ndarray] = []
     for x, y in batches:
         logits = cosine_logits(encoder(x).float(), head, unit_head=True)
-        correct += int((logits.argmax(-1) == y).sum())
-        total += len(y)
-    if total == 0:
+        pred = logits.argmax(-1)
+        correct.append((pred == y.to(pred.device)).cpu().numpy())
+        predicted.append(pred.cpu().numpy())
+    if not correct or sum(len(c) for c in correct) == 0:
         raise TatrError("cannot compute accuracy: the loader is empty")
-    return 100.0 * correct / total
+    return TaskPredictions(np.concatenate(correct), np.concatenate(predicted))
+
+
+def task_accuracy(encoder: nn.Module, head: Tensor, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy in percent of `encoder` with the frozen cosine `head` over `batches`."""
+    return task_predictions(encoder, head, batches).accuracy
 
 
 def check_split(split: str) -> str:
@@ -70,6 +83,25 @@ def check_tasks(suite: Suite, tasks: Iterable[str] | None) -> tuple[str, ...]:
     return chosen
 
 
+def predictions(
+    suite: Suite,
+    state_dict: Mapping[str, Tensor] | None,
+    split: str,
+    tasks: Iterable[str] | None = None,
+    on_task: Callable[[str, float], None] | None = None,
+) -> dict[str, TaskPredictions]:
+    """Per-example predictions per task of one state dict (θ_0 when None) on `split`, in the order of
+    the suite's loader; builds the encoder once. `on_task(task, accuracy)` as each task finishes."""
+    check_split(split)
+    encoder = suite.encoder(state_dict)
+    out: dict[str, TaskPredictions] = {}
+    for task in check_tasks(suite, tasks):
+        out[task] = task_predictions(encoder, suite.head(task), suite.loader(task, split))
+        if on_task is not None:
+            on_task(task, out[task].accuracy)
+    return out
+
+
 def accuracy(
     suite: Suite,
     state_dict: Mapping[str, Tensor] | None,
@@ -78,14 +110,24 @@ def accuracy(
     on_task: Callable[[str, float], None] | None = None,
 ) -> dict[str, float]:
     """Accuracy per task of one state dict (θ_0 when None) on `split`; builds the encoder once."""
-    check_split(split)
-    encoder = suite.encoder(state_dict)
-    out: dict[str, float] = {}
-    for task in check_tasks(suite, tasks):
-        out[task] = task_accuracy(encoder, suite.head(task), suite.loader(task, split))
-        if on_task is not None:
-            on_task(task, out[task])
-    return out
+    return {t: p.accuracy for t, p in predictions(suite, state_dict, split, tasks, on_task).items()}
+
+
+def suite_predictions(
+    suite: Suite,
+    state_dict: Mapping[str, Tensor],
+    split: str,
+    tasks: tuple[str, ...],
+    on_task: Callable[[str, float], None] | None = None,
+) -> tuple[dict[str, float], dict[str, TaskPredictions] | None]:
+    """(accuracy per task, predictions per task) of a merged state dict, through the suite's own
+    `evaluate_predictions` where it has one (the built-in suites); a suite without it (a plugin
+    written against `Suite.evaluate` alone) gives its accuracies and None."""
+    method = getattr(suite, "evaluate_predictions", None)
+    if method is None:
+        return dict(suite.evaluate(state_dict, split, tasks, on_task)), None
+    preds = dict(method(state_dict, split, tasks, on_task))
+    return {t: p.accuracy for t, p in preds.items()}, preds
 
 
 def recorded_accuracy(suite: Suite, recorded: Mapping[str, Mapping], which: str, split: str) -> dict[str, float]:
@@ -117,6 +159,7 @@ class Evaluation:
     accuracy: dict[str, float]
     individual: dict[str, float]
     normalized: dict[str, float] = field(default_factory=dict)
+    predictions: dict[str, TaskPredictions] | None = None  # per task; None where the suite gives none
 
     @property
     def mean_accuracy(self) -> float:
@@ -154,12 +197,13 @@ def evaluate_merged(
     if state_dict is not None:
         check_finite(state_dict)
     if state_dict is None:
-        acc = accuracy(suite, None, split, chosen, on_task)
+        preds: dict[str, TaskPredictions] | None = predictions(suite, None, split, chosen, on_task)
+        acc = {t: p.accuracy for t, p in preds.items()}  # type: ignore[union-attr]
     else:
-        acc = suite.evaluate(state_dict, split, chosen, on_task)
+        acc, preds = suite_predictions(suite, state_dict, split, chosen, on_task)
     individual = suite.individual_accuracy(split)
     chosen_individual = {t: individual[t] for t in chosen}
-    return Evaluation(split, dict(acc), chosen_individual, normalized_accuracy(acc, individual))
+    return Evaluation(split, dict(acc), chosen_individual, normalized_accuracy(acc, individual), preds)
 
 
 def check_finite(state_dict: Mapping[str, Tensor]) -> None:

@@ -295,6 +295,7 @@ def _final(
         mask=tested.mask_lists(),
         params=dict(best.params),
         value=tested.evaluation.mean_accuracy,
+        predictions=tested.evaluation.predictions,
     )
     if write_store(results, rec):
         logger.log(rec)

@@ -105,6 +105,7 @@ class Objective:
         metric = self.space.metric
         accuracy: dict[str, float] = {}
         start = time.perf_counter()
+        predictions: dict[str, Any] = {}  # per task, once the evaluation has finished (not for a pruned trial)
 
         def record() -> None:
             from tatr.runs.tracking import RECORD_ATTR, payload
@@ -123,6 +124,7 @@ class Objective:
                 elapsed,
                 mask,
                 model=suite_model(self.suite),
+                predictions=predictions,
             )
             trial.set_user_attr(RECORD_ATTR, data)
 
@@ -133,10 +135,11 @@ class Objective:
                 record()
                 raise optuna.TrialPruned(f"pruned after {len(accuracy)} of {len(tasks)} tasks")
 
-        evaluate_merge(self.suite, merged, split, tasks, on_task)  # the grids' evaluation, with its checks
+        evaluation, _ = evaluate_merge(self.suite, merged, split, tasks, on_task)  # the grids' evaluation
         missing = [t for t in tasks if t not in accuracy]
         if missing:
             raise RuntimeError(f"suite {self.suite.name} did not report task(s) {', '.join(missing)}")
+        predictions.update(evaluation.predictions or {})
         record()
         return mean_metric(accuracy, individual, metric)
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
+from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, input_seed, seeded_batches
 from tatr.suites.clip8 import heads as ch
@@ -297,17 +298,27 @@ class Clip8:
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, float]:
         """Top-1 accuracy (%) per task; one encoder, batched, on the suite's device."""
+        return {t: p.accuracy for t, p in self.evaluate_predictions(state_dict, split, tasks, on_task).items()}
+
+    def evaluate_predictions(
+        self,
+        state_dict: Mapping[str, Tensor] | None,
+        split: str,
+        tasks: tuple[str, ...] | None = None,
+        on_task: Callable[[str, float], None] | None = None,
+    ) -> dict[str, TaskPredictions]:
+        """`evaluate` with each task's per-example predictions, in the loader's fixed order (unshuffled)."""
         ev.check_split(split)
         chosen = ev.check_tasks(self, tasks)
         heads = {t: self.head(t) for t in chosen}  # before the encoder: may need the text tower
         self.release_text_tower()
         encoder = self.encoder(state_dict)
-        out: dict[str, float] = {}
+        out: dict[str, TaskPredictions] = {}
         for task in chosen:
             batches = self._progress(self.loader(task, split), f"{task} ({split})")
-            out[task] = ev.task_accuracy(encoder, heads[task], batches)
+            out[task] = ev.task_predictions(encoder, heads[task], batches)
             if on_task is not None:
-                on_task(task, out[task])
+                on_task(task, out[task].accuracy)
         return out
 
     def _progress(self, loader: DataLoader, desc: str) -> Iterable[tuple[Tensor, Tensor]]:

@@ -26,6 +26,7 @@ from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean, unknown_name
 from tatr.io.safe_yaml import as_flag
+from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
 from tatr.suites.base import SUITES
 from tatr.suites.built_suite import BuiltSuite
@@ -164,6 +165,16 @@ class Testbed(BuiltSuite):
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, float]:
         return ev.accuracy(self, state_dict, split, tasks, on_task)
+
+    def evaluate_predictions(
+        self,
+        state_dict: Mapping[str, Tensor],
+        split: str,
+        tasks: tuple[str, ...] | None = None,
+        on_task: Callable[[str, float], None] | None = None,
+    ) -> dict[str, TaskPredictions]:
+        """`evaluate` with each task's per-example predictions, in the build's fixed example order."""
+        return ev.predictions(self, state_dict, split, tasks, on_task)
 
 
 def _tensor_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:

@@ -14,8 +14,10 @@ tasks that `tatr prepare-text` writes. Any BERT-family encoder folder and any `t
 
 Evaluations are cached too (`<cache>/text-evals/<build>/<split>/<model digest>-<task>.json`), keyed
 by the exact bytes of the evaluated state dict: ablations and sweeps that meet the same merged model
-again (TA at the same λ in three ablations, say) read its accuracy instead of running the encoder,
-and a regeneration that was cut off resumes where it stopped.
+again (TA at the same λ in three ablations, say) read its accuracy and per-example predictions
+(`n_examples`, `correct`, `predicted` as a store row holds them; format 2, where format 1 kept the
+accuracy only and is no longer read) instead of running the encoder, and a regeneration that was cut
+off resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write
 from tatr.core.registry import did_you_mean
 from tatr.io.safe_yaml import as_flag, name_text
+from tatr.store.predictions import TaskPredictions, prediction_columns, predictions_from_row
 from tatr.suites import evaluation as ev
 from tatr.suites.base import SUITES
 from tatr.suites.built_suite import BuiltSuite
@@ -45,7 +48,7 @@ from tatr.suites.text.model import resolve_model, trim
 from tatr.suites.text.tasks import TextTask, parse_task_entry, read_tasks_file, select_tasks
 
 BUILD_VERSION = 1  # bump when the build's output changes for the same inputs
-EVAL_FORMAT = 1
+EVAL_FORMAT = 2  # 2: entries keep the per-example predictions (`tatr.store.predictions`), not only the accuracy
 
 
 class TextSpec(BaseModel):
@@ -194,35 +197,49 @@ class TextSuite(BuiltSuite):
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, float]:
         """Accuracy per task, read from the evaluation cache where this exact model was seen."""
+        return {t: p.accuracy for t, p in self.evaluate_predictions(state_dict, split, tasks, on_task).items()}
+
+    def evaluate_predictions(
+        self,
+        state_dict: Mapping[str, Tensor],
+        split: str,
+        tasks: tuple[str, ...] | None = None,
+        on_task: Callable[[str, float], None] | None = None,
+    ) -> dict[str, TaskPredictions]:
+        """Per-example predictions per task, in the loader's fixed order (sorted by length, stable), read
+        from the evaluation cache where this exact model was seen."""
         ev.check_split(split)
         chosen = ev.check_tasks(self, tasks)
         keys = sorted(state_dict)
         digest = content_hash(EVAL_FORMAT, keys, ev.tensor_digest(*(state_dict[k] for k in keys)))
         folder = self.cache_root / "text-evals" / self.key / split
         encoder = None
-        out: dict[str, float] = {}
+        out: dict[str, TaskPredictions] = {}
         for task in chosen:
             path = folder / f"{digest}-{task}.json"
-            cached = _read_accuracy(path)
+            cached = _read_predictions(path)
             if cached is None:
                 encoder = encoder if encoder is not None else self.encoder(state_dict)
-                cached = ev.task_accuracy(encoder, self.head(task), self.loader(task, split))
+                cached = ev.task_predictions(encoder, self.head(task), self.loader(task, split))
                 folder.mkdir(parents=True, exist_ok=True)
                 with atomic_write(path) as tmp:
-                    tmp.write_text(json.dumps({"accuracy": cached}))
+                    tmp.write_text(json.dumps({"accuracy": cached.accuracy, **prediction_columns(cached, "test")}))
             out[task] = cached
             if on_task is not None:
-                on_task(task, cached)
+                on_task(task, cached.accuracy)
         return out
 
 
-def _read_accuracy(path: Path) -> float | None:
-    """A cached accuracy, or None when absent or unreadable (then it is measured again)."""
+def _read_predictions(path: Path) -> TaskPredictions | None:
+    """Cached predictions, or None when absent, unreadable or inconsistent (then they are measured again)."""
     try:
-        value = json.loads(path.read_text())["accuracy"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        entry = json.loads(path.read_text())
+        cached = predictions_from_row(entry)
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
         return None
-    return float(value) if isinstance(value, int | float) and 0.0 <= value <= 100.0 else None
+    if cached is None or cached.predicted is None or entry.get("accuracy") != cached.accuracy:
+        return None
+    return cached
 
 
 def _batch_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:
