@@ -27,9 +27,6 @@ from torch.utils.data import DataLoader
 from tatr.core.errors import TatrError
 from tatr.core.registry import Registry
 
-SPLITS = ("train", "validation", "test")
-
-
 BUILD_THREADS = 1  # builds run on one torch thread: the bytes of a matrix product depend on the count
 
 
@@ -91,7 +88,7 @@ class Suite(Protocol):
         ...
 
     def loader(self, task: str, split: str, batch_size: int = 256) -> DataLoader:
-        """Deterministic loader over (image, label) of `task` for split in SPLITS."""
+        """Deterministic loader over (image, label) of `task` for a split in `tatr.store.schema.SPLITS`."""
         ...
 
     def exemplar_loader(self, task: str, n: int, seed: int) -> DataLoader:

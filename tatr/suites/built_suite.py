@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tatr.core.cache import cached_dir, default_cache_root
 from tatr.core.classify import cosine_logits
 from tatr.core.errors import TatrError
+from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
 from tatr.suites.base import (
     BUILD_THREADS,
@@ -198,6 +199,26 @@ class BuiltSuite:
         return self._recorded("pretrained", split)
 
     # --- Suite protocol: the defaults -----------------------------------------------------------
+    def evaluate(
+        self,
+        state_dict: Mapping[str, Tensor],
+        split: str,
+        tasks: tuple[str, ...] | None = None,
+        on_task: Callable[[str, float], None] | None = None,
+    ) -> dict[str, float]:
+        """Accuracy per task (%), from `evaluate_predictions`: one evaluation path whatever a suite overrides."""
+        return {t: p.accuracy for t, p in self.evaluate_predictions(state_dict, split, tasks, on_task).items()}
+
+    def evaluate_predictions(
+        self,
+        state_dict: Mapping[str, Tensor],
+        split: str,
+        tasks: tuple[str, ...] | None = None,
+        on_task: Callable[[str, float], None] | None = None,
+    ) -> dict[str, TaskPredictions]:
+        """Each task's per-example predictions, in the build's fixed example order (`ev.predictions`)."""
+        return ev.predictions(self, state_dict, split, tasks, on_task)
+
     def prepare(self, x: Tensor) -> Tensor:
         """A batch of stored inputs (rows of `x_<split>`) as the encoder takes them; as stored by default."""
         return x

@@ -6,9 +6,10 @@ benchmarks classify with the same rule and cache gradients the same way:
 * `task_predictions` / `predictions`: which examples were right and the predicted class, per task,
   in the loader's fixed order (`tatr.store.predictions.TaskPredictions`), with the one cosine rule of
   every suite (`tatr.core.classify.cosine_logits`, argmax of normalize(f) @ normalize(head).T: the
-  logit scale does not change the argmax, so it is left at 1); `task_accuracy` / `accuracy` are
-  their top-1 accuracies in percent. A suite exposes them as `evaluate_predictions` (same arguments
-  as `Suite.evaluate`, optional: `suite_predictions` falls back to `evaluate` without it).
+  logit scale does not change the argmax, so it is left at 1); `accuracy` gives their top-1
+  accuracies in percent (for plugin suites that write `evaluate` alone). A suite exposes them as
+  `evaluate_predictions` (same arguments as `Suite.evaluate`, optional: `suite_predictions` falls
+  back to `evaluate` without it).
 * `normalized_accuracy`: merged accuracy ÷ the task's individual fine-tuned accuracy, in percent,
   the paper's headline metric.
 * `evaluate_merged`: both at once, as an `Evaluation` with averages and a printable table. A merged
@@ -36,7 +37,8 @@ from tatr.core.classify import cosine_logits, unit_rows
 from tatr.core.errors import TatrError
 from tatr.core.gradients import gradient_stats
 from tatr.store.predictions import TaskPredictions
-from tatr.suites.base import SPLITS, ExemplarGradients, Suite
+from tatr.store.schema import check_split  # the one check of a split name (suites call ev.check_split)
+from tatr.suites.base import ExemplarGradients, Suite
 
 # Bump when the gradient computation changes meaning, so old cache entries are not reused.
 GRADIENT_FORMAT = 1
@@ -58,17 +60,6 @@ def task_predictions(encoder: nn.Module, head: Tensor, batches: Iterable[tuple[T
     if not correct or sum(len(c) for c in correct) == 0:
         raise TatrError("cannot compute accuracy: the loader is empty")
     return TaskPredictions(np.concatenate(correct), np.concatenate(predicted))
-
-
-def task_accuracy(encoder: nn.Module, head: Tensor, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
-    """Top-1 accuracy in percent of `encoder` with the frozen cosine `head` over `batches`."""
-    return task_predictions(encoder, head, batches).accuracy
-
-
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise TatrError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
-    return split
 
 
 def check_tasks(suite: Suite, tasks: Iterable[str] | None) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ the fields of `TestbedSpec`, plus `preset: tiny` for the reduced build the tests
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean, unknown_name
 from tatr.io.safe_yaml import as_flag
-from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
 from tatr.suites.base import SUITES
 from tatr.suites.built_suite import BuiltSuite
@@ -156,25 +155,6 @@ class Testbed(BuiltSuite):
         """Stored uint8 images → the encoder's normalised float inputs (elementwise, so per batch or per split
         alike)."""
         return tb.preprocess(x)
-
-    def evaluate(
-        self,
-        state_dict: Mapping[str, Tensor],
-        split: str,
-        tasks: tuple[str, ...] | None = None,
-        on_task: Callable[[str, float], None] | None = None,
-    ) -> dict[str, float]:
-        return ev.accuracy(self, state_dict, split, tasks, on_task)
-
-    def evaluate_predictions(
-        self,
-        state_dict: Mapping[str, Tensor],
-        split: str,
-        tasks: tuple[str, ...] | None = None,
-        on_task: Callable[[str, float], None] | None = None,
-    ) -> dict[str, TaskPredictions]:
-        """`evaluate` with each task's per-example predictions, in the build's fixed example order."""
-        return ev.predictions(self, state_dict, split, tasks, on_task)
 
 
 def _tensor_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:

@@ -189,16 +189,6 @@ class TextSuite(BuiltSuite):
         """A batch of stored token tensors [n, 2, max_length] cut to its longest text."""
         return trim(x)
 
-    def evaluate(
-        self,
-        state_dict: Mapping[str, Tensor],
-        split: str,
-        tasks: tuple[str, ...] | None = None,
-        on_task: Callable[[str, float], None] | None = None,
-    ) -> dict[str, float]:
-        """Accuracy per task, read from the evaluation cache where this exact model was seen."""
-        return {t: p.accuracy for t, p in self.evaluate_predictions(state_dict, split, tasks, on_task).items()}
-
     def evaluate_predictions(
         self,
         state_dict: Mapping[str, Tensor],
