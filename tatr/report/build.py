@@ -29,6 +29,7 @@ from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_dir, atomic_write, inside, safe_name, same_file, writing
 from tatr.report import figures as F
 from tatr.report import tables as T
+from tatr.report.findings import findings, resolution_table
 from tatr.report.render import Table
 from tatr.report.selection import prepare
 from tatr.report.wandb_rows import rows_from_wandb, wandb_run_rows
@@ -156,7 +157,22 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
     reference = T.reference_table(rows, published, benchmark)
     why = "" if not reference.empty else f"no published numbers for '{benchmark}' in {DEFAULT_PUBLISHED}"
     sections.append(Section("Reference: published numbers", [reference], [], why))
+    shown = [t for s in sections for t in s.tables]
+    resolution = resolution_table(rows, shown)
+    why = "" if not resolution.empty else "no per-example predictions in the store (it predates them)"
+    sections.insert(0, Section("What this benchmark can resolve", [resolution], [], why))
     return sections
+
+
+def findings_markdown(sections: list[Section]) -> str:
+    """The Findings as Markdown (`tables/findings.md`), the same sentences as the page's opening."""
+    found = findings([t for s in sections for t in s.tables])
+    lines = ["**Findings** (generated from the store by `tatr report`)", ""]
+    for where, sentences in found:
+        lines += [f"In the {where}:", "", *(f"- {s}" for s in sentences), ""]
+    if not found:
+        lines.append("No trust-region comparisons in the store yet.")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def write_report(
@@ -190,6 +206,8 @@ def write_report(
         atomic_write(outputs[3], suffix=".csv") as baselines_csv,
     ):
         baselines_csv.write_text(long.to_csv(index=False), encoding="utf-8")  # the header alone without baselines
+        with writing(outputs[0] / "findings.md"):
+            (tables_dir / "findings.md").write_text(findings_markdown(sections), encoding="utf-8")
         shown: dict[int, list[str]] = {}
         for i, section in enumerate(sections):
             for table in section.tables:
@@ -271,6 +289,23 @@ border:1px solid #eee}.fig p,.note,.links{font-size:.8em;color:#555}.missing{col
 """
 
 
+def _findings_html(sections: list[Section]) -> str:
+    """The opening Findings: one sentence per trust-region comparison, with its interval."""
+    e = html.escape
+    found = findings([t for s in sections for t in s.tables])
+    parts = ["<h2 id='findings'>Findings</h2>"]
+    if not found:
+        parts.append("<p class='missing'>No trust-region comparisons with predictions in the store yet.</p>")
+    for where, sentences in found:
+        parts.append(f"<p>In the {e(where)}:</p><ul>" + "".join(f"<li>{e(s)}</li>" for s in sentences) + "</ul>")
+    parts.append(
+        "<p class='note'>Generated from the store: paired 95% bootstrap intervals over test examples (stratified by"
+        " task; seeds, then examples, where a row has several seeds), paired sign-flip test, Holm over each"
+        " table's comparisons.</p>"
+    )
+    return "\n".join(parts)
+
+
 def render_index(benchmark: str, rows: pd.DataFrame, sections: list[Section], shown: dict[int, list[str]]) -> str:
     """One self-contained page; images and downloads are relative links into the same folder."""
     e = html.escape
@@ -283,6 +318,7 @@ def render_index(benchmark: str, rows: pd.DataFrame, sections: list[Section], sh
         f"<p>{len(rows)} rows from {runs} runs of the results store"
         + (f"; code commits {e(', '.join(commits))}" if commits else "")
         + ". Regenerate with <code>tatr report</code>.</p>",
+        _findings_html(sections),
     ]
     for i, section in enumerate(sections):
         parts.append(f"<h2>{e(section.title)}</h2>")

@@ -210,3 +210,35 @@ def holm_confidence(pvalues: Sequence[float], alpha: float = 1 - CONFIDENCE) -> 
     levels = np.empty(m)
     levels[np.argsort(p, kind="stable")] = 1 - alpha / (m - np.arange(m))
     return levels
+
+
+def level_bootstrap(
+    correct: Sequence[np.ndarray],
+    strata: Sequence[np.ndarray],
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """The interval of an accuracy itself (not a difference), for figure whiskers: per task (sorted
+    stratum order) and for the mean over tasks, in points. Element s of each sequence is seed s.
+
+    Two stages as in `seeded_bootstrap`: the seeds with replacement, then each drawn seed's n_t
+    examples of task t with replacement, whose correct count is binomial(n_t, k_t/n_t) exactly.
+    Returns (low[T], high[T], (average low, average high))."""
+    if len(correct) != len(strata) or not correct:
+        raise ValueError("correct and strata need one entry per seed, and at least one seed")
+    n_list, k_list = [], []
+    for c, s in zip(correct, strata, strict=True):
+        n, k, _ = _paired_counts(c, np.zeros(len(c), dtype=bool), s)  # k: right examples per task
+        n_list.append(n)
+        k_list.append(k)
+    if len({len(n) for n in n_list}) != 1:
+        raise ValueError("every seed must have the same number of tasks")
+    n, k = np.stack(n_list), np.stack(k_list)  # [S, T]
+    rng = np.random.default_rng(seed)
+    chosen = rng.integers(0, len(n), size=(n_resamples, len(n)))
+    draws = rng.binomial(n[chosen], k[chosen] / n[chosen]) / n[chosen]  # [R, S, T]
+    per_task = 100.0 * draws.mean(axis=1)  # [R, T]
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(per_task, [tail, 100 - tail], axis=0)
+    return low, high, _interval(per_task.mean(axis=1), confidence)

@@ -28,6 +28,13 @@ class Table:
     row_header: str = "Method"
     digits: int = 1
     note: str = ""
+    # the 95% interval of each mean (same index and columns as `mean`; NaN where no predictions allow
+    # one): what figures draw as whiskers (`tatr.report.intervals`)
+    low: pd.DataFrame = field(default_factory=pd.DataFrame)
+    high: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # paired comparisons of rows with their references (`tatr.report.comparisons.Comparison`), one
+    # block of columns per kind of reference, rendered after the means
+    comparisons: list = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -44,13 +51,15 @@ class Table:
         return text
 
     def header(self) -> list[str]:
-        return [self.row_header, *map(str, self.info.columns), *map(str, self.mean.columns)]
+        compared = [h for c in self.comparisons for h in (f"Δ {c.name} [95% CI]", f"p (Holm) {c.name}")]
+        return [self.row_header, *map(str, self.info.columns), *map(str, self.mean.columns), *compared]
 
     def text_rows(self) -> list[list[str]]:
         rows = []
         for row in self.mean.index:
             info = [str(self.info.at[row, c]) for c in self.info.columns]
-            rows.append([str(row), *info, *(self.cell(row, c) for c in self.mean.columns)])
+            compared = [cell for c in self.comparisons for cell in _difference_cells(c.frame, row)]
+            rows.append([str(row), *info, *(self.cell(row, c) for c in self.mean.columns), *compared])
         return rows
 
     # --- renderers ----------------------------------------------------------------------------
@@ -97,6 +106,12 @@ class Table:
             out[str(c)] = self.mean[c].map(_num)
             out[f"{c}_std"] = self.std[c].map(_num) if c in self.std else ""
         out["seeds"] = self.seeds.reindex(self.mean.index).fillna(0).astype(int)
+        for c in self.comparisons:
+            frame = c.frame.reindex(self.mean.index)
+            out[f"reference {c.name}"] = frame["reference"].fillna("")
+            for field_name, header in _CSV_FIELDS:
+                out[header.format(c.name)] = frame[field_name].map(_num)
+            out[f"significant {c.name}"] = frame["significant"].map(lambda v: "" if pd.isna(v) else str(bool(v)))
         return out.to_csv(lineterminator="\n")
 
     def to_html(self) -> str:
@@ -110,6 +125,31 @@ class Table:
             f"<table id='{html.escape(self.name)}'><caption>{html.escape(self.title)}</caption>"
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}"
         )
+
+
+_CSV_FIELDS = (
+    ("delta", "Δ {}"),
+    ("low", "Δ {} 95% CI low"),
+    ("high", "Δ {} 95% CI high"),
+    ("p", "p {}"),
+    ("p_holm", "p (Holm) {}"),
+)
+
+
+def _difference_cells(frame: pd.DataFrame, row: object) -> tuple[str, str]:
+    """'+1.6 [+0.9, +2.3]*' and its Holm p; blank where the row has no reference, '–' where the pair
+    has no interval (no predictions, different runs)."""
+    if row not in frame.index:
+        return "", ""
+    r = frame.loc[row]
+    if pd.isna(r["delta"]):
+        return "–", "–"
+    mark = "*" if bool(r["significant"]) else ""
+    return f"{r['delta']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]{mark}", _p_text(float(r["p_holm"]))
+
+
+def _p_text(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _num(value: object) -> str:
@@ -136,7 +176,8 @@ _TEX_ESCAPES = {
 
 def _tex(text: str) -> str:
     out = "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
-    return out.replace(" ± ", r" $\pm$ ").replace("λ", r"$\lambda$").replace("–", "--").replace("−", "-")
+    out = out.replace(" ± ", r" $\pm$ ").replace("λ", r"$\lambda$").replace("Δ", r"$\Delta$").replace("<", "$<$")
+    return out.replace("–", "--").replace("−", "-")
 
 
 def empty_table(name: str, title: str, row_header: str = "Method") -> Table:

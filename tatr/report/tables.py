@@ -19,6 +19,16 @@ import pandas as pd
 
 from tatr.core.components import COMPONENT_ORDER, components_label
 from tatr.core.methods import METHODS, get_method
+from tatr.report.comparisons import (
+    METHOD_NOTE,
+    against,
+    against_ta,
+    compare,
+    exemplar_label,
+    level_intervals,
+    n_comparisons,
+    without_tr,
+)
 from tatr.report.labels import drop_text, label_rank, method_rank, missing, model_key, reference_label
 from tatr.report.render import Table, empty_table
 from tatr.report.selection import (
@@ -120,7 +130,28 @@ def main_table(df: pd.DataFrame) -> Table:
     origin = "; ".join(
         f"{SOURCES[src]}: {', '.join(str(lbl) for lbl in used.index[used == src])}" for src in sorted(set(used))
     )
-    return Table("main", title, mean, std, seeds, note=f"Rows from {origin}. {_seed_note(seeds)}".strip())
+    table = Table("main", title, mean, std, seeds, note=f"Rows from {origin}. {_seed_note(seeds)}".strip())
+    return with_statistics(table, rows, "label", tasks, _method_blocks(rows, "label"))
+
+
+def _method_blocks(rows: pd.DataFrame, key: str) -> dict[str, dict[str, str]]:
+    """A method with the trust region against itself without; every merge against TA."""
+    return {"vs no-TR": without_tr(rows, key), "vs TA": against_ta(rows, key)}
+
+
+def with_statistics(
+    table: Table, rows: pd.DataFrame, key: str, tasks: Sequence[str], blocks: dict[str, dict[str, str]]
+) -> Table:
+    """`table` with the intervals of its means and the paired comparisons of its rows (`rows`: the
+    selected test rows it was built from, `key` the column naming its rows)."""
+    shown = set(map(str, table.mean.index))
+    blocks = {n: {r: ref for r, ref in refs.items() if r in shown and ref in shown} for n, refs in blocks.items()}
+    blocks = {n: refs for n, refs in blocks.items() if refs}
+    table.low, table.high = level_intervals(rows, key, table.mean.index, tasks, AVERAGE)
+    if blocks:
+        table.comparisons = compare(rows, key, blocks)
+        table.note = f"{table.note} {METHOD_NOTE.format(m=n_comparisons(table.comparisons))}".strip()
+    return table
 
 
 def _seed_note(seeds: pd.Series) -> str:
@@ -173,7 +204,19 @@ def variant_table(df: pd.DataFrame, kind: str) -> Table:
     if any(learned):
         note += "AdaMerging learns its λ: the λ shown is the mean of the learned coefficients. "
     note += _seed_note(seeds)
-    return Table(f"ablation_{_stem(kind)}", title, mean, std, seeds, info, header, note=note.strip())
+    table = Table(f"ablation_{_stem(kind)}", title, mean, std, seeds, info, header, note=note.strip())
+    return with_statistics(table, rows, "variant", tasks, _variant_blocks(rows, kind, [str(v) for v in mean.index]))
+
+
+def _variant_blocks(rows: pd.DataFrame, kind: str, labels: list[str]) -> dict[str, dict[str, str]]:
+    """Each ablation variant against the variant the ablation starts from: every component choice
+    against all components (plain merging), each sensitivity against the full exemplar one, and in the
+    method ablations a method with the trust region against itself without, and against TA."""
+    if kind == AblationKind.COMPONENTS:
+        return {"vs all": against(labels, "all")}
+    if kind == AblationKind.SENSITIVITY:
+        return {"vs exemplar": against(labels, exemplar_label())}
+    return _method_blocks(rows, "variant")
 
 
 def curve_frame(df: pd.DataFrame, kind: str, x: str) -> pd.DataFrame:

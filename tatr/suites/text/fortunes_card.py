@@ -6,6 +6,7 @@ about what that module did; it reads the same records and decides nothing.
 
 from __future__ import annotations
 
+from tatr.core.resolution import PAIRED_EXAMPLE, level_half_width, resolvable_difference
 from tatr.suites.text.fortunes import (
     MAX_CHARS,
     MIN_CHARS,
@@ -16,6 +17,7 @@ from tatr.suites.text.fortunes import (
     Tree,
     language_files,
 )
+from tatr.suites.text.suite import TextSpec
 
 
 def data_card(
@@ -94,4 +96,35 @@ def data_card(
             cells = (c.spec.name, c.spec.description, sources, entries, within, c.usable, len(c.texts))
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines += ["", f"Texts dropped for occurring in two classes: {task.shared}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *resolution_lines(tasks)]) + "\n"
+
+
+def resolution_lines(tasks: list[TaskData]) -> list[str]:
+    """What the text suite's default splits can resolve (`tatr.core.resolution`), so a reader knows
+    which differences of its tables can be told from noise at all."""
+    defaults = TextSpec.model_fields
+    per_class = {"test": defaults["n_test"].default, "validation": defaults["n_val"].default}
+    lines = [
+        "",
+        "## What the splits can resolve",
+        "",
+        f"The text suite draws {per_class['validation']} validation and {per_class['test']} test texts per class"
+        " (`suite.n_val`, `suite.n_test`). Half-widths of 95% intervals of the average accuracy over the"
+        " tasks, in points, from the binomial variance (`tatr/core/resolution.py`): one accuracy at p = ½;"
+        " a difference of two methods measured independently; a paired difference of two methods that"
+        f" disagree on {PAIRED_EXAMPLE:.0%} of the examples (the report's intervals are paired).",
+        "",
+        "| split | examples per task | seeds | one accuracy ± | unpaired difference ± | paired difference ± |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split, k in per_class.items():
+        sizes = [k * len(t.classes) for t in tasks]
+        shown = f"{min(sizes)}–{max(sizes)}" if min(sizes) != max(sizes) else str(sizes[0])
+        for seeds in (1, 3):
+            cells = (
+                level_half_width(sizes, seeds),
+                resolvable_difference(sizes, seeds=seeds),
+                resolvable_difference(sizes, PAIRED_EXAMPLE, seeds),
+            )
+            lines.append(f"| {split} | {shown} | {seeds} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    return lines
