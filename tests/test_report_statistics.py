@@ -82,7 +82,7 @@ def _main(root: Path):
 
 
 def test_tr_gain_has_the_closed_form_interval_and_is_marked(store):
-    root, vectors = store
+    root, _ = store
     table = _main(root)
     block = next(c for c in table.comparisons if c.name == "vs no-TR").frame
     row = block.loc["TA+TR"]
@@ -253,3 +253,20 @@ def test_resolution_is_the_binomial_half_width(store, tmp_path):
     assert paired == ["Paired difference ± (at 10.0% disagreement)"]
     expected = 100 * 1.959964 * math.sqrt(0.25 * (2 * 0.10 / 400))
     assert float(frame.loc["test, 1 seed", paired[0]]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mask_ratio_points_compare_with_q_one(tmp_path):
+    rng = np.random.default_rng(5)
+    base = {t: rng.random(N) < 0.6 for t in TASKS}
+    common = {"job_type": "ablation", "ablation": "mask-ratio", "experiment": "mask", "method": "ta"}
+    _write(tmp_path, base, trust_region="zero-shot", q=1.0, **common)
+    _write(tmp_path, {t: _vector(rng, v, 20, 0) for t, v in base.items()}, trust_region="zero-shot", q=0.99, **common)
+    _write(tmp_path, base, trust_region="zero-shot", q=0.9, **common)
+    table = ablation_table(prepare(read_store(tmp_path)), "mask-ratio")
+    (block,) = table.comparisons
+    assert block.name == "TA+TR vs 0%" and block.family == 2
+    assert block.frame.loc["1%", "delta"] == pytest.approx(5.0)
+    assert block.frame.loc["10%", "delta"] == 0.0
+    assert block.frame.loc["1%", "reference"] == "0%"
+    assert table.low.at["1%", "TA+TR"] < table.mean.at["1%", "TA+TR"] < table.high.at["1%", "TA+TR"]
+    assert "Δ TA+TR vs 0% [95% CI]" in table.to_markdown()

@@ -21,6 +21,7 @@ from tatr.core.components import COMPONENT_ORDER, components_label
 from tatr.core.methods import METHODS, get_method
 from tatr.report.comparisons import (
     METHOD_NOTE,
+    Comparison,
     against,
     against_ta,
     compare,
@@ -219,13 +220,20 @@ def _variant_blocks(rows: pd.DataFrame, kind: str, labels: list[str]) -> dict[st
     return _method_blocks(rows, "variant")
 
 
-def curve_frame(df: pd.DataFrame, kind: str, x: str) -> pd.DataFrame:
-    """Per (series label, x, seed): the average and normalized average test accuracy."""
+def curve_rows(df: pd.DataFrame, kind: str, x: str) -> pd.DataFrame:
+    """The test rows a curve shows: the latest run per (series label, x, seed), with the x column."""
     rows = ablation_rows(df, kind)
     if rows.empty:
-        return pd.DataFrame(columns=["label", x, "seed_key", AVERAGE, NORMALIZED])
+        return rows
     rows = rows.assign(**{x: _x_value(rows, x)})
-    rows = latest_runs(rows, ["label", x, "seed_key"])
+    return latest_runs(rows, ["label", x, "seed_key"])
+
+
+def curve_frame(df: pd.DataFrame, kind: str, x: str) -> pd.DataFrame:
+    """Per (series label, x, seed): the average and normalized average test accuracy."""
+    rows = curve_rows(df, kind, x)
+    if rows.empty:
+        return pd.DataFrame(columns=["label", x, "seed_key", AVERAGE, NORMALIZED])
     return per_seed(rows, ["label", x], task_order(rows))
 
 
@@ -256,7 +264,50 @@ def curve_table(df: pd.DataFrame, kind: str, x: str, x_header: str, fmt: Callabl
     std = pd.concat(stds, axis=1).reindex(order)
     seed_count = pd.concat(seeds, axis=1).max(axis=1).reindex(order).fillna(0).astype(int)
     note = "Average test accuracy (%) over the tasks; λ chosen on validation at each point. " + _seed_note(seed_count)
-    return Table(f"ablation_{_stem(kind)}", title, mean, std, seed_count, row_header=x_header, note=note.strip())
+    table = Table(f"ablation_{_stem(kind)}", title, mean, std, seed_count, row_header=x_header, note=note.strip())
+    reference = 0.0 if kind == AblationKind.MASK_RATIO else max(xs)  # q = 1 (no drop); the most exemplars
+    return _curve_statistics(table, curve_rows(df, kind, x).assign(row=lambda r: r[x].map(fmt)), fmt(reference))
+
+
+_POINT = "\x00"  # joins a series label and a point's x text into one row key for `compare`
+
+
+def _curve_statistics(table: Table, rows: pd.DataFrame, reference: str) -> Table:
+    """Each series' point against the same series at the reference x (one Holm family for the table),
+    and the interval of each point's average (`low`/`high`: rows the x texts, columns the series)."""
+    rows = rows.assign(point=rows["label"].astype(str) + _POINT + rows["row"])
+    labels = [str(c) for c in table.mean.columns]
+    blocks = {
+        f"{label} vs {reference}": {
+            f"{label}{_POINT}{x}": f"{label}{_POINT}{reference}"
+            for x in map(str, table.mean.index)
+            if x != reference and not pd.isna(table.mean.at[x, label])
+        }
+        for label in labels
+        if reference in table.mean.index and not pd.isna(table.mean.at[reference, label])
+    }
+    blocks = {n: refs for n, refs in blocks.items() if refs}
+    points = sorted(set(rows["point"]))
+    low, high = level_intervals(rows, "point", points, task_order(rows), AVERAGE)
+    table.low = pd.DataFrame(index=table.mean.index, columns=labels, dtype=float)
+    table.high = table.low.copy()
+    for point in points:
+        label, x = point.split(_POINT, 1)
+        if label in labels and x in table.low.index:
+            table.low.at[x, label], table.high.at[x, label] = low.at[point, AVERAGE], high.at[point, AVERAGE]
+    if blocks:
+        compared = compare(rows, "point", blocks)
+        table.comparisons = [Comparison(c.name, _by_x(c.frame), c.family) for c in compared]
+        table.note = f"{table.note} {METHOD_NOTE.format(m=n_comparisons(table.comparisons))}".strip()
+    return table
+
+
+def _by_x(frame: pd.DataFrame) -> pd.DataFrame:
+    """A curve comparison's rows keyed by the x text alone (the block names the series)."""
+    out = frame.copy()
+    out.index = [str(i).split(_POINT, 1)[1] for i in out.index]
+    out["reference"] = out["reference"].map(lambda r: str(r).split(_POINT, 1)[1])
+    return out
 
 
 def _stem(kind: str) -> str:
