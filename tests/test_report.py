@@ -30,6 +30,7 @@ TABLES = (
 )
 FIGURES = (
     "methods_per_task",
+    "methods_per_task_all",
     "sweep_heatmap",
     "components",
     "trust_region",
@@ -209,7 +210,11 @@ def test_partial_store_reports_what_it_has(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     folder = tmp_path / BENCHMARK
     assert sorted(p.stem for p in (folder / "tables").glob("*.csv")) == ["ablation_mask_ratio", "main"]
-    assert sorted(p.stem for p in (folder / "figures").glob("*.png")) == ["mask_ratio", "methods_per_task"]
+    assert sorted(p.stem for p in (folder / "figures").glob("*.png")) == [
+        "mask_ratio",
+        "methods_per_task",
+        "methods_per_task_all",
+    ]
     assert "skipped" in out and "experiments/ablations/components.yaml" in out
     page = (folder / "index.html").read_text()
     assert "Not available" in page and "tatr ablate experiments/ablations/plugin.yaml" in page

@@ -58,6 +58,7 @@ class FigureSpec:
     name: str
     title: str
     build: Callable[[], object]  # returns a Figure or None
+    caption: str = ""  # what a reader needs to judge it: n, seeds, what the whiskers are, the axis
 
 
 @dataclass
@@ -127,17 +128,41 @@ def select_benchmark(rows: pd.DataFrame, benchmark: str) -> pd.DataFrame:
 def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame | None) -> list[Section]:
     """Every table and figure of the report for one benchmark's rows (already `selection.prepare`d)."""
     main = T.main_table(rows)
+    n_test, n_val = _sizes(rows, "test"), _sizes(rows, "validation")
+    subset = ", ".join(F.main_subset(main)) if not main.empty else ""
     sections = [
         Section(
             "Main results",
             [main],
-            [FigureSpec("methods_per_task", "Test accuracy per task and method", lambda: F.methods_per_task(main))],
+            [
+                FigureSpec(
+                    "methods_per_task",
+                    "Test accuracy per task: the headline methods",
+                    lambda: F.methods_per_task(main),
+                    f"Test accuracy per task and averaged, for {subset}. "
+                    + _bar_caption(main, n_test, "methods_per_task"),
+                ),
+                FigureSpec(
+                    "methods_per_task_all",
+                    "Test accuracy per task: every method of the main table",
+                    lambda: F.methods_per_task_all(main),
+                    "Every row of the main table, in its order. " + _bar_caption(main, n_test, "methods_per_task_all"),
+                ),
+            ],
             "" if not main.empty else "no test rows of baselines, sweep finals or the plug-in ablation",
         ),
         Section(
             "Sweep: validation accuracy over λ × q",
             [],
-            [FigureSpec("sweep_heatmap", "Validation accuracy over λ × (1−q)", lambda: F.sweep_heatmap(rows))],
+            [
+                FigureSpec(
+                    "sweep_heatmap",
+                    "Validation accuracy over λ × (1−q)",
+                    lambda: F.sweep_heatmap(rows),
+                    "Average validation accuracy (%) of each (λ, q) tried; the star marks the best. "
+                    + (f"{n_val} validation examples per task." if n_val else ""),
+                )
+            ],
             "" if F.sweep_grid(rows) is not None else "no sweep trials and no (q, λ) validation grid in the store",
         ),
     ]
@@ -152,7 +177,8 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
             continue
         hint = f"no rows yet: run `tatr ablate {ABLATION_FILES[kind]}`" if table.empty else ""
         figure = curves.get(kind, lambda table=table: F.variant_bars(table))
-        spec = FigureSpec(kind.replace("-", "_"), T.ABLATION_TITLES[kind], figure)
+        name = kind.replace("-", "_")
+        spec = FigureSpec(name, T.ABLATION_TITLES[kind], figure, _ablation_caption(kind, table, n_test, name))
         sections.append(Section(f"Ablation: {T.ABLATION_TITLES[kind]}", [table], [spec], hint))
     reference = T.reference_table(rows, published, benchmark)
     why = "" if not reference.empty else f"no published numbers for '{benchmark}' in {DEFAULT_PUBLISHED}"
@@ -162,6 +188,50 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
     why = "" if not resolution.empty else "no per-example predictions in the store (it predates them)"
     sections.insert(0, Section("What this benchmark can resolve", [resolution], [], why))
     return sections
+
+
+def _sizes(rows: pd.DataFrame, split: str) -> str:
+    """'160–320' examples per task of a split, from the store's prediction counts ('' in an old store)."""
+    sub = rows[(rows["split"] == split) & rows["n_examples"].notna()]
+    if sub.empty:
+        return ""
+    sizes = sub.groupby(sub["task"].astype(str))["n_examples"].max().astype(int)
+    return f"{sizes.min()}–{sizes.max()}" if sizes.min() != sizes.max() else str(sizes.min())
+
+
+def _seeds_text(table: Table) -> str:
+    seeds = int(table.seeds.max()) if not table.empty else 0
+    return "one seed" if seeds <= 1 else f"the mean over {seeds} seeds"
+
+
+def _bar_caption(table: Table, n_test: str, name: str) -> str:
+    whiskers = (
+        "Whiskers: 95% bootstrap intervals (10,000 resamples; the seeds, then the test examples of each task)."
+        if not table.low.empty and table.low.notna().any().any()
+        else "No whiskers: the store has no per-example predictions for these rows."
+    )
+    parts = [
+        f"Bars: {_seeds_text(table)}" + (f", on {n_test} test examples per task." if n_test else "."),
+        whiskers,
+        F.axis_note(name) or "The accuracy axis starts at 0.",
+        "Colour: the method family; the trust-region variants in the same hue, darker (zero-shot) or hatched"
+        " (exemplar).",
+    ]
+    return " ".join(parts)
+
+
+def _ablation_caption(kind: str, table: Table, n_test: str, name: str) -> str:
+    if kind == AblationKind.GRADIENT_CORRELATION:
+        return f"Spearman correlation of the tasks' mean |gradient| at θ_0, {_seeds_text(table)}."
+    if kind in (AblationKind.MASK_RATIO, AblationKind.EXEMPLAR_COUNT):
+        bands = (
+            "Whiskers: 95% bootstrap intervals of each point (the seeds, then the test examples)."
+            if not table.low.empty and table.low.notna().any().any()
+            else "No intervals: the store has no per-example predictions for these rows."
+        )
+        n = f" on {n_test} test examples per task" if n_test else ""
+        return f"Average test accuracy, {_seeds_text(table)}{n}. {bands} {F.axis_note(name)}".strip()
+    return "Average test accuracy per variant. " + _bar_caption(table, n_test, name)
 
 
 def findings_markdown(sections: list[Section]) -> str:
@@ -283,8 +353,8 @@ h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #dd
 table{border-collapse:collapse;margin:1em 0;font-size:.85em}caption{text-align:left;font-weight:600;padding:.3em 0}
 th,td{padding:.25em .6em;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
 thead th{border-bottom:2px solid #444}tbody th{text-align:left}
-.fig{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}.fig img{width:480px;max-width:100%;
-border:1px solid #eee}.fig p,.note,.links{font-size:.8em;color:#555}.missing{color:#a33}
+figure.fig{margin:1em 0}.fig img{width:100%;height:auto;border:1px solid #eee}
+.fig figcaption,.note,.links{font-size:.8em;color:#555}.missing{color:#a33}
 .scroll{overflow-x:auto}
 """
 
@@ -333,8 +403,9 @@ def render_index(benchmark: str, rows: pd.DataFrame, sections: list[Section], sh
         for name in shown.get(i, []):
             spec = next(s for s in section.figures if s.name == name)
             parts.append(
-                f"<div class='fig'><img src='figures/{e(name)}.png' alt='{e(spec.title)}'>"
-                f"<p>{e(spec.title)} (<a href='figures/{e(name)}.pdf'>PDF</a>)</p></div>"
+                f"<figure class='fig'><img src='figures/{e(name)}.png' alt='{e(spec.title)}'>"
+                f"<figcaption><b>{e(spec.title)}.</b> {e(spec.caption)} (<a href='figures/{e(name)}.pdf'>PDF</a>)"
+                "</figcaption></figure>"
             )
         if not has_table and not shown.get(i) and section.missing:
             parts.append(f"<p class='missing'>Not available: {e(section.missing)}.</p>")

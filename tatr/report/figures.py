@@ -1,15 +1,21 @@
-"""Paper figures from the store's tables: matplotlib (no pyplot, no GUI), one column wide, byte-for-byte repeatable.
+"""Paper figures from the store's tables: matplotlib (no pyplot, no GUI), page-wide, byte-for-byte repeatable.
 
 Why fixed rcParams and no timestamps: figures are committed, and a re-run on the same store must
 produce the same bytes so that a diff means the numbers changed. Each function takes prepared
 pandas data (see `tatr.report.selection` and `tatr.report.tables`) and returns a `Figure`, or None
 when the store has nothing to draw; saving is the caller's job (`save`), so notebooks can show the
 same figure interactively.
+
+How they look is `tatr.report.style` (7 in wide at 200 dpi, fonts of 8 pt and more, one colour per
+method family, its trust-region variants in a darker tone of it); the bar figures are
+`tatr.report.figures_bars`, re-exported here. Bar charts start their value axis at 0. The curves
+(mask ratio, exemplar count) zoom their value axis onto the data, since their differences are
+fractions of a point: `ZOOMED` names those figures and `axis_note` gives the caption's sentence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -17,47 +23,57 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.collections import QuadMesh
 from matplotlib.figure import Figure
 
 from tatr.core.cache import atomic_write
+from tatr.report.figures_bars import main_subset, methods_per_task, methods_per_task_all, variant_bars
 from tatr.report.labels import drop_text, label_rank
-from tatr.report.render import Table
-from tatr.report.selection import AVERAGE, NORMALIZED
+from tatr.report.selection import AVERAGE
+from tatr.report.style import (
+    COLUMN_WIDTH,
+    DPI,
+    MIN_FONT,
+    PAGE_WIDTH,
+    PALETTE,
+    STYLE,
+    fit_xticks,
+    legend_columns,
+    line_style,
+    new_figure,
+)
 from tatr.report.tables import correlation_frame, curve_frame
 from tatr.store.schema import AblationKind
 
-COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper
-DPI = 220
-STYLE = {
-    "font.family": "DejaVu Sans",
-    "font.size": 7,
-    "axes.titlesize": 7.5,
-    "axes.labelsize": 7,
-    "legend.fontsize": 6,
-    "xtick.labelsize": 6,
-    "ytick.labelsize": 6,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linewidth": 0.4,
-    "lines.linewidth": 1.2,
-    "lines.markersize": 3,
-    "figure.dpi": DPI,
-    "savefig.dpi": DPI,
-    "savefig.bbox": "standard",
-    "pdf.fonttype": 42,
-    "svg.hashsalt": "tatr",
-    "image.cmap": "viridis",
-}
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+__all__ = [
+    "COLUMN_WIDTH",
+    "DPI",
+    "PAGE_WIDTH",
+    "PALETTE",
+    "STYLE",
+    "ZOOMED",
+    "axis_note",
+    "correlation_heatmap",
+    "exemplar_curve",
+    "main_subset",
+    "mask_ratio_curve",
+    "methods_per_task",
+    "methods_per_task_all",
+    "new_figure",
+    "save",
+    "sweep_grid",
+    "sweep_heatmap",
+    "variant_bars",
+]
+
+# The report's figures (by the names `tatr.report.build` saves them under, and by function) whose value
+# axis does not start at 0; every other figure's does, or has no value axis (the heatmaps' colour scales).
+ZOOMED = frozenset({"mask_ratio", "exemplar_count", "mask_ratio_curve", "exemplar_curve"})
 
 
-def new_figure(height: float = 2.2, width: float = COLUMN_WIDTH) -> tuple[Figure, Axes]:
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-        ax = fig.add_subplot()
-    return fig, ax
+def axis_note(name: str) -> str:
+    """The caption's sentence about the value axis of figure `name`: '' where it starts at 0."""
+    return "The accuracy axis is zoomed onto the data: it does not start at 0." if name in ZOOMED else ""
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:
@@ -71,10 +87,6 @@ def save(fig: Figure, stem: Path) -> list[Path]:
                 tmp.chmod(0o644)  # mkstemp makes 0600; these are published files
             paths.append(path)
     return paths
-
-
-def _color(i: int) -> str:
-    return PALETTE[i % len(PALETTE)]
 
 
 # --- λ × q heatmap ------------------------------------------------------------------------------
@@ -126,43 +138,70 @@ def sweep_grid(df: pd.DataFrame, max_levels: int = 16, bins: int = 10) -> tuple[
     return grid.sort_index().sort_index(axis=1), source + ", binned (best per cell)"
 
 
+def _cells(ax: Axes, values: np.ndarray, cmap: str, **norm: float) -> QuadMesh:
+    """A heatmap of vector cells (PDF stays vector, unlike `imshow`), cell (i, j) centred at (j, i)."""
+    rows, cols = values.shape
+    x, y = np.arange(cols + 1) - 0.5, np.arange(rows + 1) - 0.5
+    mesh = ax.pcolormesh(x, y, np.ma.masked_invalid(values), cmap=cmap, shading="flat", **norm)
+    ax.set_xlim(x[0], x[-1])
+    ax.set_ylim(y[0], y[-1])
+    return mesh
+
+
 def sweep_heatmap(df: pd.DataFrame) -> Figure | None:
+    """Validation accuracy over λ × (1−q), the best cell starred; tick labels level where they fit."""
     found = sweep_grid(df)
     if found is None:
         return None
     grid, source = found
-    fig, ax = new_figure(2.5)
+    fig, ax = new_figure(3.8)
     with matplotlib.rc_context(STYLE):
         values = grid.to_numpy(dtype=float)
-        image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", origin="lower", cmap="viridis")
-        ax.set_xticks(range(grid.shape[1]), [drop_text(d) for d in grid.columns], rotation=45, ha="right")
+        image = _cells(ax, values, "viridis")
         ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
         ax.set_xlabel("dropped fraction 1−q")
         ax.set_ylabel("λ")
         ax.grid(False)
+        ax.spines[:].set_visible(False)
         if np.isfinite(values).any():
             i, j = np.unravel_index(np.nanargmax(values), values.shape)
-            ax.plot(j, i, marker="*", color="white", markersize=7, markeredgecolor="black", markeredgewidth=0.4)
+            ax.plot(j, i, marker="*", color="white", markersize=11, markeredgecolor="black", markeredgewidth=0.6)
         bar = fig.colorbar(image, ax=ax, shrink=0.9)
+        bar.solids.set_rasterized(False)  # colorbars rasterize many levels: keep the PDF vector
         bar.set_label("validation accuracy (%)")
-        ax.set_title(f"Validation accuracy, {source}", fontsize=6.5)
+        ax.set_title(textwrap.fill(f"Validation accuracy, {source}", 90))
+        fit_xticks(fig, ax, range(grid.shape[1]), [drop_text(d) for d in grid.columns])
     return fig
 
 
 # --- curves ---------------------------------------------------------------------------------------
-def _curve(ax: Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, label: str, color: str) -> None:
-    ax.plot(x, mean, marker="o", label=label, color=color)
+def _curve(ax: Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, label: str, index: int, name: str = "") -> None:
+    """One series in its family's style (`line_style(label)`), shown as `name` (default: the label)."""
+    style = line_style(label, fallback=index)
+    ax.plot(x, mean, label=name or label, color=style.color, linestyle=style.linestyle, marker=style.marker)
     if np.isfinite(std).any():
         s = np.nan_to_num(std)
-        ax.fill_between(x, mean - s, mean + s, color=color, alpha=0.2, linewidth=0)
+        ax.fill_between(x, mean - s, mean + s, color=style.color, alpha=0.18, linewidth=0)
+
+
+def _curve_axes(fig: Figure, ax: Axes, xlabel: str) -> None:
+    """Shared finish: labels, a zoomed value axis (see `ZOOMED`), the legend above the plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("avg test accuracy (%)")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside upper center", ncols=legend_columns(labels))
 
 
 def mask_ratio_curve(df: pd.DataFrame) -> Figure | None:
-    """Average test accuracy against the dropped fraction (log axis); q=1 drawn as a dashed line."""
+    """Average test accuracy against the dropped fraction (log axis), ± std over seeds as a band; q=1
+    (nothing dropped) drawn as a dotted line in the series' colour, its marker hollow. The value axis is
+    zoomed (`ZOOMED`)."""
     wide = curve_frame(df, AblationKind.MASK_RATIO, "drop")
     if wide.empty:
         return None
-    fig, ax = new_figure()
+    fig, ax = new_figure(3.4)
     with matplotlib.rc_context(STYLE):
         labels = sorted(wide["label"].unique(), key=label_rank)
         for i, label in enumerate(labels):
@@ -170,25 +209,27 @@ def mask_ratio_curve(df: pd.DataFrame) -> Figure | None:
             stats = sub.groupby("drop")[AVERAGE].agg(["mean", "std"]).sort_index()
             inside = stats[stats.index > 0]
             if not inside.empty:
-                _curve(
-                    ax, inside.index.to_numpy(), inside["mean"].to_numpy(), inside["std"].to_numpy(), label, _color(i)
-                )
-            if 0.0 in stats.index:
-                ax.axhline(stats.at[0.0, "mean"], color=_color(i), linestyle="--", linewidth=0.8, label=f"{label}, q=1")
+                x, mean, std = inside.index.to_numpy(), inside["mean"].to_numpy(), inside["std"].to_numpy()
+                _curve(ax, x, mean, std, label, i)
+            if 0.0 in stats.index:  # nothing dropped: dotted, the series' marker hollow at its right end
+                style = line_style(label, fallback=i)
+                ax.axhline(
+                    stats.at[0.0, "mean"], color=style.color, linestyle=":", linewidth=1.0, label=f"{label}, q=1",
+                    marker=style.marker, markerfacecolor="white", markevery=[1], clip_on=False,
+                )  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel("dropped fraction 1−q")
-        ax.set_ylabel("avg test accuracy (%)")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: drop_text(v)))
-        ax.legend(frameon=False)
+        _curve_axes(fig, ax, "dropped fraction 1−q")
     return fig
 
 
 def exemplar_curve(df: pd.DataFrame) -> Figure | None:
-    """Average test accuracy against exemplars per task (log₂ axis), mean ± std band over seeds."""
+    """Average test accuracy against exemplars per task (log₂ axis), mean ± std band over seeds. The
+    value axis is zoomed (`ZOOMED`)."""
     wide = curve_frame(df, AblationKind.EXEMPLAR_COUNT, "exemplars")
     if wide.empty:
         return None
-    fig, ax = new_figure()
+    fig, ax = new_figure(3.4)
     with matplotlib.rc_context(STYLE):
         labels = sorted(wide["label"].unique(), key=label_rank)
         for i, label in enumerate(labels):
@@ -196,87 +237,41 @@ def exemplar_curve(df: pd.DataFrame) -> Figure | None:
             stats = sub.groupby("exemplars")[AVERAGE].agg(["mean", "std", "count"]).sort_index()
             seeds = int(stats["count"].max())
             name = f"{label} (mean ± std, {seeds} seeds)" if seeds > 1 else label
-            _curve(ax, stats.index.to_numpy(), stats["mean"].to_numpy(), stats["std"].to_numpy(), name, _color(i))
+            _curve(ax, stats.index.to_numpy(), stats["mean"].to_numpy(), stats["std"].to_numpy(), label, i, name)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("exemplars per task")
-        ax.set_ylabel("avg test accuracy (%)")
-        ax.legend(frameon=False)
-    return fig
-
-
-# --- bars ---------------------------------------------------------------------------------------
-def variant_bars(table: Table, column: str = AVERAGE, ylabel: str = "avg test accuracy (%)") -> Figure | None:
-    """One bar per row of an ablation table, ± std over seeds as error bars."""
-    if table.empty or column not in table.mean:
-        return None
-    mean = table.mean[column].to_numpy(dtype=float)
-    std = table.std[column].to_numpy(dtype=float) if column in table.std else np.full_like(mean, np.nan)
-    fig, ax = new_figure(2.0)
-    with matplotlib.rc_context(STYLE):
-        x = np.arange(len(mean))
-        colors = [_color(i) for i in range(len(mean))]
-        err = np.where(np.isfinite(std), std, 0.0)
-        ax.bar(x, mean, color=colors, yerr=err if np.any(err > 0) else None, capsize=2, error_kw={"linewidth": 0.6})
-        ax.set_xticks(
-            x,
-            [str(i) for i in table.mean.index],
-            rotation=20 if len(x) > 3 else 0,
-            ha="right" if len(x) > 3 else "center",
-        )
-        lo = np.nanmin(mean - err) if np.isfinite(mean).any() else 0.0
-        hi = np.nanmax(mean + err) if np.isfinite(mean).any() else 1.0
-        pad = max(1.0, 0.15 * (hi - lo))
-        ax.set_ylim(max(0.0, lo - pad), hi + pad)
-        for xi, m in zip(x, mean, strict=True):
-            if np.isfinite(m):
-                ax.annotate(f"{m:.1f}", (xi, m), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=5.5)
-        ax.set_ylabel(ylabel)
-        ax.set_xlabel(table.row_header)
-        ax.grid(axis="x", visible=False)
-    return fig
-
-
-def methods_per_task(table: Table, skip: Sequence[str] = ()) -> Figure | None:
-    """Grouped bars: the tasks on x, one bar per method of the main table (its mean over seeds)."""
-    if table.empty:
-        return None
-    rows = [r for r in table.mean.index if r not in skip]
-    tasks = [c for c in table.mean.columns if c not in (AVERAGE, NORMALIZED)]
-    if not rows or not tasks:
-        return None
-    fig, ax = new_figure(2.6)
-    with matplotlib.rc_context(STYLE):
-        width = 0.8 / len(rows)
-        x = np.arange(len(tasks) + 1)
-        for i, row in enumerate(rows):
-            values = [*table.mean.loc[row, tasks].to_numpy(dtype=float), float(table.mean.at[row, AVERAGE])]
-            ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=str(row), color=_color(i), linewidth=0)
-        ax.set_xticks(x, [*tasks, "avg"], rotation=35, ha="right")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(axis="x", visible=False)
-        ax.legend(frameon=False, ncols=min(3, len(rows)), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+        _curve_axes(fig, ax, "exemplars per task")
     return fig
 
 
 # --- gradient correlation -----------------------------------------------------------------------
 def correlation_heatmap(df: pd.DataFrame) -> Figure | None:
+    """Task × task Spearman ρ; each cell's value written in it where the cell is wide enough for 8 pt
+    text, left out (never shrunk) where it is not."""
     mean, _, seeds = correlation_frame(df)
     if mean.empty:
         return None
-    fig, ax = new_figure(2.9)
+    fig, ax = new_figure(5.2)
     with matplotlib.rc_context(STYLE):
         values = mean.to_numpy(dtype=float)
-        image = ax.imshow(values, cmap="magma", vmin=min(0.0, float(np.nanmin(values))), vmax=1.0)
-        labels = list(mean.index)
-        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        image = _cells(ax, values, "magma", vmin=min(0.0, float(np.nanmin(values))), vmax=1.0)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()  # the first task on top, as in the table
+        labels = [str(t) for t in mean.index]
         ax.set_yticks(range(len(labels)), labels)
         ax.grid(False)
-        for (i, j), v in np.ndenumerate(values):
-            if i != j:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=4.5, color="white" if v < 0.6 else "black")
+        ax.spines[:].set_visible(False)
         bar = fig.colorbar(image, ax=ax, shrink=0.85)
+        bar.solids.set_rasterized(False)  # colorbars rasterize many levels: keep the PDF vector
         bar.set_label("Spearman ρ of mean |∇|")
         if seeds > 1:
-            ax.set_title(f"mean over {seeds} seeds", fontsize=6)
+            ax.set_title(f"mean over {seeds} seeds")
+        fit_xticks(fig, ax, range(len(labels)), labels)
+        cell = ax.get_window_extent().width / max(len(labels), 1) * 72 / fig.dpi  # points
+        if cell >= 3.2 * MIN_FONT:  # "0.72" is about 2.5 × the font size wide
+            for (i, j), v in np.ndenumerate(values):
+                if i != j and np.isfinite(v):
+                    r, g, b, _ = image.cmap(image.norm(v))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if dark else "black")
     return fig
