@@ -243,3 +243,50 @@ def test_ablation_names_are_checked_against_the_registries(tmp_path: Path) -> No
     path.write_text("ablation:\n  kind: trust-region\n  variants: [{trust_region: off}]\n  q: [1.5]\n")
     with pytest.raises(TatrError, match=r"ablation: q must be in \(0, 1\], got 1\.5"):
         load_ablation(path)
+
+
+# --- a per-key combiner: the T masked task vectors of a tensor together ------------------------------
+@pytest.fixture()
+def toy_combiner() -> Iterator[list[int]]:
+    """'toy-max': per coordinate, the task vector entry of largest magnitude (a combiner with an option)."""
+    from tatr.core.methods import MergeMethod
+    from tatr.core.options import COMBINERS, CombinerKind, Option
+
+    seen: list[int] = []
+
+    def combine(key, taus, theta0, values):
+        seen.append(len(taus))
+        stacked = torch.stack(taus)
+        pick = stacked.abs().argmax(dim=0, keepdim=True)
+        return values["toy_gain"] * stacked.gather(0, pick)[0]
+
+    gain = Option("toy_gain", float, 1.0, "--toy-gain", "Toy combiner: gain", "Toy gain", "g", low=0.0, high=4.0)
+    COMBINERS.add("toy-max", CombinerKind("toy-max", combine, (gain,)))
+    METHODS.add("toy-max", MergeMethod("toy-max", "Toy max", "none", False, "sum", 1.0, "toy", combine="toy-max"))
+    try:
+        yield seen
+    finally:
+        METHODS._items.pop("toy-max", None)
+        COMBINERS._items.pop("toy-max", None)
+    assert all(o.name != "toy_gain" for o in all_options())
+
+
+def test_a_combiner_sees_the_masked_task_vectors_of_each_tensor_together(toy_combiner: list[int]) -> None:
+    pre, tasks = make_models(3)
+    assert not METHODS.get("toy-max").linear
+    assert "toy_gain" in METHODS.get("toy-max").options
+    merged = merge(pre, tasks, method="toy-max", trust_region="off", lam=0.5, toy_gain=2.0)
+    assert toy_combiner and set(toy_combiner) == {3}
+    for key in pre:
+        if not pre[key].is_floating_point():
+            continue
+        stacked = torch.stack([t[key] - pre[key] for t in tasks])
+        biggest = stacked.gather(0, stacked.abs().argmax(dim=0, keepdim=True))[0]
+        assert torch.allclose(merged[key], pre[key] + 0.5 * 2.0 * biggest, atol=1e-6), key
+    with pytest.raises(TatrError, match=r"Toy gain must be in \[0, 4\], got 5\.0"):
+        merge(pre, tasks, method="toy-max", toy_gain=5.0)
+    # the trust region masks each τ_t before the combiner: dropped coordinates take no task's entry
+    masked = merge(pre, tasks, method="toy-max", trust_region="zero-shot", q=0.5, lam=1.0)
+    plain = merge(pre, tasks, method="toy-max", trust_region="off", lam=1.0)
+    moved = sum(int((masked[k] != pre[k]).sum()) for k in pre if pre[k].is_floating_point())
+    assert 0 < moved < sum(int((plain[k] != pre[k]).sum()) for k in pre if pre[k].is_floating_point())

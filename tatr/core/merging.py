@@ -308,7 +308,9 @@ class MergePlan:
             if self.method.trim
             else None
         )
-        return reduce_tasks(ts, space, self.method, thresholds, admissible_for, self._pretrained, dtype, self.progress)
+        return reduce_tasks(
+            ts, space, self.method, thresholds, admissible_for, self._pretrained, dtype, self.progress, self.options
+        )
 
 
 def _option_values(ties_k: float | None, sparsity: Sparsity | Mapping[str, object] | None) -> OptionValues:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from tatr.core import sparsify as _sparsify  # noqa: F401  # registers the sparsifiers and their options
 from tatr.core.errors import TatrError
-from tatr.core.options import SPARSIFIERS, Option, all_options
+from tatr.core.options import COMBINERS, SPARSIFIERS, Option, all_options
 from tatr.core.registry import Registry
 from tatr.core.trust_region import TR_MODES
 
@@ -62,9 +62,14 @@ class MergeMethod:
     # "fixed": λ is given (or tuned on a grid); "task"/"layer": AdaMerging learns one λ per task or per
     # parameter tensor on unlabeled inputs (`tatr.core.adamerging`), so there is no fixed-λ merge
     coefficients: Literal["fixed", "task", "layer"] = "fixed"
+    # a registered per-key combiner (`tatr.core.options.COMBINERS`: TSV-M, Iso-C, …) that replaces the
+    # sign election and reduction: it sees the T masked task vectors of one tensor together
+    combine: str | None = None
 
     def __post_init__(self) -> None:
         SPARSIFIERS.get(self.sparsify)  # an unknown sparsifier is refused when the method is declared
+        if self.combine is not None:
+            COMBINERS.get(self.combine)
 
     @property
     def learned(self) -> bool:
@@ -83,12 +88,13 @@ class MergeMethod:
     @property
     def declared_options(self) -> tuple[Option, ...]:
         """The declarations of the options this configuration reads (`tatr.core.options.Option`)."""
-        return SPARSIFIERS.get(self.sparsify).options
+        combined = COMBINERS.get(self.combine).options if self.combine is not None else ()
+        return (*SPARSIFIERS.get(self.sparsify).options, *combined)
 
     @property
     def linear(self) -> bool:
         """Linear in the task vectors: a shared mask commutes with the merge (the fast path)."""
-        return self.sparsify == "none" and not self.elect_sign
+        return self.sparsify == "none" and not self.elect_sign and self.combine is None
 
 
 # Registration order is the order tables list the methods in (simplest first).

@@ -125,9 +125,30 @@ class SparsifierKind:
 SPARSIFIERS: Registry[SparsifierKind] = Registry("sparsifier")
 
 
+@dataclass(frozen=True)
+class CombinerKind:
+    """A per-key combination of the T (masked) task vectors of one tensor into its merged task vector,
+    for methods that need the T tensors of a key together (TSV-M, Iso-C, Iso-CTS, Consensus), and the
+    options it reads. `combine(key, taus, theta0, values)` returns M for that key (θ = θ_0 + λ·M);
+    `together(values)` checks its options jointly."""
+
+    name: str
+    combine: Callable[[str, list[Any], Any, Mapping[str, Any]], Any]
+    options: tuple[Option, ...] = ()
+    together: Callable[[Mapping[str, Any]], None] | None = None
+
+
+COMBINERS: Registry[CombinerKind] = Registry("combiner")
+
+
+def _option_groups() -> list[SparsifierKind | CombinerKind]:
+    return [*SPARSIFIERS.values(), *COMBINERS.values()]
+
+
 def all_options() -> list[Option]:
-    """Every declared option, in registration order (the order of columns, fields and flags)."""
-    return [o for kind in SPARSIFIERS.values() for o in kind.options]
+    """Every declared option, in registration order (the order of columns, fields and flags):
+    the sparsifiers', then the combiners'."""
+    return [o for kind in _option_groups() for o in kind.options]
 
 
 def get_option(name: str) -> Option:
@@ -163,8 +184,8 @@ def check_options(given: Mapping[str, object]) -> OptionValues:
 
 
 def check_together(values: Mapping[str, Any]) -> None:
-    """Each sparsifier's check of its options together (values already checked one by one)."""
-    for kind in SPARSIFIERS.values():
+    """Each sparsifier's and combiner's check of its options together (values already checked one by one)."""
+    for kind in _option_groups():
         if kind.together is not None:
             kind.together(values)
 

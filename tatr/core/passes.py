@@ -15,7 +15,8 @@ bf16 and fp16 values convert to float32 exactly. Ω is float32 in every case: it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from tatr.core.components import select_components, split_negative
 from tatr.core.errors import TatrError
 from tatr.core.methods import MergeMethod, SignedSums
+from tatr.core.options import COMBINERS
 from tatr.core.sparsify import Sparsifier
 from tatr.core.trust_region import NEEDS_GRADIENTS, ConflictAccumulator, RadixSelect, conflict_terms, ties_keep_rank
 from tatr.core.vectors import (
@@ -148,8 +150,12 @@ def reduce_tasks(
     pretrained: Callable[[str], Tensor],
     dtype: torch.dtype,
     progress: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Stream the tasks tensor by tensor into the merged task vector M (an arena over `space`).
+
+    A method with a combiner (`MergeMethod.combine`) gets the T masked task vectors of each tensor
+    together, with the merge `options`, and returns that tensor's M.
 
     TIES' zero-sum coordinates take the model-wide majority sign, known only after the last tensor:
     each tensor reports its sign counts and its zero-sum coordinates' "−" result, applied at the end.
@@ -158,9 +164,14 @@ def reduce_tasks(
     positive = negative = 0
     flip_idx: list[Tensor] = []
     flip_val: list[Tensor] = []
+    combine = COMBINERS.get(method.combine).combine if method.combine is not None else None
     for i, key in enumerate(tqdm(space.keys, desc="merge", disable=None if progress else True, leave=False)):
         theta0 = pretrained(key).to(dtype)
         admissible = admissible_for(i)
+        if combine is not None:  # the T masked task vectors of this tensor together (T tensors at once)
+            taus = [admissible(t, task_vector(ts, t, key, theta0)) for t in range(ts.num_tasks)]
+            space.view(reduced, i).copy_(combine(key, taus, theta0, options or {}))
+            continue
         sums = SignedSums(theta0.shape, dtype, method)
         for t in range(ts.num_tasks):
             tau = admissible(t, task_vector(ts, t, key, theta0))
