@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -442,7 +443,8 @@ def test_curves_take_their_family_style() -> None:
         lines = [line for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")]
         assert lines
         for line in lines:
-            label = line.get_label().split(" (mean ±")[0].removesuffix(", q=1")
+            shown = re.sub(r" \((\d+ seeds)?(, )?(95% interval|mean ± std)?\)$", "", line.get_label())
+            label = shown.removesuffix(", q=1")
             style = S.line_style(label)
             assert S.family_of(label) is not None and to_rgb(line.get_color()) == to_rgb(style.color), label
             assert line.get_marker() == style.marker

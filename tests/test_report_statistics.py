@@ -264,9 +264,9 @@ def test_mask_ratio_points_compare_with_q_one(tmp_path):
     _write(tmp_path, base, trust_region="zero-shot", q=0.9, **common)
     table = ablation_table(prepare(read_store(tmp_path)), "mask-ratio")
     (block,) = table.comparisons
-    assert block.name == "TA+TR vs 0%" and block.family == 2
+    assert block.name == "TA+TR vs 0% dropped" and block.family == 2
     assert block.frame.loc["1%", "delta"] == pytest.approx(5.0)
     assert block.frame.loc["10%", "delta"] == 0.0
     assert block.frame.loc["1%", "reference"] == "0%"
     assert table.low.at["1%", "TA+TR"] < table.mean.at["1%", "TA+TR"] < table.high.at["1%", "TA+TR"]
-    assert "Δ TA+TR vs 0% [95% CI]" in table.to_markdown()
+    assert "Δ TA+TR vs 0% dropped [95% CI]" in table.to_markdown()

@@ -16,6 +16,7 @@ fractions of a point: `ZOOMED` names those figures and `axis_note` gives the cap
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +30,7 @@ from matplotlib.figure import Figure
 from tatr.core.cache import atomic_write
 from tatr.report.figures_bars import main_subset, methods_per_task, methods_per_task_all, variant_bars
 from tatr.report.labels import drop_text, label_rank
+from tatr.report.render import Table
 from tatr.report.selection import AVERAGE
 from tatr.report.style import (
     COLUMN_WIDTH,
@@ -42,7 +44,7 @@ from tatr.report.style import (
     line_style,
     new_figure,
 )
-from tatr.report.tables import correlation_frame, curve_frame
+from tatr.report.tables import ablation_table, correlation_frame, curve_frame
 from tatr.store.schema import AblationKind
 
 __all__ = [
@@ -175,13 +177,39 @@ def sweep_heatmap(df: pd.DataFrame) -> Figure | None:
 
 
 # --- curves ---------------------------------------------------------------------------------------
-def _curve(ax: Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, label: str, index: int, name: str = "") -> None:
-    """One series in its family's style (`line_style(label)`), shown as `name` (default: the label)."""
+def _curve(
+    ax: Axes, x: np.ndarray, mean: np.ndarray, band: tuple[np.ndarray, np.ndarray], label: str, index: int, name: str
+) -> None:
+    """One series in its family's style (`line_style(label)`), shown as `name`, with its band (low, high)."""
     style = line_style(label, fallback=index)
-    ax.plot(x, mean, label=name or label, color=style.color, linestyle=style.linestyle, marker=style.marker)
+    ax.plot(x, mean, label=name, color=style.color, linestyle=style.linestyle, marker=style.marker)
+    low, high = band
+    if np.isfinite(low).any():
+        ax.fill_between(x, low, high, color=style.color, alpha=0.18, linewidth=0)
+
+
+def _band(
+    table: Table, label: str, xs: np.ndarray, fmt: Callable[[float], str], stats: pd.DataFrame
+) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    """The band of a series and what it is: the 95% interval of each point from the stored predictions
+    (`Table.low`/`high`, seeds then examples), else mean ± std over seeds, else none."""
+    rows = [fmt(x) for x in xs]
+    if label in table.low.columns:
+        low = table.low[label].reindex(rows).to_numpy(dtype=float)
+        high = table.high[label].reindex(rows).to_numpy(dtype=float)
+        if np.isfinite(low).all():
+            return (low, high), "95% interval"
+    std = stats["std"].to_numpy(dtype=float)
+    mean = stats["mean"].to_numpy(dtype=float)
     if np.isfinite(std).any():
         s = np.nan_to_num(std)
-        ax.fill_between(x, mean - s, mean + s, color=style.color, alpha=0.18, linewidth=0)
+        return (mean - s, mean + s), "mean ± std"
+    return (np.full_like(mean, np.nan), np.full_like(mean, np.nan)), ""
+
+
+def _series_name(label: str, seeds: int, band: str) -> str:
+    parts = [p for p in (f"{seeds} seeds" if seeds > 1 else "", band) if p]
+    return f"{label} ({', '.join(parts)})" if parts else label
 
 
 def _curve_axes(fig: Figure, ax: Axes, xlabel: str) -> None:
@@ -195,22 +223,24 @@ def _curve_axes(fig: Figure, ax: Axes, xlabel: str) -> None:
 
 
 def mask_ratio_curve(df: pd.DataFrame) -> Figure | None:
-    """Average test accuracy against the dropped fraction (log axis), ± std over seeds as a band; q=1
-    (nothing dropped) drawn as a dotted line in the series' colour, its marker hollow. The value axis is
-    zoomed (`ZOOMED`)."""
+    """Average test accuracy against the dropped fraction (log axis), with each point's 95% interval as
+    a band (`_band`); q=1 (nothing dropped) drawn as a dotted line in the series' colour, its marker
+    hollow. The value axis is zoomed (`ZOOMED`)."""
     wide = curve_frame(df, AblationKind.MASK_RATIO, "drop")
     if wide.empty:
         return None
+    table = ablation_table(df, AblationKind.MASK_RATIO)
     fig, ax = new_figure(3.4)
     with matplotlib.rc_context(STYLE):
         labels = sorted(wide["label"].unique(), key=label_rank)
         for i, label in enumerate(labels):
             sub = wide[wide["label"] == label]
-            stats = sub.groupby("drop")[AVERAGE].agg(["mean", "std"]).sort_index()
+            stats = sub.groupby("drop")[AVERAGE].agg(["mean", "std", "count"]).sort_index()
             inside = stats[stats.index > 0]
             if not inside.empty:
-                x, mean, std = inside.index.to_numpy(), inside["mean"].to_numpy(), inside["std"].to_numpy()
-                _curve(ax, x, mean, std, label, i)
+                x, mean = inside.index.to_numpy(), inside["mean"].to_numpy()
+                band, what = _band(table, label, x, drop_text, inside)
+                _curve(ax, x, mean, band, label, i, _series_name(label, int(stats["count"].max()), what))
             if 0.0 in stats.index:  # nothing dropped: dotted, the series' marker hollow at its right end
                 style = line_style(label, fallback=i)
                 ax.axhline(
@@ -224,20 +254,22 @@ def mask_ratio_curve(df: pd.DataFrame) -> Figure | None:
 
 
 def exemplar_curve(df: pd.DataFrame) -> Figure | None:
-    """Average test accuracy against exemplars per task (log₂ axis), mean ± std band over seeds. The
-    value axis is zoomed (`ZOOMED`)."""
+    """Average test accuracy against exemplars per task (log₂ axis), with each point's 95% interval as a
+    band (`_band`). The value axis is zoomed (`ZOOMED`)."""
     wide = curve_frame(df, AblationKind.EXEMPLAR_COUNT, "exemplars")
     if wide.empty:
         return None
+    table = ablation_table(df, AblationKind.EXEMPLAR_COUNT)
     fig, ax = new_figure(3.4)
     with matplotlib.rc_context(STYLE):
         labels = sorted(wide["label"].unique(), key=label_rank)
         for i, label in enumerate(labels):
             sub = wide[wide["label"] == label]
             stats = sub.groupby("exemplars")[AVERAGE].agg(["mean", "std", "count"]).sort_index()
-            seeds = int(stats["count"].max())
-            name = f"{label} (mean ± std, {seeds} seeds)" if seeds > 1 else label
-            _curve(ax, stats.index.to_numpy(), stats["mean"].to_numpy(), stats["std"].to_numpy(), label, i, name)
+            x = stats.index.to_numpy()
+            band, what = _band(table, label, x, lambda v: f"{int(v)}", stats)
+            name = _series_name(label, int(stats["count"].max()), what)
+            _curve(ax, x, stats["mean"].to_numpy(), band, label, i, name)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         _curve_axes(fig, ax, "exemplars per task")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tatr.core.resolution import level_half_width, resolvable_difference
-from tatr.report.render import Table
+from tatr.report.render import Table, signed
 
 HEADLINE = "vs no-TR"  # the comparison block whose rows the findings read
 SOURCES = (("main", "main table"), ("ablation_plugin", "plug-in ablation"))
@@ -32,7 +32,8 @@ def sentence(row: str, frame_row: pd.Series) -> str:
         return f"{row} over {ref}: no interval (the store has no per-example predictions for this pair)."
     seeds = int(frame_row["seeds"])
     head = (
-        f"{row} over {ref}: {frame_row['delta']:+.1f} points [{frame_row['low']:+.1f}, {frame_row['high']:+.1f}],"
+        f"{row} over {ref}: {signed(frame_row['delta'])} points [{signed(frame_row['low'])},"
+        f" {signed(frame_row['high'])}],"
         f" {seeds} seed{'s' if seeds != 1 else ''}"
     )
     p = float(frame_row["p_holm"])

@@ -145,7 +145,12 @@ def _difference_cells(frame: pd.DataFrame, row: object) -> tuple[str, str]:
     if pd.isna(r["delta"]):
         return "–", "–"
     mark = "*" if bool(r["significant"]) else ""
-    return f"{r['delta']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]{mark}", _p_text(float(r["p_holm"]))
+    return f"{signed(r['delta'])} [{signed(r['low'])}, {signed(r['high'])}]{mark}", _p_text(float(r["p_holm"]))
+
+
+def signed(value: float) -> str:
+    """'+1.6', '−0.4' to one decimal; a value that rounds to zero is '+0.0', never '-0.0'."""
+    return f"{round(float(value), 1) + 0.0:+.1f}"
 
 
 def _p_text(p: float) -> str:

@@ -266,19 +266,21 @@ def curve_table(df: pd.DataFrame, kind: str, x: str, x_header: str, fmt: Callabl
     note = "Average test accuracy (%) over the tasks; λ chosen on validation at each point. " + _seed_note(seed_count)
     table = Table(f"ablation_{_stem(kind)}", title, mean, std, seed_count, row_header=x_header, note=note.strip())
     reference = 0.0 if kind == AblationKind.MASK_RATIO else max(xs)  # q = 1 (no drop); the most exemplars
-    return _curve_statistics(table, curve_rows(df, kind, x).assign(row=lambda r: r[x].map(fmt)), fmt(reference))
+    unit = " dropped" if kind == AblationKind.MASK_RATIO else " exemplars"
+    rows = curve_rows(df, kind, x).assign(row=lambda r: r[x].map(fmt))
+    return _curve_statistics(table, rows, fmt(reference), unit)
 
 
 _POINT = "\x00"  # joins a series label and a point's x text into one row key for `compare`
 
 
-def _curve_statistics(table: Table, rows: pd.DataFrame, reference: str) -> Table:
+def _curve_statistics(table: Table, rows: pd.DataFrame, reference: str, unit: str) -> Table:
     """Each series' point against the same series at the reference x (one Holm family for the table),
     and the interval of each point's average (`low`/`high`: rows the x texts, columns the series)."""
     rows = rows.assign(point=rows["label"].astype(str) + _POINT + rows["row"])
     labels = [str(c) for c in table.mean.columns]
     blocks = {
-        f"{label} vs {reference}": {
+        f"{label} vs {reference}{unit}": {
             f"{label}{_POINT}{x}": f"{label}{_POINT}{reference}"
             for x in map(str, table.mean.index)
             if x != reference and not pd.isna(table.mean.at[x, label])
