@@ -147,7 +147,9 @@ def test_a_new_method_gets_a_field_flag_column_identity_and_search_space(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["fields"][-2:] == ["toy_scale", "toy_every"] and out["variant"]
+    after = out["fields"][out["fields"].index("breadcrumbs_density") + 1 :]
+    assert after[:2] == ["toy_scale", "toy_every"] and out["variant"]  # the sparsifiers' options, then the combiners'
+
     assert out["config_error"] == "merge.toy_scale: Toy scale must be in (0, 1], got 1.5"
     assert out["identity_toy"]["toy_scale"] == 0.25 and out["identity_toy"]["toy_every"] == 2
     assert "toy_scale" not in out["identity_ta"] and "toy_every" not in out["identity_ta"]
@@ -198,18 +200,23 @@ def test_the_declarations_give_todays_config_columns_and_identity() -> None:
     from tatr.store import schema
 
     options = ("ties_k", "dare_p", "dare_seed", "breadcrumbs_beta", "breadcrumbs_density")
-    assert options == schema.METHOD_OPTIONS
-    assert schema.COLUMNS[schema.COLUMNS.index("lam_neg") + 1 :][:6] == (*options, "components")
+    combined = ("tall_mask_lambda", "consensus_k", "common_space_fraction")  # the combiners' (issue 20)
+    assert (*options, *combined) == schema.METHOD_OPTIONS
+    assert schema.COLUMNS[schema.COLUMNS.index("lam_neg") + 1 :][:9] == (*options, *combined, "components")
     assert list(MergeConfig.model_fields) == [
         *("method", "trust_region", "q", "lam", "ties_k", "components", "lam_neg"),
         *options[1:],
+        *combined,
     ]
-    assert {k: f.default for k, f in MergeConfig.model_fields.items() if k in options} == {
+    assert {k: f.default for k, f in MergeConfig.model_fields.items() if k in (*options, *combined)} == {
         "ties_k": 20.0,
         "dare_p": 0.5,
         "dare_seed": 0,
         "breadcrumbs_beta": 0.01,
         "breadcrumbs_density": 0.9,
+        "tall_mask_lambda": 0.6,
+        "consensus_k": 2,
+        "common_space_fraction": 0.8,
     }
     assert set(MergeConfig().identity()) == {"method", "trust_region", "q", "lam", "ties_k", "components"}
     assert set(MergeConfig(method="breadcrumbs").identity()) >= {"ties_k", "breadcrumbs_beta", "breadcrumbs_density"}

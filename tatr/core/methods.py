@@ -40,7 +40,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from tatr.core import consensus as _consensus  # noqa: F401  # registers the consensus combiner and its options
 from tatr.core import sparsify as _sparsify  # noqa: F401  # registers the sparsifiers and their options
+from tatr.core import svd_merges as _svd_merges  # noqa: F401  # registers TSV-M, Iso-C, Iso-CTS
 from tatr.core.errors import TatrError
 from tatr.core.options import COMBINERS, SPARSIFIERS, Option, all_options
 from tatr.core.registry import Registry
@@ -169,6 +171,47 @@ for _m in (
         0.3,
         "AdaMerging: one λ per parameter tensor and task, learned on unlabeled inputs (ablation files only)",
         coefficients="layer",
+    ),
+    MergeMethod(
+        "tsv-m",
+        "TSV-M",
+        "none",
+        False,
+        "sum",
+        1.0,
+        "task singular vectors (FusionBench TSVM_utils): per 2-D tensor each task's top int(k/T) singular triplets,"
+        " stacked U and Vᵀ replaced by their polar factors; other tensors the mean τ_t",
+        combine="tsv-m",
+    ),
+    MergeMethod(
+        "iso-c",
+        "Iso-C",
+        "none",
+        False,
+        "sum",
+        1.0,
+        "isotropic merging (FusionBench iso_c): Σ τ_t with a flat spectrum; other tensors the mean",
+        combine="iso-c",
+    ),
+    MergeMethod(
+        "iso-cts",
+        "Iso-CTS",
+        "none",
+        False,
+        "sum",
+        1.0,
+        "isotropic merging in common and task-specific subspaces (FusionBench iso_cts); other tensors the mean",
+        combine="iso-cts",
+    ),
+    MergeMethod(
+        "consensus-ta",
+        "Consensus TA",
+        "none",
+        False,
+        "sum",
+        0.3,
+        "consensus merging (TALL masks): TA on the coordinates at least k tasks' masks hold",
+        combine="consensus",
     ),
 ):
     METHODS.add(_m.name, _m)
