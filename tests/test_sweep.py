@@ -73,6 +73,15 @@ def test_shipped_search_spaces_load_with_their_parameters() -> None:
         assert space.sampler == "tpe"
     assert load_search_space(SWEEPS / "tatr.yaml").default_params() == {"lam": 0.3, "q": 0.99}
     assert load_search_space(SWEEPS / "ta.yaml").default_params() == {"lam": 0.3}
+    # the combiner methods (issue 20): λ enqueued at the method's own default
+    assert load_search_space(SWEEPS / "tsv_m.yaml").default_params() == {"lam": 1.0}
+    assert load_search_space(SWEEPS / "iso_cts.yaml").default_params() == {"lam": 1.0, "common_space_fraction": 0.8}
+    assert load_search_space(SWEEPS / "iso_c_tatr.yaml").default_params() == {"lam": 1.0, "q": 0.99}
+    assert load_search_space(SWEEPS / "consensus_ta.yaml").default_params() == {"lam": 0.3, "tall_mask_lambda": 0.6}
+    for name in ("tsv_m", "iso_c", "iso_cts", "consensus_ta"):
+        plain, with_tr = load_search_space(SWEEPS / f"{name}.yaml"), load_search_space(SWEEPS / f"{name}_tatr.yaml")
+        assert plain.merge["method"] == with_tr.merge["method"]
+        assert (plain.merge["trust_region"], with_tr.merge["trust_region"]) == ("off", "zero-shot")
 
 
 @pytest.mark.parametrize(
@@ -551,6 +560,9 @@ def test_plan_cache_key_changes_with_the_checkpoints(env: Path) -> None:
         ("ta", [], {"method": "ta", "trust_region": "off"}),
         ("ties", [], {"method": "ties-sum", "trust_region": "off"}),
         ("ties_tatr", [], {"method": "ties-sum", "trust_region": "zero-shot", "ties_k": 20.0}),
+        ("iso_cts", [], {"method": "iso-cts", "trust_region": "off"}),
+        ("consensus_ta_tatr", [], {"method": "consensus-ta", "trust_region": "zero-shot", "consensus_k": 2}),
+        ("tsv_m_tatr", [], {"method": "tsv-m", "trust_region": "zero-shot"}),
         (
             "tatr",
             ["merge.trust_region=exemplar", "merge.components=[orthogonal, positive]", "exemplars.n=8"],

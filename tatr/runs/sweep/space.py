@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tatr.core.errors import TatrError
+from tatr.core.methods import METHODS, get_method
 from tatr.core.options import all_options, get_option
 from tatr.core.registry import did_you_mean
 from tatr.io.safe_yaml import name_text, read_yaml_mapping
@@ -312,9 +313,12 @@ class SearchSpace(_Frozen):
         return math.prod(len(v) for v in self.grid().values()) if self.params else 1
 
     def default_params(self) -> dict[str, Any]:
-        """The paper default (λ=0.3, q=0.99) for the searched parameters whose range holds it."""
+        """The paper default (λ=0.3, q=0.99) for the searched parameters whose range holds it; λ is the
+        method's own default where the space fixes a method (TSV-M and Iso-C: 1.0, FusionBench's)."""
         out = {}
-        for name, value in PAPER_DEFAULT.items():
+        method = self.merge.get("method")
+        lam = get_method(method).default_lam if isinstance(method, str) and method in METHODS else PAPER_DEFAULT["lam"]
+        for name, value in {**PAPER_DEFAULT, "lam": lam}.items():
             spec = self.param(name)
             if spec is not None and spec.contains(value):
                 out[name] = value
