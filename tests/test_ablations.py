@@ -379,3 +379,23 @@ def test_cli_refuses_bad_files_before_running_any(tmp_path: Path) -> None:
     result = CliRunner().invoke(ablate.command, [str(good), str(bad), "--root", str(tmp_path / "res"), "--no-wandb"])
     assert isinstance(result.exception, TatrError) and "needs `variants`" in str(result.exception)
     assert not (tmp_path / "res").exists()
+
+
+def test_a_variant_can_bring_its_own_lambda_grid(tmp_path: Path) -> None:
+    """TSV-M defaults to λ = 1, outside a grid tuned for TA: `lam_grid` gives one variant its own grid,
+    and leaves the others' points (and their identities, which --resume matches) unchanged."""
+    block = {"kind": "plugin", "lam": [0.2, 0.4], "variants": [{"method": "ta", "trust_region": "off"}]}
+    config, spec = ablation_spec.load_ablation(write(tmp_path, "a", block))
+    before = ablation_spec.points(config, spec)
+    block["variants"].append({"method": "tsv-m", "trust_region": "off", "lam_grid": [0.5, 1.0, 1.5]})
+    config2, spec2 = ablation_spec.load_ablation(write(tmp_path, "a", block))
+    after = ablation_spec.points(config2, spec2)
+    assert after[0] == before[0] and after[0].lams == (0.2, 0.4)
+    assert ablations.point_hash(config, spec, before[0]) == ablations.point_hash(config2, spec2, after[0])
+    assert after[1].lams == (0.5, 1.0, 1.5) and after[1].merge.method == "tsv-m"
+    ablations.run(config2, spec2, tmp_path / "results", log=quiet, wandb=False)
+    val = read_store(tmp_path / "results").query("split == 'validation' and method == 'tsv-m'")
+    assert sorted(val["lam"].unique()) == [0.5, 1.0, 1.5]
+    block["variants"][1]["lam_grid"] = []
+    with pytest.raises(TatrError, match=r"ablation.variants.1.lam_grid: give at least one λ"):
+        ablation_spec.points(*ablation_spec.load_ablation(write(tmp_path, "a", block)))

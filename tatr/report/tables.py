@@ -61,7 +61,7 @@ ABLATION_TITLES = {
     AblationKind.SENSITIVITY: "Sensitivity: full, gradient-only, magnitude-only",
     AblationKind.MASK_RATIO: "Mask ratio: average test accuracy against the dropped fraction 1−q",
     AblationKind.EXEMPLAR_COUNT: "Exemplar count: average test accuracy against exemplars per task",
-    AblationKind.PLUGIN: "Plug-in: the trust region on each method (TA, TIES, DARE, Breadcrumbs, AdaMerging)",
+    AblationKind.PLUGIN: "Plug-in: the trust region on each method",
     AblationKind.GRADIENT_CORRELATION: "Spearman correlation between tasks' mean |gradient|",
     AblationKind.BASELINES: "Baselines: each method tuned on validation per testbed build",
 }

@@ -76,6 +76,9 @@ Variant = create_model(  # type: ignore[call-overload]
     **option_fields("always", optional=True),
     # a number fixes the negative component's own λ_neg; `tuned` searches the block's `lam_neg` grid
     lam_neg=(float | Literal["tuned"] | None, None),
+    # this variant's own λ grid instead of the block's `lam` (TSV-M and Iso-C default to λ = 1, outside
+    # a grid tuned for TA); a variant without it is tuned on the block's grid, so its identity is unchanged
+    lam_grid=(tuple[float, ...] | None, None),
     **option_fields("read", optional=True),
 )
 
@@ -199,7 +202,10 @@ def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
     variants = spec.variants or (Variant(),)
     for index, variant in enumerate(variants):
         tune_neg = variant.lam_neg == "tuned"
-        settings = variant.model_dump(exclude_none=True, exclude={"lam_neg"} if tune_neg else None)
+        settings = variant.model_dump(exclude_none=True, exclude={"lam_grid", *(("lam_neg",) if tune_neg else ())})
+        if variant.lam_grid is not None and not variant.lam_grid:
+            raise TatrError(f"ablation.variants.{index}.lam_grid: give at least one λ")
+        lams = tuple(variant.lam_grid) if variant.lam_grid is not None else tuple(spec.lam)
         try:
             merge = MergeConfig.model_validate({**config.merge.model_dump(), **settings})
         except ValidationError as exc:
@@ -216,7 +222,7 @@ def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
         else:
             grids = [tuple(spec.q)]
         for qs, n, seed in itertools.product(grids, counts, seeds):
-            out.append(Point(merge, seed, n, qs, tuple(spec.lam), tuple(spec.lam_neg) if tune_neg else None))
+            out.append(Point(merge, seed, n, qs, lams, tuple(spec.lam_neg) if tune_neg else None))
     return out
 
 
