@@ -201,8 +201,9 @@ def test_the_declarations_give_todays_config_columns_and_identity() -> None:
 
     options = ("ties_k", "dare_p", "dare_seed", "breadcrumbs_beta", "breadcrumbs_density")
     combined = ("tall_mask_lambda", "consensus_k", "common_space_fraction")  # the combiners' (issue 20)
+    combined += ("fisher_normalize", "minimal_fisher_weight", "regmean_reduce_ratio")  # registered after them
     assert (*options, *combined) == schema.METHOD_OPTIONS
-    assert schema.COLUMNS[schema.COLUMNS.index("lam_neg") + 1 :][:9] == (*options, *combined, "components")
+    assert schema.COLUMNS[schema.COLUMNS.index("lam_neg") + 1 :][:12] == (*options, *combined, "components")
     assert list(MergeConfig.model_fields) == [
         *("method", "trust_region", "q", "lam", "ties_k", "components", "lam_neg"),
         *options[1:],
@@ -217,6 +218,9 @@ def test_the_declarations_give_todays_config_columns_and_identity() -> None:
         "tall_mask_lambda": 0.6,
         "consensus_k": 2,
         "common_space_fraction": 0.8,
+        "fisher_normalize": 1,
+        "minimal_fisher_weight": 1e-6,
+        "regmean_reduce_ratio": 0.95,
     }
     assert set(MergeConfig().identity()) == {"method", "trust_region", "q", "lam", "ties_k", "components"}
     assert set(MergeConfig(method="breadcrumbs").identity()) >= {"ties_k", "breadcrumbs_beta", "breadcrumbs_density"}

@@ -4,7 +4,8 @@ A method's options are flags derived from their declarations (`tatr.core.options
 `--ties-k`, DARE's `--drop-rate`, `--seed`, Breadcrumbs' `--beta`, `--density`. Each is checked at
 the door, in one line: a value out of range, not a number, given to a method that does not read
 it (it would be silently ignored otherwise), or a Breadcrumbs density that keeps no coordinate (the
-merge would be θ_0).
+merge would be θ_0). Fisher merging and RegMean read per-task statistics files (`--statistics`, one
+per `-f`, in order, as `--gradients`): missing for them, or given to another method, is one line.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def _components(ctx: click.Context, param: click.Parameter, value: str | None) -
     help="Per-task signed mean gradient files (components).",
 )
 @click.option(
+    "--statistics",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Per-task statistics files, one per -f in order (fisher: diagonal Fishers; regmean: Gram matrices).",
+)
+@click.option(
     "--components", callback=_components, help="Merge only these parts: orthogonal,positive,negative (comma list)."
 )
 @click.option("--q", default=0.99, show_default=True, type=float, help="Keep quantile: drops ⌈(1−q)·N⌉ coordinates.")
@@ -100,6 +107,7 @@ def command(
     trust_region: str,
     gradients: tuple[Path, ...],
     signed_gradients: tuple[Path, ...],
+    statistics: tuple[Path, ...],
     components: tuple[str, ...] | None,
     q: float,
     lam: float | None,
@@ -118,13 +126,14 @@ def command(
     merge_method = fixed_method(method)  # an unknown name gets "did you mean" before any work
     check_numbers(q=q, lam=lam)
     options = _options(merge_method, flags)
+    merge_method.check_statistics(bool(statistics))
     lam_n = None if lam_neg is None else _parse("--lam-neg", lam_neg, float)
     if lam_n is not None:
         check_numbers(lam_neg=lam_n)
         check_lam_neg_method(merge_method, check_components(components))
     base = header(as_source(pretrained))
     check_sizes(merge_method.sparsify, options, (_numel(s) for s, d in base.values() if d.is_floating_point))
-    inputs = [pretrained, *finetuned, *gradients, *signed_gradients]
+    inputs = [pretrained, *finetuned, *gradients, *signed_gradients, *statistics]
     check_output(out, inputs, suffix=".safetensors", need_bytes=_output_bytes(base))
     start = time.perf_counter()
     plan = plan_merge(
@@ -137,6 +146,7 @@ def command(
         signed_gradients=list(signed_gradients) or None,
         progress=not quiet,
         options=options,
+        statistics=list(statistics) or None,
     )
     plan.prepare([q], release_scores=True)
     merged = plan.merged(q, lam, lam_n)
@@ -199,7 +209,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _expand_multi(argv: list[str]) -> list[str]:
     """Allow `--finetuned a b c` as well as `-f a -f b -f c` (click options take one value each)."""
-    multi = {"--finetuned", "-f", "--gradients", "--signed-gradients"}
+    multi = {"--finetuned", "-f", "--gradients", "--signed-gradients", "--statistics"}
     out: list[str] = []
     current: str | None = None
     for arg in argv:

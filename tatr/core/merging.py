@@ -29,7 +29,7 @@ from tatr.core.components import check_components
 from tatr.core.errors import TatrError
 from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
 from tatr.core.methods import MergeMethod, fixed_method, get_method
-from tatr.core.options import OptionValues, check_options
+from tatr.core.options import COMBINERS, OptionValues, check_options
 from tatr.core.passes import (
     Filter,
     Split,
@@ -42,6 +42,7 @@ from tatr.core.passes import (
     trim_thresholds,
 )
 from tatr.core.sparsify import Sparsifier, Sparsity, sparsifier
+from tatr.core.statistics import TaskStatistics, open_statistics
 from tatr.core.trust_region import NEEDS_GRADIENTS, check_mode, drop_count, drop_order
 from tatr.core.vectors import ParamSpace, TaskSet, open_task_set, pretrained_tensor
 
@@ -62,12 +63,16 @@ class MergePlan:
         progress: bool = False,
         sparsity: Sparsity | Mapping[str, object] | None = None,
         *,
+        statistics: TaskStatistics | Sequence[StateInput] | None = None,
         _arenas: tuple[ParamSpace, Tensor, Tensor | None, Tensor] | None = None,
     ) -> None:
         """`ties_k` and `sparsity` (any mapping of option values, `tatr.core.options`) give the options the
-        method reads; values `plan_merge` checked are not checked again. `_arenas`: a saved plan's (`load`)."""
+        method reads; values `plan_merge` checked are not checked again. `statistics`: one file or mapping
+        per task (or opened) for a method whose combiner reads them (Fisher, RegMean; `open_statistics`).
+        `_arenas`: a saved plan's (`load`)."""
         self.task_set = task_set
         self.method = method
+        self.statistics = _statistics(method, task_set, statistics)
         self.mode = trust_region
         self.options = _option_values(ties_k, sparsity)  # every option; the method reads its own
         self.ties_k = float(self.options["ties_k"])
@@ -195,8 +200,11 @@ class MergePlan:
         return out
 
     def check_lam_neg(self) -> None:
-        """Refuse λ_neg for a plan it cannot apply to (one line): see `check_lam_neg_method`."""
+        """Refuse λ_neg for a plan it cannot apply to (one line): see `check_lam_neg_method`; a combiner
+        (TSV-M, Fisher, …) merges the parts together, so it cannot scale one apart either."""
         check_lam_neg_method(self.method, self.components)
+        if self.method.combine is not None:
+            raise TatrError(f"lam_neg needs a method that sums the parts; {self.method.name} combines them together")
 
     def split_task_vectors(self, q: float) -> tuple[Tensor, Tensor]:
         """(M_rest(q), M_neg(q)): the merge of the chosen components other than negative, and of the
@@ -261,6 +269,8 @@ class MergePlan:
         cache_pretrained: bool = False,
         progress: bool = False,
         sparsity: Sparsity | Mapping[str, object] | None = None,
+        *,
+        statistics: TaskStatistics | Sequence[StateInput] | None = None,
     ) -> MergePlan:
         """Rebuild a plan saved by `save` for the same inputs, skipping the streaming pass."""
         from safetensors.torch import load_file
@@ -275,7 +285,7 @@ class MergePlan:
         space = ParamSpace.build(layout["keys"], task_set.shapes)
         arenas = (space, arrays["tau_sum"], arrays.get("omega"), arrays["order"])
         args = (task_set, method, trust_region, ties_k, components, cache_pretrained, progress, sparsity)
-        return cls(*args, _arenas=arenas)
+        return cls(*args, statistics=statistics, _arenas=arenas)
 
     # --- internals -----------------------------------------------------------------------------
     def _pretrained(self, key: str) -> Tensor:
@@ -308,9 +318,8 @@ class MergePlan:
             if self.method.trim
             else None
         )
-        return reduce_tasks(
-            ts, space, self.method, thresholds, admissible_for, self._pretrained, dtype, self.progress, self.options
-        )
+        args = (ts, space, self.method, thresholds, admissible_for, self._pretrained, dtype, self.progress)
+        return reduce_tasks(*args, self.options, self.statistics)
 
 
 def _option_values(ties_k: float | None, sparsity: Sparsity | Mapping[str, object] | None) -> OptionValues:
@@ -321,6 +330,16 @@ def _option_values(ties_k: float | None, sparsity: Sparsity | Mapping[str, objec
     if ties_k is not None:
         given["ties_k"] = ties_k
     return check_options(given)
+
+
+def _statistics(
+    method: MergeMethod, task_set: TaskSet, given: TaskStatistics | Sequence[StateInput] | None
+) -> TaskStatistics | None:
+    """The method's per-task statistics, opened and checked (`MergeMethod.check_statistics` first)."""
+    method.check_statistics(given is not None)
+    if given is None or isinstance(given, TaskStatistics):
+        return given
+    return open_statistics(given, task_set, COMBINERS.get(method.combine))  # type: ignore[arg-type]
 
 
 def _apply(key: str, theta0: Tensor, step: Tensor, what: str) -> Tensor:
@@ -344,15 +363,19 @@ def plan_merge(
     cache_pretrained: bool = False,
     progress: bool = False,
     options: Mapping[str, object] | None = None,
+    statistics: Sequence[StateInput] | None = None,
     **given: object,
 ) -> MergePlan:
     """Validate the inputs and compute the (q, λ)-independent part of a merge.
 
     The method's options are keywords (`ties_k=20`, `dare_p=0.5`, `breadcrumbs_density=0.9`, …) or an
     `options` mapping: each is checked against its declaration (`tatr.core.options`; their defaults'
-    sources are in `tatr.core.sparsify`), an unknown name gets "did you mean"; a method reads its own."""
+    sources are in `tatr.core.sparsify`), an unknown name gets "did you mean"; a method reads its own.
+    `statistics`: Fisher merging's diagonal Fishers or RegMean's Gram matrices, one file or mapping per task
+    in the order of `finetuned`, keyed by the parameter each applies to (`tatr.core.fisher`, `regmean`)."""
     merge_method = fixed_method(method)
     check_mode(trust_region)
+    merge_method.check_statistics(statistics is not None)
     chosen = check_components(components)
     values = options if isinstance(options, OptionValues) and not given else check_options({**(options or {}), **given})
     if trust_region in NEEDS_GRADIENTS and gradients is None:
@@ -363,7 +386,8 @@ def plan_merge(
         if signed_gradients is None:
             raise TatrError("components need signed mean gradients (--signed-gradients, one file per task)")
     task_set = open_task_set(pretrained, finetuned, gradients, signed_gradients)
-    return MergePlan(task_set, merge_method, trust_region, None, chosen, cache_pretrained, progress, values)
+    args = (task_set, merge_method, trust_region, None, chosen, cache_pretrained, progress, values)
+    return MergePlan(*args, statistics=statistics)
 
 
 def merge(
@@ -379,10 +403,12 @@ def merge(
     signed_gradients: Sequence[StateInput] | None = None,
     progress: bool = False,
     lam_neg: float | None = None,
+    statistics: Sequence[StateInput] | None = None,
     **options: object,
 ) -> dict[str, Tensor]:
     """Merge once: θ_0 + λ·M with the trust region at q (θ_0 + λ·M_rest + λ_neg·M_neg with `lam_neg`).
-    The method's options are keywords, as for `plan_merge`. Returns every key of θ_0."""
+    The method's options are keywords and `statistics` per-task files, as for `plan_merge`. Returns every
+    key of θ_0."""
     check_numbers(q=q, lam=lam, lam_neg=lam_neg)  # before any work
     values = check_options(options)
     if lam_neg is not None:
@@ -397,6 +423,7 @@ def merge(
         signed_gradients=signed_gradients,
         progress=progress,
         options=values,
+        statistics=statistics,
     )
     plan.prepare([q], release_scores=True)
     return plan.merged(q, lam, lam_neg)

@@ -43,6 +43,11 @@ from torch import Tensor
 from tatr.core import consensus as _consensus  # noqa: F401  # registers the consensus combiner and its options
 from tatr.core import sparsify as _sparsify  # noqa: F401  # registers the sparsifiers and their options
 from tatr.core import svd_merges as _svd_merges  # noqa: F401  # registers TSV-M, Iso-C, Iso-CTS
+
+# isort: split
+# registered after the combiners above, so that their options keep their store columns' order
+from tatr.core import fisher as _fisher  # noqa: F401  # registers Fisher merging, its options and statistics
+from tatr.core import regmean as _regmean  # noqa: F401  # registers RegMean, its option and statistics
 from tatr.core.errors import TatrError
 from tatr.core.options import COMBINERS, SPARSIFIERS, Option, all_options
 from tatr.core.registry import Registry
@@ -92,6 +97,23 @@ class MergeMethod:
         """The declarations of the options this configuration reads (`tatr.core.options.Option`)."""
         combined = COMBINERS.get(self.combine).options if self.combine is not None else ()
         return (*SPARSIFIERS.get(self.sparsify).options, *combined)
+
+    @property
+    def statistics(self) -> str | None:
+        """The per-task statistics its combiner reads ("fisher", "gram"; `tatr merge --statistics`), or None."""
+        if self.combine is None:
+            return None
+        kind = COMBINERS.get(self.combine).statistics
+        return None if kind is None else kind.name
+
+    def check_statistics(self, given: bool) -> None:
+        """Statistics (`--statistics`) go with exactly the methods whose combiner reads them (one line each)."""
+        if self.statistics is not None and not given:
+            what = COMBINERS.get(self.combine).statistics.what  # type: ignore[arg-type, union-attr]
+            raise TatrError(f"method '{self.name}' needs per-task {what} statistics (--statistics, one file per task)")
+        if self.statistics is None and given:
+            users = ", ".join(m.name for m in METHODS.values() if m.statistics is not None)
+            raise TatrError(f"statistics (--statistics) apply to {users}, not to method '{self.name}'")
 
     @property
     def linear(self) -> bool:
@@ -212,6 +234,28 @@ for _m in (
         0.3,
         "consensus merging (TALL masks): TA on the coordinates at least k tasks' masks hold",
         combine="consensus",
+    ),
+    MergeMethod(
+        "fisher",
+        "Fisher",
+        "none",
+        False,
+        "sum",
+        1.0,
+        "Fisher merging (FusionBench fisher_merging): Σ F_t θ_t / Σ F_t per coordinate, each task's diagonal Fisher"
+        " F_t from --statistics; other tensors the mean",
+        combine="fisher",
+    ),
+    MergeMethod(
+        "regmean",
+        "RegMean",
+        "none",
+        False,
+        "sum",
+        1.0,
+        "RegMean (FusionBench regmean): per linear weight (Σ G_t)⁻¹ Σ G_t W_t, G_t the Gram matrices of its inputs"
+        " from --statistics; other tensors the mean",
+        combine="regmean",
     ),
 ):
     METHODS.add(_m.name, _m)

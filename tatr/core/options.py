@@ -126,16 +126,38 @@ SPARSIFIERS: Registry[SparsifierKind] = Registry("sparsifier")
 
 
 @dataclass(frozen=True)
+class StatisticKind:
+    """Per-task statistics a combiner reads beside the task vectors (Fisher merging's diagonal Fisher F_t,
+    RegMean's Gram matrices G_t): one file per task, keyed by the parameter each tensor applies to.
+
+    `shape(parameter shape)` is the statistic's shape for that parameter, None where the parameter takes
+    none (a Gram matrix applies to a 2-D weight only); `rule` says it in words, for the one-line errors."""
+
+    name: str  # "fisher", "gram": also the `tatr_statistics` metadata a statistics file may carry
+    what: str  # "diagonal Fisher", "Gram matrix"
+    shape: Callable[[tuple[int, ...]], tuple[int, ...] | None]
+    rule: str
+
+
+@dataclass(frozen=True)
 class CombinerKind:
     """A per-key combination of the T (masked) task vectors of one tensor into its merged task vector,
     for methods that need the T tensors of a key together (TSV-M, Iso-C, Iso-CTS, Consensus), and the
     options it reads. `combine(key, taus, theta0, values)` returns M for that key (θ = θ_0 + λ·M);
-    `together(values)` checks its options jointly."""
+    `together(values)` checks its options jointly.
+
+    A combiner that also reads per-task statistics (Fisher, RegMean) declares them in `statistics`; it is
+    then called as `combine(key, taus, theta0, values, stats, prepared)`, `stats` the T statistics of the
+    key in task order (None where the files have none for it), `prepared` the value of `prepare(opened)`,
+    computed once per merge over every key of the opened statistics (`tatr.core.statistics.TaskStatistics`;
+    Fisher merging's per-task norms), or None without a `prepare`."""
 
     name: str
-    combine: Callable[[str, list[Any], Any, Mapping[str, Any]], Any]
+    combine: Callable[..., Any]
     options: tuple[Option, ...] = ()
     together: Callable[[Mapping[str, Any]], None] | None = None
+    statistics: StatisticKind | None = None
+    prepare: Callable[[Any], Any] | None = None
 
 
 COMBINERS: Registry[CombinerKind] = Registry("combiner")

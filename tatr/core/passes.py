@@ -27,6 +27,7 @@ from tatr.core.errors import TatrError
 from tatr.core.methods import MergeMethod, SignedSums
 from tatr.core.options import COMBINERS
 from tatr.core.sparsify import Sparsifier
+from tatr.core.statistics import TaskStatistics
 from tatr.core.trust_region import NEEDS_GRADIENTS, ConflictAccumulator, RadixSelect, conflict_terms, ties_keep_rank
 from tatr.core.vectors import (
     ParamSpace,
@@ -151,11 +152,13 @@ def reduce_tasks(
     dtype: torch.dtype,
     progress: bool = False,
     options: Mapping[str, Any] | None = None,
+    statistics: TaskStatistics | None = None,
 ) -> Tensor:
     """Stream the tasks tensor by tensor into the merged task vector M (an arena over `space`).
 
     A method with a combiner (`MergeMethod.combine`) gets the T masked task vectors of each tensor
-    together, with the merge `options`, and returns that tensor's M.
+    together, with the merge `options` (and, for a combiner that reads them, the key's per-task
+    `statistics`), and returns that tensor's M.
 
     TIES' zero-sum coordinates take the model-wide majority sign, known only after the last tensor:
     each tensor reports its sign counts and its zero-sum coordinates' "−" result, applied at the end.
@@ -164,7 +167,13 @@ def reduce_tasks(
     positive = negative = 0
     flip_idx: list[Tensor] = []
     flip_val: list[Tensor] = []
-    combine = COMBINERS.get(method.combine).combine if method.combine is not None else None
+    kind = COMBINERS.get(method.combine) if method.combine is not None else None
+    combine = None if kind is None else kind.combine
+    if kind is not None and kind.statistics is not None:
+        if statistics is None:
+            raise TatrError(f"method '{method.name}' needs per-task {kind.statistics.what} statistics (--statistics)")
+        prepared = statistics.prepared()
+        combine = _with_statistics(kind.combine, statistics, prepared)
     for i, key in enumerate(tqdm(space.keys, desc="merge", disable=None if progress else True, leave=False)):
         theta0 = pretrained(key).to(dtype)
         admissible = admissible_for(i)
@@ -188,6 +197,15 @@ def reduce_tasks(
     if method.elect_sign and positive <= negative and flip_idx:  # majority sign − (or 0: the reference's `> 0` fails)
         reduced[torch.cat(flip_idx)] = torch.cat(flip_val)
     return reduced
+
+
+def _with_statistics(
+    combine: Callable[..., Tensor], statistics: TaskStatistics, prepared: Any
+) -> Callable[..., Tensor]:
+    def with_stats(key: str, taus: list[Tensor], theta0: Tensor, values: Mapping[str, Any]) -> Tensor:
+        return combine(key, taus, theta0, values, statistics.tensors(key), prepared)
+
+    return with_stats
 
 
 Split = Callable[[int, Tensor], tuple[Tensor, Tensor]]  # (task, τ_t of one tensor) -> (rest, negative)

@@ -73,7 +73,7 @@ STYLE = {
 # A qualitative list for series that are no method (component variants, unknown labels), by position.
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 # (light, dark) tones of one hue per method, in `METHODS` registration order: average, ta, ties-sum,
-# ties-mean, dare, dare-ties, breadcrumbs, adamerging-task, adamerging-layer, then spares.
+# ties-mean, dare, dare-ties, breadcrumbs, adamerging-task, adamerging-layer, then the combiners'.
 FAMILY_PALETTE = (
     ("#bcaaa4", "#5d4037"),  # brown
     ("#64b5f6", "#0d47a1"),  # blue
@@ -84,9 +84,14 @@ FAMILY_PALETTE = (
     ("#ce93d8", "#6a1b9a"),  # purple
     ("#ef9a9a", "#b71c1c"),  # red
     ("#f48fb1", "#ad1457"),  # pink
-    ("#9fa8da", "#283593"),  # indigo
-    ("#ffe082", "#a86b00"),  # amber
-    ("#b0bec5", "#37474f"),  # blue grey
+    # tsv-m, iso-c, iso-cts, consensus-ta, fisher, regmean: chosen greedily for the largest CIELAB
+    # distance to every tone above (≥ 21; tests/test_figures.py asks > 12)
+    ("#e8b27d", "#73400d"),  # tan
+    ("#7d7de8", "#0909aa"),  # violet blue
+    ("#ebebad", "#aaaa09"),  # khaki
+    ("#7de87d", "#178217"),  # bright green
+    ("#e87de8", "#5a165a"),  # magenta
+    ("#adadeb", "#0d0d73"),  # lavender / navy
 )
 BASELINE_COLORS = {"pretrained": ("#c8c8c8", "#c8c8c8"), "individual": ("#4a4a4a", "#4a4a4a")}
 HATCHES = ("", "", "////", "....", "xxxx", "++++", "\\\\\\\\", "oooo")  # by `MODES` index; "||||" for others
