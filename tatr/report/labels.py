@@ -5,7 +5,7 @@ mode, model), and each of those owns its display name — `MergeMethod.label` in
 `TrustRegionMode.label` in `tatr.core.trust_region`, `components_label` in `tatr.core.components`.
 This module adds only what is not a merge configuration: the pretrained and individual baselines,
 rows stored under older names, the order rows are listed in, the key that identifies a model,
-and the aliases a published CSV may use.
+and the names a published CSV may use: for methods, and for whose fine-tuned checkpoints a number used.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from tatr.core.methods import METHODS, merge_label
 from tatr.core.trust_region import MODES, TR_MODES
 
 __all__ = [
+    "DEFAULT_CHECKPOINTS",
+    "checkpoints_key",
     "drop_text",
     "label_rank",
     "method_label",
@@ -104,12 +106,16 @@ def drop_text(drop: float) -> str:
 _TA, _AVG = METHODS.get("ta").label, METHODS.get("average").label
 _TIES_SUM, _TIES_MEAN = METHODS.get("ties-sum").label, METHODS.get("ties-mean").label
 _DARE, _DARE_TIES, _CRUMBS = (METHODS.get(m).label for m in ("dare", "dare-ties", "breadcrumbs"))
+_ADA_TASK, _ADA_LAYER = (METHODS.get(m).label for m in ("adamerging-task", "adamerging-layer"))
+_TSV, _ISO_C, _ISO_CTS = (METHODS.get(m).label for m in ("tsv-m", "iso-c", "iso-cts"))
+_CONSENSUS, _FISHER, _REGMEAN = (METHODS.get(m).label for m in ("consensus-ta", "fisher", "regmean"))
 _TR = TR_MODES.get("zero-shot").label
 _REFERENCE_ALIASES = {
     "task arithmetic": _TA,
     "task-arithmetic": _TA,
     "ta": _TA,
-    # published TIES rows come from AdaMerging's script: the disjoint sum (`ties-sum`)
+    # published TIES rows come from AdaMerging's script: the disjoint sum (`ties-sum`); FusionBench's
+    # "Ties-Merging" is the same (config ties_merging: merge_func sum, threshold 20)
     "ties": _TIES_SUM,
     "ties-merging": _TIES_SUM,
     "ties merging": _TIES_SUM,
@@ -143,8 +149,39 @@ _REFERENCE_ALIASES = {
     "breadcrumbs+tatr": _CRUMBS + _TR,
     "breadcrumbs+tr": _CRUMBS + _TR,
     "weight averaging": _AVG,
+    "weight average": _AVG,
+    "simple averaging": _AVG,  # FusionBench
+    "simple average": _AVG,
     "averaging": _AVG,
     "average": _AVG,
+    # AdaMerging as FusionBench's tables name it
+    "task-wise adamerging": _ADA_TASK,
+    "layer-wise adamerging": _ADA_LAYER,
+    # the SVD merges as their papers (TSV-M: Gargiulo et al. 2025; Iso: Marczak et al. 2025) and
+    # FusionBench ("ISO-C", "ISO-CTS") name them; TSV-C is their compression scheme, not a merge
+    "tsv-m": _TSV,
+    "tsvm": _TSV,
+    "tsv": _TSV,
+    "tsv-merge": _TSV,
+    "iso-c": _ISO_C,
+    "iso_c": _ISO_C,
+    "iso-cts": _ISO_CTS,
+    "iso_cts": _ISO_CTS,
+    # consensus merging applied to TA (Wang et al. 2024). Not "TALL masks + TA": that is their
+    # compression scheme (one masked model per task, evaluated with its task's mask), not one merge.
+    "consensus ta": _CONSENSUS,
+    "consensus-ta": _CONSENSUS,
+    "consensus task arithmetic": _CONSENSUS,
+    "consensus merging": _CONSENSUS,
+    # the statistics merges as FusionBench names them. RegMean++ (Nguyen et al. 2025) is another
+    # method (it reads the merged model's own activations): it keeps its name.
+    "fisher": _FISHER,
+    "fisher merging": _FISHER,
+    "fisher-merging": _FISHER,
+    "fisher_merging": _FISHER,
+    "regmean": _REGMEAN,
+    "pre-trained": _BASELINES["pretrained"],  # FusionBench's "Pre-trained"
+    "fine-tuned (stl)": _BASELINES["individual"],  # FusionBench's single-task fine-tuned row
     **_BASELINES,
 }
 
@@ -153,3 +190,31 @@ def reference_label(method: str) -> str:
     """The main table's label for a method as a published CSV names it ('TIES' → 'TIES (dis-sum)')."""
     key = " ".join(str(method).strip().lower().split())
     return _REFERENCE_ALIASES.get(key, str(method).strip())
+
+
+# --- whose fine-tuned checkpoints a published number used ------------------------------------------
+# Published numbers on different fine-tuned encoders are different experiments: FusionBench re-trained
+# the eight CLIP encoders (tanganke/clip-vit-*_<task>) and evaluates them with its own pipeline, so its TA
+# is not the TATR paper's TA. The report compares one kind only (`reference_table`).
+TASK_VECTORS = "task_vectors"  # Ilharco et al.'s release (mlfoundations/task_vectors): TATR and AdaMerging
+FUSIONBENCH = "fusionbench"  # FusionBench's re-trained Hugging Face encoders
+TALL_MASKS = "tall_masks"  # Wang et al.'s fine-tunes (nik-dim/tall_masks), used by TSV-M, Iso and Consensus
+# clip8's paper setups (experiments/clip_vit_*.yaml) load the task_vectors release
+DEFAULT_CHECKPOINTS = TASK_VECTORS
+_CHECKPOINTS_ALIASES = {
+    "taskvectors": TASK_VECTORS,
+    "ilharco": TASK_VECTORS,
+    "fusionbench": FUSIONBENCH,
+    "tanganke": FUSIONBENCH,
+    "tallmasks": TALL_MASKS,
+    "tallmask": TALL_MASKS,
+}
+
+
+def checkpoints_key(value: object) -> str | None:
+    """'task_vectors', 'Task-Vectors' → 'task_vectors'; 'FusionBench', 'fusion_bench' → 'fusionbench';
+    another name as its lower-case alphanumerics; None for a blank or missing value."""
+    if missing(value):
+        return None
+    key = re.sub(r"[^a-z0-9]", "", str(value).lower())
+    return _CHECKPOINTS_ALIASES.get(key, key) or None

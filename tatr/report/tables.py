@@ -416,8 +416,19 @@ def baselines_long(df: pd.DataFrame) -> pd.DataFrame:
     return keys.drop(columns=["_r", "_t"]).reset_index(drop=True)
 
 
-def reference_table(df: pd.DataFrame, published: pd.DataFrame | None, benchmark: str) -> Table:
-    """Our average test accuracy next to the published one, per method (and model where given)."""
+def reference_table(
+    df: pd.DataFrame, published: pd.DataFrame | None, benchmark: str, checkpoints: str | None = None
+) -> Table:
+    """Our average test accuracy next to the published one, per method (and model where given).
+
+    Numbers on different fine-tuned checkpoints are never compared (FusionBench's re-trained encoders
+    are not task_vectors'): where the CSV has a `checkpoints` column, only the rows on one kind are kept,
+    `checkpoints` if given, else the store's own `checkpoints` column where it names one kind, else
+    `DEFAULT_CHECKPOINTS` (task_vectors', which clip8's paper setups load). A row with no value there
+    is the default kind's (the file's convention before the column); a CSV without the column is one kind.
+    """
+    from tatr.report.labels import DEFAULT_CHECKPOINTS, checkpoints_key  # to join the module imports above
+
     title = "Average test accuracy (%): this harness vs the published numbers"
     empty = empty_table("reference", title)
     if published is None or published.empty:
@@ -432,6 +443,19 @@ def reference_table(df: pd.DataFrame, published: pd.DataFrame | None, benchmark:
         pub = pub.rename(columns={"average": "accuracy"})  # one row per method, the average only
     if pub.empty or "method" not in pub.columns or "accuracy" not in pub.columns:
         return empty
+    kind, left_out = None, ""
+    if "checkpoints" in pub.columns:  # one kind of checkpoints only: never across them
+        kind = checkpoints_key(checkpoints)
+        if kind is None and "checkpoints" in df.columns:
+            stored = {k for k in df["checkpoints"].map(checkpoints_key) if k is not None}
+            if len(stored) > 1:
+                return empty  # a store on several kinds: no single set of published rows to compare with
+            kind = stored.pop() if stored else None
+        kind = kind or DEFAULT_CHECKPOINTS
+        kinds = pub["checkpoints"].map(checkpoints_key).fillna(DEFAULT_CHECKPOINTS)
+        others = sorted(set(kinds[kinds != kind]))
+        left_out = f" Other checkpoints' published rows ({', '.join(others)}) are left out." if others else ""
+        pub = pub[kinds == kind]
     task_col = "task" if "task" in pub.columns else None
     if task_col is not None:
         pub = pub[pub[task_col].astype(str).str.lower().isin(["average", "avg", "mean"])]
@@ -466,6 +490,10 @@ def reference_table(df: pd.DataFrame, published: pd.DataFrame | None, benchmark:
     mean["Δ"] = mean["Ours"] - mean["Published"]
     std = pd.DataFrame(np.nan, index=mean.index, columns=mean.columns)
     info = pd.DataFrame({"Source": [r[3] or "–" for r in rows]}, index=mean.index)
+    if kind is not None:
+        info["Checkpoints"] = kind
     seeds = pd.Series(1, index=mean.index)
     note = "Ours: the main table's average for the same method; – where this store has no such row."
+    if kind is not None:
+        note += f" Published: only the rows on the {kind} fine-tuned checkpoints.{left_out}"
     return Table("reference", title, mean, std, seeds, info, note=note)
