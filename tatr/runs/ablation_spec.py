@@ -16,6 +16,10 @@ plus an `ablation:` block that says what to vary:
       exemplars: [1, 2, 4, …]     # exemplar-count: exemplars per task of each point
       suite_seeds: false          # true: each seed is also the suite's `seed` (a testbed build per seed)
 
+Fisher merging and RegMean read per-task statistics the suite computes at each θ_t: the file's
+`statistics:` section (`tatr.runs.config.StatisticsConfig`: n, seed, batch, fisher_estimator), which a
+variant may change key by key, e.g. `{method: fisher, statistics: {fisher_estimator: per-sample}}`.
+
 The file is read like an experiment (`tatr.runs.config`: one YAML reader, one `key=value`
 override syntax, one error format); `ablation.x=…` overrides go to the block, through the same
 value parser, and a misspelt key gets the one did-you-mean (`tatr.core.registry.did_you_mean`).
@@ -45,6 +49,7 @@ from tatr.runs.config import (
     MergeConfig,
     Name,
     SplitName,
+    StatisticsConfig,
     TrustRegionName,
     apply_override,
     option_fields,
@@ -80,6 +85,8 @@ Variant = create_model(  # type: ignore[call-overload]
     # a grid tuned for TA); a variant without it is tuned on the block's grid, so its identity is unchanged
     lam_grid=(tuple[float, ...] | None, None),
     **option_fields("read", optional=True),
+    # the keys of the file's `statistics` this variant changes (Fisher merging, RegMean; checked as the file's)
+    statistics=(StatisticsConfig | None, None),
 )
 
 
@@ -135,6 +142,7 @@ class Point:
     qs: tuple[float, ...]
     lams: tuple[float, ...]
     lam_negs: tuple[float, ...] | None = None  # tune λ_neg over these too (None: merge.lam_neg as set)
+    statistics: StatisticsConfig | None = None  # those of a method that reads them (Fisher, RegMean), else None
 
     @property
     def uses_exemplars(self) -> bool:
@@ -148,6 +156,10 @@ class Point:
             text += f" components={components_label(list(m.components), own)}"
         if self.uses_exemplars:
             text += f" n={self.exemplars} seed={self.seed}"
+        kind = get_method(m.method).statistics
+        if kind is not None and self.statistics is not None:
+            s = self.statistics
+            text += f" [{s.fisher_estimator + ' ' if kind == 'fisher' else ''}statistics n={s.n} seed={s.seed}]"
         if len(self.qs) == 1 and m.trust_region != "off":
             text += f" q={self.qs[0]:g}"
         return text
@@ -202,7 +214,8 @@ def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
     variants = spec.variants or (Variant(),)
     for index, variant in enumerate(variants):
         tune_neg = variant.lam_neg == "tuned"
-        settings = variant.model_dump(exclude_none=True, exclude={"lam_grid", *(("lam_neg",) if tune_neg else ())})
+        skip = {"lam_grid", "statistics", *(("lam_neg",) if tune_neg else ())}
+        settings = variant.model_dump(exclude_none=True, exclude=skip)
         if variant.lam_grid is not None and not variant.lam_grid:
             raise TatrError(f"ablation.variants.{index}.lam_grid: give at least one λ")
         lams = tuple(variant.lam_grid) if variant.lam_grid is not None else tuple(spec.lam)
@@ -212,6 +225,7 @@ def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
             raise TatrError(validation_error(exc, None, f"ablation.variants.{index}")) from None
         if tune_neg:
             check_lam_neg_method(get_method(merge.method), merge.components)  # one line, before any work
+        statistics = _statistics(config, variant, merge, index)
         uses = uses_exemplars(merge.trust_region, merge.components)
         seeds = spec.seeds if uses or spec.suite_seeds else spec.seeds[:1]
         counts = spec.exemplars if spec.kind == AblationKind.EXEMPLAR_COUNT else (config.exemplars.n,)
@@ -222,8 +236,20 @@ def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
         else:
             grids = [tuple(spec.q)]
         for qs, n, seed in itertools.product(grids, counts, seeds):
-            out.append(Point(merge, seed, n, qs, lams, tuple(spec.lam_neg) if tune_neg else None))
+            out.append(Point(merge, seed, n, qs, lams, tuple(spec.lam_neg) if tune_neg else None, statistics))
     return out
+
+
+def _statistics(config: ExperimentConfig, variant: Any, merge: Any, index: int) -> StatisticsConfig | None:
+    """A point's statistics: the file's, with the keys its variant sets, for a method that reads them;
+    None for the others (a variant's statistics for one of them is refused in one line)."""
+    if get_method(merge.method).statistics is None:
+        if variant.statistics is not None:
+            raise TatrError(f"ablation.variants.{index}.statistics: method '{merge.method}' reads no statistics")
+        return None
+    if variant.statistics is None:
+        return config.statistics
+    return config.statistics.model_copy(update=variant.statistics.model_dump(exclude_unset=True))
 
 
 def per_suite_seed(config: ExperimentConfig, spec: AblationSpec) -> list[tuple[ExperimentConfig, AblationSpec]]:

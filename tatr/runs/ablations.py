@@ -10,6 +10,11 @@ grid index), the test evaluation of the chosen point is the point's run. One sto
 written when the point is done, so an interrupted ablation keeps its finished points. With
 `baselines: true`, θ_0 (Pretrained) and each θ_t on its own task (Individual) are recorded too, as
 `job_type="baseline"` runs. The gradient-correlation kind is `tatr.runs.correlation`.
+
+Fisher merging and RegMean points read the suite's statistics at each θ_t (`Point.statistics`: the
+file's `statistics`, changed by the variant): they are computed once and cached, and what they depend on
+(n, seed, batch, and the Fisher's estimator) enters the point's identity and its rows' config, so the two
+Fisher estimators never give one identity.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 from tatr.core.adamerging import is_adamerging
 from tatr.core.cache import content_hash
+from tatr.core.methods import get_method
 from tatr.runs.ablation_spec import AblationSpec, Point, per_suite_seed, points
 from tatr.runs.adamerging import AdaTuned, tune_adamerging, with_coefficients
 from tatr.runs.config import ExperimentConfig, config_dict
@@ -78,7 +84,16 @@ def run(
                     book, point.merge, point.qs, cfg.adamerging, exemplars, *splits, seed=point.seed
                 )
             else:
-                tuned = tune_grid(book, point.merge, point.qs, point.lams, exemplars, *splits, lam_negs=point.lam_negs)
+                tuned = tune_grid(
+                    book,
+                    point.merge,
+                    point.qs,
+                    point.lams,
+                    exemplars,
+                    *splits,
+                    lam_negs=point.lam_negs,
+                    statistics=point.statistics,
+                )
             book.clear()  # a point's plan is used once; the cache folder stays for the next point
             records = point_records(cfg, part, point, tuned, key, suite_model(suite))
             if isinstance(tuned, AdaTuned):
@@ -98,7 +113,10 @@ def run(
 
 
 def point_hash(config: ExperimentConfig, spec: AblationSpec, point: Point) -> str:
-    """Identity of a point's result: the benchmark, its options, the merge, the grid, the splits."""
+    """Identity of a point's result: the benchmark, its options, the merge, the grid, the splits (and the
+    statistics of a method that reads them, AdaMerging's settings for AdaMerging)."""
+    stats = point.statistics
+    kind = None if stats is None else get_method(point.merge.method).statistics
     return content_hash(
         "ablation-point",
         spec.kind,
@@ -113,6 +131,7 @@ def point_hash(config: ExperimentConfig, spec: AblationSpec, point: Point) -> st
         spec.tune_split,
         spec.eval_split,
         *((config.adamerging.model_dump(mode="json"),) if is_adamerging(point.merge.method) else ()),
+        *(({"statistics": stats.identity(kind)},) if stats is not None and kind is not None else ()),
     )[:12]
 
 
@@ -140,6 +159,7 @@ def point_records(
                 "merge": point.merge.model_copy(update={"q": q, "lam": lam, "lam_neg": lam_neg}),
                 "exemplars": config.exemplars.model_copy(update={"n": point.exemplars, "seed": point.seed}),
                 "seed": point.seed,
+                **({} if point.statistics is None else {"statistics": point.statistics}),
             }
         )
         return {**config_dict(cfg), "ablation": spec.model_dump(mode="json")}

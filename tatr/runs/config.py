@@ -48,6 +48,7 @@ from tatr.core.trust_region import check_mode, check_q
 from tatr.io.safe_yaml import load_yaml as _load
 from tatr.io.safe_yaml import name_text, read_yaml_mapping
 from tatr.store.schema import check_split
+from tatr.suites.task_statistics import check_fisher_estimator
 
 # A name (method, suite, study): a YAML number written for it (`2024`) is read back as its text.
 Name = Annotated[str, BeforeValidator(name_text)]
@@ -78,12 +79,13 @@ def _unique(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
-# Names checked against their registries (`TR_MODES`, `COMPONENTS`, `SPLITS`): one list each, and an
-# unknown name gets the registries' one line with "did you mean".
+# Names checked against their registries (`TR_MODES`, `COMPONENTS`, `SPLITS`, `FISHER_ESTIMATORS`): one list
+# each, and an unknown name gets the registries' one line with "did you mean".
 TrustRegionName = Annotated[str, AfterValidator(_door(check_mode))]
 ComponentName = Annotated[str, AfterValidator(_door(_component))]
 Components = Annotated[tuple[ComponentName, ...], AfterValidator(_unique)]
 SplitName = Annotated[str, AfterValidator(_door(check_split))]
+FisherEstimatorName = Annotated[str, AfterValidator(_door(check_fisher_estimator))]  # FISHER_ESTIMATORS
 Quantile = Annotated[float, AfterValidator(_door(check_q))]
 
 
@@ -171,6 +173,38 @@ class ExemplarConfig(_Frozen):
     seed: int = Field(0, ge=0)
 
 
+class StatisticsConfig(_Frozen):
+    """The per-task statistics of the methods that read them (Fisher merging, RegMean), which a suite
+    computes at each θ_t (`tatr.suites.task_statistics`); the defaults are FusionBench's CLIP settings
+    (`clip_fisher_merging.yaml`, `clip_regmean.yaml`: 256 examples of the task's training split in
+    batches of 32).
+
+    `fisher_estimator`: `fusionbench` (FusionBench's CLIP estimator, the published numbers' one),
+    `per-sample` (the diagonal Fisher, Σ_y p·(∇ log p)²) or `empirical` (the labels' squared gradient);
+    RegMean's Gram matrices have one estimator. `seed` draws the examples (as `exemplars.seed` draws
+    the exemplars: the first `exemplars.n` of a draw are the exemplars of the same seed). Everything
+    here that a method's statistics depend on enters its results' identity (`identity`)."""
+
+    n: int = Field(256, ge=1)
+    seed: int = Field(0, ge=0)
+    batch: int = Field(32, ge=1)
+    fisher_estimator: FisherEstimatorName = "fusionbench"
+
+    def identity(self, kind: str) -> dict[str, Any]:
+        """What statistics of `kind` ("fisher", "gram") depend on: the estimator only for the Fisher."""
+        data = self.model_dump(mode="json")
+        if kind != "fisher":
+            data.pop("fisher_estimator")
+        return data
+
+
+def reads_statistics(method: object) -> str | None:
+    """The statistics kind ("fisher", "gram") a registered method reads, or None (unknown names: None)."""
+    from tatr.core.methods import METHODS
+
+    return METHODS.get(method).statistics if isinstance(method, str) and method in METHODS else None
+
+
 class AdaMergingConfig(_Frozen):
     """AdaMerging's settings (`tatr.core.adamerging`); the defaults are the paper's (ViT-B/32, 500 steps).
 
@@ -206,6 +240,7 @@ class ExperimentConfig(_Frozen):
     merge: MergeConfig = MergeConfig()
     exemplars: ExemplarConfig = ExemplarConfig()
     adamerging: AdaMergingConfig = AdaMergingConfig()
+    statistics: StatisticsConfig = StatisticsConfig()
     split: SplitName = "validation"
     seed: int = Field(0, ge=0)
 
@@ -261,7 +296,18 @@ def override_value(text: str) -> Any:
 
 
 def config_dict(config: BaseModel) -> dict[str, Any]:
-    return config.model_dump(mode="json")
+    """The resolved config as JSON-able data (saved beside results, hashed, given to W&B). An experiment's
+    `statistics` section is left out where its method reads none and it holds the defaults: reading the
+    dict back gives the same config, and the configs and hashes of every other method stay as they were
+    before the section existed (a sweep resumes, an ablation point keeps its identity)."""
+    data = config.model_dump(mode="json")
+    if (
+        isinstance(config, ExperimentConfig)
+        and reads_statistics(config.merge.method) is None
+        and config.statistics == StatisticsConfig()
+    ):
+        data.pop("statistics")
+    return data
 
 
 def config_hash(config: BaseModel) -> str:

@@ -10,7 +10,12 @@ evaluate` all get their plans here, so they merge the same way:
   vectors again.
 * A `PlanBook` keeps, per process, the exemplar gradients per draw (n, seed) and one loaded plan
   per (method, mode, the options the method reads (TIES k, DARE's p and seed, Breadcrumbs' β and
-  density), components, exemplar draw). λ and λ_neg are trial arguments, not part of a plan.
+  density), components, exemplar draw, and the statistics of a method that reads them). λ and λ_neg
+  are trial arguments, not part of a plan.
+* Fisher merging and RegMean read per-task statistics at each θ_t: the book asks the suite for them
+  once per (kind, `StatisticsConfig` identity) (`tatr.suites.task_statistics.suite_statistics`, cached
+  by content under the cache root's `statistics/`) and hands the files to the plan. They change only
+  the combine step, so the arenas' folder is the same as every other method's.
 
 A plan loaded from the cache gives the same merges as one built in memory: the arrays are the same,
 and the drop order of a lower q extends that of a higher one (ties by ascending index), so which q
@@ -26,7 +31,7 @@ from typing import Any
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.errors import TatrError
 from tatr.core.trust_region import needs_gradients, uses_exemplars
-from tatr.runs.config import ExemplarConfig, ExperimentConfig, MergeConfig
+from tatr.runs.config import ExemplarConfig, ExperimentConfig, MergeConfig, StatisticsConfig
 
 PLAN_FORMAT = 2  # bump when the cached plan's meaning changes (2: float64 arenas for float64 models)
 # Loaded plans a book keeps (least recently used out first): a sweep over a method option (TIES k,
@@ -60,6 +65,7 @@ class PlanBook:
         self.pretrained = Path(ckpt.pretrained)
         self.finetuned = [Path(ckpt.finetuned[t]) for t in suite.tasks]
         self._grads: dict[tuple[int, int], Any] = {}
+        self._statistics: dict[str, list[Path]] = {}
         self._plans: dict[tuple, Any] = {}
         self._folders: dict[tuple, Path] = {}
 
@@ -69,6 +75,21 @@ class PlanBook:
         if (ex.n, ex.seed) not in self._grads:
             self._grads[ex.n, ex.seed] = self.suite.exemplar_gradients(ex.n, ex.seed)
         return self._grads[ex.n, ex.seed]
+
+    def statistics(self, kind: str, statistics: StatisticsConfig | None = None) -> list[Path]:
+        """The per-task statistics files of `kind` ("fisher", "gram") in task order, computed by the suite
+        or read from its cache once per process; `statistics` defaults to the book's config's."""
+        from tatr.suites.task_statistics import suite_statistics
+
+        s = statistics or self.config.statistics
+        memo = content_hash(kind, s.identity(kind))
+        if memo not in self._statistics:
+            options = {"batch_size": s.batch, "cache_root": self.cache_root}
+            if kind == "fisher":
+                options["estimator"] = s.fisher_estimator
+            files = suite_statistics(self.suite, kind, s.n, s.seed, **options)
+            self._statistics[memo] = [Path(files[t]) for t in self.suite.tasks]
+        return self._statistics[memo]
 
     def _gradient_files(self, exemplars: ExemplarConfig | None, signed: bool = False) -> list[Path]:
         grads = self.gradients(exemplars)
@@ -98,8 +119,11 @@ class PlanBook:
         self._folders[memo] = cached_dir(Path(root) / "sweep-plans", key, build)
         return self._folders[memo]
 
-    def get(self, merge: MergeConfig, exemplars: ExemplarConfig | None = None) -> Any:
-        """The plan for one merge configuration and exemplar draw (loaded once per process)."""
+    def get(
+        self, merge: MergeConfig, exemplars: ExemplarConfig | None = None, statistics: StatisticsConfig | None = None
+    ) -> Any:
+        """The plan for one merge configuration and exemplar draw (loaded once per process); a method that
+        reads statistics gets the suite's under `statistics` (default: the book's config's)."""
         from tatr.core.components import check_components
         from tatr.core.merging import MergePlan
         from tatr.core.methods import fixed_method
@@ -110,7 +134,10 @@ class PlanBook:
         draw = (ex.n, ex.seed) if uses_exemplars(merge.trust_region, merge.components) else None
         method = fixed_method(merge.method)
         options = tuple(getattr(merge, name) for name in method.options)  # what this method reads
-        key = (merge.method, merge.trust_region, options, components, draw)
+        kind = method.statistics
+        stats = None if kind is None else (statistics or self.config.statistics)
+        stats_key = None if stats is None or kind is None else content_hash(kind, stats.identity(kind))
+        key = (merge.method, merge.trust_region, options, components, draw, stats_key)
         if key in self._plans:
             self._plans[key] = self._plans.pop(key)  # most recently used last
             return self._plans[key]
@@ -119,6 +146,7 @@ class PlanBook:
         folder = self.folder(merge.trust_region, ex)
         grads = self._gradient_files(ex) if needs_gradients(merge.trust_region) else None
         signed = self._gradient_files(ex, signed=True) if components is not None else None
+        files = None if kind is None else self.statistics(kind, stats)
         task_set = open_task_set(self.pretrained, self.finetuned, grads, signed)
         plan = MergePlan.load(
             folder,
@@ -129,6 +157,7 @@ class PlanBook:
             components,
             cache_pretrained=True,
             sparsity=merge.options(),  # every method option (checked by the config), the method reads its own
+            statistics=files,
         )
         plan.prepare([self.q_min])
         while len(self._plans) >= MAX_PLANS:
@@ -143,10 +172,13 @@ class PlanBook:
 
 
 def merge_once(
-    plans: PlanBook, merge: MergeConfig, exemplars: ExemplarConfig | None = None
+    plans: PlanBook,
+    merge: MergeConfig,
+    exemplars: ExemplarConfig | None = None,
+    statistics: StatisticsConfig | None = None,
 ) -> tuple[dict, float, dict[str, tuple[int, int]] | None]:
     """The merged state dict, the seconds the merge took, and the mask statistics (None without a mask)."""
-    plan = plans.get(merge, exemplars)
+    plan = plans.get(merge, exemplars, statistics)
     start = time.perf_counter()
     merged = plan.merged(merge.q, merge.lam, merge.lam_neg)
     seconds = time.perf_counter() - start

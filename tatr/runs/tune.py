@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tatr.core.errors import TatrError
-from tatr.runs.config import ExemplarConfig, MergeConfig
+from tatr.runs.config import ExemplarConfig, MergeConfig, StatisticsConfig
 from tatr.runs.plan import PlanBook, merge_once
 
 
@@ -74,10 +74,15 @@ def evaluate_merge(
 
 
 def test_choice(
-    book: PlanBook, merge: MergeConfig, exemplars: ExemplarConfig | None = None, split: str = "test"
+    book: PlanBook,
+    merge: MergeConfig,
+    exemplars: ExemplarConfig | None = None,
+    split: str = "test",
+    statistics: StatisticsConfig | None = None,
 ) -> Tested:
-    """Merge `merge` (its q and λ are the choice) with the book's plan and evaluate it once on `split`."""
-    merged, merge_seconds, mask = merge_once(book, merge, exemplars)
+    """Merge `merge` (its q and λ are the choice) with the book's plan and evaluate it once on `split`
+    (`statistics`: those of a method that reads them, default the book's config's)."""
+    merged, merge_seconds, mask = merge_once(book, merge, exemplars, statistics)
     evaluation, seconds = evaluate_merge(book.suite, merged, split)
     return Tested(evaluation, merge_seconds, seconds, mask)
 
@@ -140,18 +145,20 @@ def tune_grid(
     eval_split: str = "test",
     allow_test_tuning: bool = False,
     lam_negs: Sequence[float] | None = None,
+    statistics: StatisticsConfig | None = None,
 ) -> Tuned:
     """Grid over (q, λ) on `tune_split` with one plan, then the best (q, λ) once on `eval_split`.
 
     Without a trust region q changes nothing: pass `qs=(1.0,)`. The plan's building time is counted
     in the tested merge's seconds (it is the cost of getting that merge). `lam_negs`: also tune the
-    negative component's own λ_neg over this grid (None: `merge.lam_neg` as it is, for every trial)."""
+    negative component's own λ_neg over this grid (None: `merge.lam_neg` as it is, for every trial).
+    `statistics`: Fisher merging's and RegMean's (default: the book's config's)."""
     refuse_test_tuning(tune_split, allow_test_tuning, "set allow_test_tuning")
     if not qs or not lams or (lam_negs is not None and not lam_negs):
         raise TatrError("a tuning grid needs at least one q and one λ (and one λ_neg when it tunes λ_neg)")
     negs: Sequence[float | None] = (merge.lam_neg,) if lam_negs is None else tuple(lam_negs)
     start = time.perf_counter()
-    plan = book.get(merge, exemplars)
+    plan = book.get(merge, exemplars, statistics)
     if lam_negs is not None:
         plan.check_lam_neg()  # one line before any trial
     plan.prepare(qs)  # rank once for the lowest q; Ω is kept so the best q can be revisited
@@ -171,6 +178,6 @@ def tune_grid(
                     best = trial
     assert best is not None
     chosen = merge.model_copy(update={"q": best.q, "lam": best.lam, "lam_neg": best.lam_neg})
-    tested = test_choice(book, chosen, exemplars, eval_split)
+    tested = test_choice(book, chosen, exemplars, eval_split, statistics)
     tested = Tested(tested.evaluation, plan_seconds + tested.merge_seconds, tested.eval_seconds, tested.mask)
     return Tuned(chosen, best.mean, tested, trials, time.perf_counter() - start)

@@ -105,7 +105,15 @@ class Suite(Protocol):
         ...
 
     def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
-        """Gradient statistics at θ_0 for every task (cached by content hash)."""
+        """Gradient statistics at θ_0 for every task (cached by content hash).
+
+        Fisher merging and RegMean read other per-task statistics, at each θ_t. A suite may define
+        `task_statistics(kind, n, seed, *, estimator, batch_size) -> {task: path}` ("fisher" or "gram",
+        cached by content) and `statistics_loader(task, n, seed, batch_size)` (the examples they are
+        computed on); the built-in suites do (`tatr.suites.task_statistics`). Neither is part of this
+        protocol: without them the statistics are computed over it (θ_t from `checkpoints`, `encoder`,
+        `head`, `logit_scale`, the exemplar loader's batches cut again), so a plugin suite runs them too.
+        """
         ...
 
     def evaluate(

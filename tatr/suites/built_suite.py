@@ -20,6 +20,8 @@ The defaults:
 * `finetune` (a function, called by the builds): the one fine-tune loop, every weight against the frozen
   head with the one cosine rule (`tatr.core.classify`), AdamW with warmup + cosine (`warmup_cosine`).
 * `exemplar_gradients`: `tatr.suites.evaluation.exemplar_gradients` with the suite's `gradient_chunk`.
+* `task_statistics` (Fisher merging's and RegMean's, at each θ_t: `tatr.suites.task_statistics`) over
+  `statistics_loader`, the exemplar draw of a seed in batches of any size.
 * `unlabeled_loader`: endless seeded batches of a split's stored inputs, through `prepare`.
 """
 
@@ -51,6 +53,7 @@ from tatr.suites.base import (
     shuffled_batches,
     torch_threads,
 )
+from tatr.suites.task_statistics import task_statistics
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -233,6 +236,23 @@ class BuiltSuite:
         """Gradient statistics at θ_0 for every task, cached by content (`tatr.suites.evaluation`)."""
         chunk, progress = self.gradient_chunk, self.progress
         return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, chunk=chunk, progress=progress)
+
+    def statistics_loader(self, task: str, n: int, seed: int, batch_size: int = 32) -> list[tuple[Tensor, Tensor]]:
+        """`n` training examples of `task` drawn with `seed` (the exemplar draw: the same permutation, so
+        the first `exemplars.n` are the exemplars of that seed), `prepare`d in batches of `batch_size`."""
+        x, y = self._split(task, "train")
+        if not 1 <= n <= len(y):
+            raise TatrError(f"statistics.n must be between 1 and {len(y)} for {self.name} task '{task}', got {n}")
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+        return [(self.prepare(x[i]), y[i]) for i in idx.split(batch_size)]
+
+    def task_statistics(
+        self, kind: str, n: int, seed: int, *, estimator: str = "fusionbench", batch_size: int = 32
+    ) -> dict[str, Path]:
+        """Fisher merging's or RegMean's statistics at each θ_t, per task, cached by content
+        (`tatr.suites.task_statistics`); the per-sample Fishers with the suite's `gradient_chunk`."""
+        options = {"cache_root": self.cache_root, "chunk": self.gradient_chunk, "progress": self.progress}
+        return task_statistics(self, kind, n, seed, estimator=estimator, batch_size=batch_size, **options)
 
     # --- helpers --------------------------------------------------------------------------------
     def _split(self, task: str, split: str) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,8 @@
 
 Evaluation runs in batches on the GPU when there is one (`suite.device`), with a progress bar;
 exemplar gradients use `tatr.suites.evaluation.exemplar_gradients` (the vectorised per-sample estimator)
-in `suite.gradient_precision` (fp32 or bf16).
+in `suite.gradient_precision` (fp32 or bf16), and so do Fisher merging's and RegMean's statistics at each θ_t
+(`tatr.suites.task_statistics`, through the views of `tatr.suites.clip8.views`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ from tatr.suites.clip8.checkpoints import CACHE_FORMAT, expand_path, finetuned_s
 from tatr.suites.clip8.convert import VISUAL
 from tatr.suites.clip8.data import TASKS, TaskData, load_task, unknown_task
 from tatr.suites.clip8.templates import TEMPLATES
+from tatr.suites.clip8.views import GradientView as _GradientView
+from tatr.suites.clip8.views import StatisticsView
+from tatr.suites.task_statistics import task_statistics
 
 # Bump when a cached artefact changes meaning (θ_0 extraction, head recipe, normalisation).
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -365,42 +369,19 @@ class Clip8:
             view, n, seed, cache_root=self.cache_root, chunk=self.options.gradient_chunk, progress=self.options.progress
         )
 
+    def task_statistics(
+        self, kind: str, n: int, seed: int, *, estimator: str = "fusionbench", batch_size: int = 32
+    ) -> dict[str, Path]:
+        """Fisher merging's or RegMean's statistics at each θ_t over `n` train examples, in the gradient
+        precision, cached (`tatr.suites.task_statistics`; the per-sample Fishers in `gradient_chunk`s)."""
+        view, o = StatisticsView(self, self.options.gradient_precision), self.options
+        options = {"cache_root": self.cache_root, "chunk": o.gradient_chunk, "progress": o.progress}
+        return task_statistics(view, kind, n, seed, estimator=estimator, batch_size=batch_size, **options)
+
     def _check_task(self, task: str) -> str:
         if task not in self.tasks:
             raise TatrError(f"unknown clip8 task '{task}' (this suite has: {', '.join(self.tasks)})")
         return task
-
-
-class _GradientView:
-    """The suite as `tatr.suites.evaluation.exemplar_gradients` sees it, in the gradient precision.
-
-    Exemplars and heads are moved to the suite's device up front, so the vmapped per-sample
-    gradients never cross devices. The name carries the precision because the generic cache
-    key includes the suite name: fp32 and bf16 statistics must not share a cache entry.
-    """
-
-    def __init__(self, suite: Clip8, precision: str) -> None:
-        self.suite = suite
-        self.name = f"clip8[{suite.options.model},{precision}]"
-        self.tasks = suite.tasks
-        self.precision = precision
-
-    def checkpoints(self) -> Checkpoints:
-        return Checkpoints(self.suite._pretrained_dir / "visual.safetensors", {})
-
-    def encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
-        return self.suite.encoder(state_dict, precision=self.precision)
-
-    def head(self, task: str) -> Tensor:
-        return self.suite.head(task).to(self.suite.device)
-
-    def logit_scale(self) -> float:
-        return self.suite.logit_scale()
-
-    def exemplar_loader(self, task: str, n: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-        device = self.suite.device
-        for x, y in self.suite.exemplar_loader(task, n, seed):
-            yield x.to(device), y.to(device)
 
 
 @SUITES.register("clip8")
