@@ -270,3 +270,30 @@ def test_mask_ratio_points_compare_with_q_one(tmp_path):
     assert block.frame.loc["1%", "reference"] == "0%"
     assert table.low.at["1%", "TA+TR"] < table.mean.at["1%", "TA+TR"] < table.high.at["1%", "TA+TR"]
     assert "Δ TA+TR vs 0% dropped [95% CI]" in table.to_markdown()
+
+
+def test_findings_say_a_pair_once_when_the_main_table_shows_the_plugin_runs():
+    from tatr.report.comparisons import Comparison
+    from tatr.report.findings import findings
+    from tatr.report.render import Table
+
+    def table(name: str, delta: float) -> Table:
+        rows = ["DARE", "DARE+TR", "TA", "TA+TR"]
+        mean = pd.DataFrame({"Average": [70.0, 70.5, 70.0, 70.0]}, index=rows)
+        frame = pd.DataFrame(
+            {"reference": ["DARE", "TA"], "delta": [0.5, delta], "low": [0.1, -0.2], "high": [0.9, 0.3],
+             "p": [0.01, 0.5], "p_holm": [0.02, 0.5], "significant": [True, False], "seeds": [1, 1],
+             "discordant": [0.05, 0.02]},
+            index=["DARE+TR", "TA+TR"],
+        )  # fmt: skip
+        return Table(
+            name, "t", mean, mean * np.nan, pd.Series(1, index=rows), comparisons=[Comparison("vs no-TR", frame)]
+        )
+
+    found = dict(findings([table("main", 0.3), table("ablation_plugin", 0.1)]))
+    assert [s.split(":")[0] for s in found["main table"]] == ["DARE+TR over DARE", "TA+TR over TA"]
+    assert [s.split(":")[0] for s in found["plug-in ablation"]] == ["TA+TR over TA"]  # DARE's pair said once
+    assert (
+        found["main table"][0]
+        == "DARE+TR over DARE: +0.5 points [+0.1, +0.9], 1 seed, significant after Holm (p = 0.020)."
+    )

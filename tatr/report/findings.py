@@ -45,9 +45,10 @@ def sentence(row: str, frame_row: pd.Series) -> str:
 
 def findings(tables: Sequence[Table]) -> list[tuple[str, list[str]]]:
     """(where, sentences) for the main table and the plug-in ablation, in table order; empty where a
-    table has no trust-region pairs."""
+    table has no trust-region pairs. A plug-in pair the main table already states (its row comes from
+    the plug-in ablation: the same runs, the same difference) is said once, in the main table."""
     by_name = {t.name: t for t in tables if not t.empty}
-    out = []
+    out, said = [], set()
     for name, where in SOURCES:
         table = by_name.get(name)
         if table is None:
@@ -55,8 +56,16 @@ def findings(tables: Sequence[Table]) -> list[tuple[str, list[str]]]:
         block = next((c.frame for c in table.comparisons if c.name == HEADLINE), None)
         if block is None or block.empty:
             continue
-        rows = [r for r in map(str, table.mean.index) if r in block.index]
-        out.append((where, [sentence(r, block.loc[r]) for r in rows]))
+        sentences = []
+        for row in (r for r in map(str, table.mean.index) if r in block.index):
+            r = block.loc[row]
+            key = (row, r["reference"], None if pd.isna(r["delta"]) else round(float(r["delta"]), 9), r["seeds"])
+            if key in said:
+                continue
+            said.add(key)
+            sentences.append(sentence(row, r))
+        if sentences:
+            out.append((where, sentences))
     return out
 
 
