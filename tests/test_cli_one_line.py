@@ -110,8 +110,12 @@ def test_sigint_prints_aborted_alone(files: dict) -> None:
     out = files["dir"] / "m.safetensors"
     code = textwrap.dedent(
         """
-        import sys, time
+        import signal, sys, time
         import tatr.core.merging as merging
+
+        # as from a terminal: a shell's background job (CI under `nohup … &`) starts with SIGINT ignored,
+        # which Python then leaves ignored, so the SIGINT below would never arrive
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def plan_merge(*args, **kwargs):  # the merge, made slow: the door checks have passed
             print("ready", flush=True)
