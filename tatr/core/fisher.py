@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from tatr.core.checkpoints import save_state_dict, source_error
-from tatr.core.gradients import _selected, _vmap_friendly_attention, auto_chunk  # the exemplar gradients' code
+from tatr.core.gradients import _selected, _vmap_friendly_attention, functional_parts  # the exemplar gradients' code
 from tatr.core.options import COMBINERS, CombinerKind, Option, StatisticKind
 
 MINIMAL_FISHER_WEIGHT = 1e-6  # FusionBench config/method/fisher_merging/clip_fisher_merging.yaml
@@ -214,13 +214,7 @@ def fisher_per_sample(
     all). `chunk` (example, class) pairs are differentiated at once (default: `auto_chunk`, about 1 GiB of
     gradients). The true Fisher costs one backward pass per example and class."""
     model = model.eval()
-    keys, all_params = _selected(model, names)
-    chunk = auto_chunk(sum(all_params[k].numel() for k in keys)) if chunk is None else chunk
-    if chunk < 1:
-        raise ValueError(f"chunk must be at least 1, got {chunk}")
-    params = {k: all_params[k].detach() for k in keys}
-    frozen = {k: v.detach() for k, v in all_params.items() if k not in params}
-    buffers = dict(model.named_buffers())
+    params, frozen, buffers, chunk = functional_parts(model, names, chunk)
     classify = classify if classify is not None else _identity
 
     def negative_log_prob(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:

@@ -51,6 +51,20 @@ def _selected(model: nn.Module, names: Iterable[str] | None) -> tuple[list[str],
     return keys, all_params
 
 
+def functional_parts(
+    model: nn.Module, names: Iterable[str] | None, chunk: int | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], int]:
+    """(differentiated parameters, frozen parameters, buffers, chunk) for `torch.func` per-sample
+    gradients of `model`: the one setup of the exemplar gradients and the per-sample Fisher."""
+    keys, all_params = _selected(model, names)
+    chunk = auto_chunk(sum(all_params[k].numel() for k in keys)) if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    params = {k: all_params[k].detach() for k in keys}
+    frozen = {k: v.detach() for k, v in all_params.items() if k not in params}
+    return params, frozen, dict(model.named_buffers()), chunk
+
+
 def auto_chunk(num_params: int, budget_bytes: int = 1 << 30, most: int = 32) -> int:
     """Samples per vmap call so that their fp32 per-sample gradients fit in `budget_bytes`."""
     return max(1, min(most, budget_bytes // (4 * max(1, num_params))))
@@ -75,13 +89,7 @@ def gradient_stats(
     `chunk` beyond float summation order.
     """
     model = model.eval()
-    keys, all_params = _selected(model, names)
-    chunk = auto_chunk(sum(all_params[k].numel() for k in keys)) if chunk is None else chunk
-    if chunk < 1:
-        raise ValueError(f"chunk must be at least 1, got {chunk}")
-    params = {k: all_params[k].detach() for k in keys}
-    frozen = {k: v.detach() for k, v in all_params.items() if k not in params}
-    buffers = dict(model.named_buffers())
+    params, frozen, buffers, chunk = functional_parts(model, names, chunk)
     head = head.detach()
 
     def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
