@@ -10,8 +10,8 @@ import pytest
 
 from tatr.core.methods import merge_label
 from tatr.report import build as report
-from tatr.report import tables as T
 from tatr.report.labels import DEFAULT_CHECKPOINTS, checkpoints_key, reference_label
+from tatr.report.reference import reference_table
 from tatr.report.selection import prepare
 from tatr.store.rows import append_rows
 from tatr.suites.clip8.data import TASKS
@@ -210,7 +210,7 @@ def _rows(methods: dict[str, float], model: str = "ViT-B-32", **extra: object) -
 def test_fusionbench_checkpoints_compare_with_fusionbench_numbers_only() -> None:
     pub = _published()
     df = _rows({"ta": 67.0, "fisher": 71.0, "iso-c": 83.0, "regmean": 82.0})
-    table = T.reference_table(df, pub, "clip8", checkpoints="FusionBench")
+    table = reference_table(df, pub, "clip8", checkpoints="FusionBench")
     mean = table.mean
     assert mean.at["ViT-B/32 TA", "Published"] == 68.0  # FusionBench's, not the TATR paper's 69.1
     assert mean.at["ViT-B/32 Fisher", "Published"] == 70.6
@@ -222,12 +222,12 @@ def test_fusionbench_checkpoints_compare_with_fusionbench_numbers_only() -> None
     assert table.info["Source"].str.startswith("FusionBench").all()
     assert "(task_vectors) are left out" in table.note
     # the store may say which checkpoints its models used: then the argument is not needed
-    stored = T.reference_table(_rows({"ta": 67.0}, checkpoints="fusion_bench"), pub, "clip8")
+    stored = reference_table(_rows({"ta": 67.0}, checkpoints="fusion_bench"), pub, "clip8")
     assert stored.mean.at["ViT-B/32 TA", "Published"] == 68.0
     # a store on two kinds has no single set of published rows to compare with
     mixed = pd.concat([_rows({"ta": 67.0}, checkpoints="fusionbench"), _rows({"ties-sum": 70.0}, checkpoints="tv")])
     mixed.loc[mixed["method"] == "ties-sum", "checkpoints"] = "task_vectors"
-    assert T.reference_table(mixed, pub, "clip8").empty
+    assert reference_table(mixed, pub, "clip8").empty
 
 
 def test_unmarked_rows_are_task_vectors_and_a_csv_without_the_column_is_one_kind() -> None:
@@ -244,11 +244,11 @@ def test_unmarked_rows_are_task_vectors_and_a_csv_without_the_column_is_one_kind
         }
     )
     pub["checkpoints"] = pub["checkpoints"].replace("", None)
-    table = T.reference_table(df, pub, "clip8")
+    table = reference_table(df, pub, "clip8")
     assert table.mean["Published"].tolist() == [69.1]  # the blank row is the default (task_vectors) kind
     assert "fusionbench, someones" in table.note
-    assert T.reference_table(df, pub, "clip8", checkpoints="someone's").mean["Published"].tolist() == [50.0]
-    assert T.reference_table(df, pub, "clip8", checkpoints="tall_masks").empty  # none published on those
+    assert reference_table(df, pub, "clip8", checkpoints="someone's").mean["Published"].tolist() == [50.0]
+    assert reference_table(df, pub, "clip8", checkpoints="tall_masks").empty  # none published on those
     # without the column (a user's own CSV), every row is one kind, as before
-    plain = T.reference_table(df, pub.drop(columns="checkpoints").iloc[:1], "clip8")
+    plain = reference_table(df, pub.drop(columns="checkpoints").iloc[:1], "clip8")
     assert plain.mean["Published"].tolist() == [69.1] and "Checkpoints" not in plain.info.columns

@@ -30,6 +30,7 @@ from tatr.core.outputs import atomic_dir, atomic_write, inside, safe_name, same_
 from tatr.report import figures as F
 from tatr.report import tables as T
 from tatr.report.findings import findings, resolution_table
+from tatr.report.reference import reference_table
 from tatr.report.render import Table
 from tatr.report.selection import prepare
 from tatr.report.wandb_rows import rows_from_wandb, wandb_run_rows
@@ -180,7 +181,7 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
         name = kind.replace("-", "_")
         spec = FigureSpec(name, T.ABLATION_TITLES[kind], figure, _ablation_caption(kind, table, n_test, name))
         sections.append(Section(f"Ablation: {T.ABLATION_TITLES[kind]}", [table], [spec], hint))
-    reference = T.reference_table(rows, published, benchmark)
+    reference = reference_table(rows, published, benchmark)
     why = "" if not reference.empty else f"no published numbers for '{benchmark}' in {DEFAULT_PUBLISHED}"
     sections.append(Section("Reference: published numbers", [reference], [], why))
     shown = [t for s in sections for t in s.tables]
