@@ -413,3 +413,18 @@ def test_one_did_you_mean_for_every_lookup() -> None:
     assert message.startswith("unknown merge method 'tie'; did you mean 'ties-sum' or 'ties-mean'")
     assert message.endswith(f"(known: {', '.join(sorted(METHODS.names()))})")
     assert {"average", "ta", "ties-mean", "ties-sum"} <= set(METHODS.names())
+
+
+def test_only_a_linear_method_keeps_the_sum_arena() -> None:
+    """Σ τ is an N-coordinate arena that only TA/averaging's masked sum reads: a method that re-streams the
+    tasks (TIES, DARE, a combiner, a component selection) must not hold it, and says so if asked for it."""
+    pre, tasks = make_models(3, seed=5)
+    n = sum(pre[k].numel() for k in merged_keys(pre))
+    for method in ("ta", "average"):
+        assert plan_merge(pre, tasks, method=method, trust_region="zero-shot").tau_sum.numel() == n
+    for method in ("ties-sum", "dare", "tsv-m", "consensus-ta"):
+        plan = plan_merge(pre, tasks, method=method, trust_region="zero-shot")
+        assert plan.tau_sum.numel() == 0
+        assert plan.merged(0.9, 0.5)[merged_keys(pre)[0]].dtype == torch.float32
+        with pytest.raises(RuntimeError, match="did not keep"):
+            plan.masked_sum(0.9)

@@ -139,7 +139,7 @@ def masked_task_vectors(plan: MergePlan, q: float) -> list[dict[str, Tensor]]:
     "off"), over the keys some task changes, in the plan's arena dtype. All T are returned at once."""
     ts, space = plan.task_set, plan.space
     keep = None if plan.mode == "off" else plan.keep_mask(q)
-    dtype = plan.tau_sum.dtype
+    dtype = plan.dtype
     zero = torch.zeros((), dtype=dtype)
     out: list[dict[str, Tensor]] = [{} for _ in range(ts.num_tasks)]
     for i, key in enumerate(space.keys):

@@ -79,8 +79,11 @@ class MergePlan:
         self.components = components
         self.progress = progress
         self._theta0: dict[str, Tensor] | None = {} if cache_pretrained else None
+        self.dtype = arena_dtype(task_set)  # of every arena: float64 if a merged tensor is, else float32
         if _arenas is None:
-            self.space, self.tau_sum, self.omega = first_pass(task_set, trust_region, progress)
+            # Σ τ is read only by a linear method's masked sum; the others re-stream the tasks
+            keep_sum = method.linear and components is None
+            self.space, self.tau_sum, self.omega = first_pass(task_set, trust_region, progress, keep_sum)
             self._order = torch.empty(0, dtype=torch.int64)  # coordinates ranked by Ω, highest first
         else:
             self.space, self.tau_sum, self.omega, self._order = _arenas
@@ -139,6 +142,8 @@ class MergePlan:
         The drop order is a ranking, so moving from k₀ to k dropped coordinates zeroes order[k₀:k]
         or restores order[k:k₀] from Σ τ: O(|k − k₀|) writes per trial, no sort and no full mask.
         """
+        if self.tau_sum.numel() != self.space.numel:
+            raise RuntimeError(f"this plan did not keep Σ τ ({self.method.name} re-streams the tasks)")
         k = self.drop_count(q)
         if k == 0 and self._masked is None:
             return self.tau_sum
@@ -223,7 +228,7 @@ class MergePlan:
             self.method.reduce,
             split_for,
             self._pretrained,
-            self.tau_sum.dtype,
+            self.dtype,
             self.progress,
         )
         self._split = (q, parts)
@@ -307,7 +312,7 @@ class MergePlan:
 
     def _stream_reduce(self, q: float) -> Tensor:
         keep = None if self.mode == "off" else self.keep_mask(q)
-        dtype = self.tau_sum.dtype
+        dtype = self.dtype
 
         def admissible_for(i: int) -> Filter:
             return self._task_filter(i, keep)

@@ -49,8 +49,13 @@ def arena_dtype(task_set: TaskSet) -> torch.dtype:
     return torch.float32
 
 
-def first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpace, Tensor, Tensor | None]:
+def first_pass(
+    task_set: TaskSet, mode: str, progress: bool, keep_sum: bool = True
+) -> tuple[ParamSpace, Tensor, Tensor | None]:
     """Stream θ_t key by key, accumulating Σ_t τ_t and Ω straight into their arenas.
+
+    `keep_sum=False` (a method that re-streams the tasks: TIES, DARE, the combiners) sums each key in a
+    scratch buffer only, for the checks, and returns an empty Σ τ arena: one arena less at peak.
 
     Per task and tensor this is one read and a handful of element-wise passes; values are
     validated on the per-tensor sums (`all_finite`), and a task's "did it change anything" test
@@ -60,7 +65,7 @@ def first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpace
     ts = task_set
     dtype = arena_dtype(ts)
     capacity = sum(torch.Size(ts.shapes[k]).numel() for k in ts.candidate_keys)
-    tau_arena = torch.empty(capacity, dtype=dtype)
+    tau_arena = torch.empty(capacity if keep_sum else 0, dtype=dtype)
     omega_arena = None if mode == "off" else torch.empty(capacity)
     changed = [False] * ts.num_tasks
     kept: list[str] = []
@@ -68,7 +73,7 @@ def first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpace
     for key in tqdm(ts.candidate_keys, desc="task vectors", disable=None if progress else True, leave=False):
         theta0 = pretrained_tensor(ts, key).to(dtype)
         n = theta0.numel()
-        tau_sum = tau_arena[cursor : cursor + n].view(theta0.shape)
+        tau_sum = tau_arena[cursor : cursor + n].view(theta0.shape) if keep_sum else torch.empty_like(theta0)
         out = None if omega_arena is None else omega_arena[cursor : cursor + n].view(theta0.shape)
         acc = None if mode == "off" else ConflictAccumulator(theta0.shape, out=out)
         key_changed, missing_gradient = False, None
@@ -109,7 +114,11 @@ def first_pass(task_set: TaskSet, mode: str, progress: bool) -> tuple[ParamSpace
                 "tensor (its task vector is zero)"
             )
     space = ParamSpace.build(kept, ts.shapes)
-    return space, _trim(tau_arena, cursor), None if omega_arena is None else _trim(omega_arena, cursor)
+    return (
+        space,
+        _trim(tau_arena, cursor) if keep_sum else tau_arena,
+        None if omega_arena is None else _trim(omega_arena, cursor),
+    )
 
 
 def trim_thresholds(

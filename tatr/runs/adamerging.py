@@ -84,7 +84,7 @@ def learn(
     model = suite.encoder()
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    numel, size = plan.space.numel, plan.tau_sum.element_size()
+    numel, size = plan.space.numel, plan.dtype.itemsize
     required = memory_bytes(tasks, numel, size, coefficient_count(granularity, len(plan.space.keys), tasks))
     what = f"{tasks} task vectors of {numel:,} coordinates ({size}-byte)"
     check_memory(required, available_bytes(device, settings.max_memory_gib), what)
