@@ -588,3 +588,18 @@ def test_baselines_csv_is_the_long_form_of_the_baselines_rows(full: Path, tmp_pa
     long = pd.read_csv(tmp_path / BENCHMARK / "baselines.csv")
     refs_long = long[long["row"].isin(["Pretrained", "Individual"])]
     assert refs_long["seed"].notna().all() and set(refs_long["seed"]) == set(tested["seed"])
+
+
+def test_two_fisher_estimators_are_two_rows_not_a_rerun() -> None:
+    """A non-default estimator is named in the label, so the latest run does not replace the other's row."""
+    from tatr.report import tables
+
+    rows = []
+    for i, estimator in enumerate(["fusionbench", "per-sample", None]):
+        for task in TASKS:
+            rows.append(
+                {"run_id": f"r{i}", "job_type": "evaluate", "split": "test", "task": task, "accuracy": 50.0 + i,
+                 "method": "fisher", "trust_region": "off", "fisher_estimator": estimator, "timestamp": float(i)}
+            )  # fmt: skip
+    df = tables.prepare(pd.DataFrame(rows))
+    assert df.drop_duplicates("run_id")["label"].tolist() == ["Fisher", "Fisher [per-sample Fisher]", "Fisher"]

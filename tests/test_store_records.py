@@ -253,3 +253,22 @@ def test_a_sweep_trial_with_a_non_finite_merge_is_refused(env: Path, monkeypatch
     with pytest.raises(TatrError, match="NaN or infinite"):
         _sweep(env, trials=2)
     assert read_store(env / "results").empty
+
+
+def test_a_fisher_row_names_its_estimator_and_no_other_row_does() -> None:
+    """Two Fisher estimators of one configuration must not look like a re-run: the row keeps which one."""
+    rows = {}
+    for method, stats in [("fisher", {"fisher_estimator": "per-sample"}), ("fisher", None), ("regmean", {})]:
+        config = {**CONFIG, "merge": {**CONFIG["merge"], "method": method}}
+        if stats is not None:
+            config["statistics"] = stats
+        rec = RunRecord.merged(
+            run_id="evaluate-20250101-000000-0123abcd", job_type="evaluate", config=config, config_hash="abc",
+            model="m", split="test", accuracy=ACC, normalized=NORM, merge_seconds=1.0, eval_seconds=1.0,
+        )  # fmt: skip
+        rows[method, stats is None] = _rows(rec)[0]["fisher_estimator"]
+    assert rows == {("fisher", False): "per-sample", ("fisher", True): "fusionbench", ("regmean", False): None}
+    assert {r["fisher_estimator"] for r in _rows(RunRecord.merged(
+        run_id="evaluate-20250101-000000-0123abcd", job_type="evaluate", config=CONFIG, config_hash="abc",
+        model="m", split="test", accuracy=ACC, normalized=NORM, merge_seconds=1.0, eval_seconds=1.0,
+    ))} == {None}  # fmt: skip

@@ -57,6 +57,11 @@ from tatr.core.checkpoints import save_state_dict, source_error
 from tatr.core.gradients import _selected, _vmap_friendly_attention, functional_parts  # the exemplar gradients' code
 from tatr.core.options import COMBINERS, CombinerKind, Option, StatisticKind
 
+# The Fisher's estimators by name (`statistics.fisher_estimator`, the store's `fisher_estimator` column):
+# FusionBench's CLIP estimator (the default: the published numbers'), the diagonal Fisher Σ_y p·(∇ log p)², and
+# the empirical Fisher (the labels' squared gradient).
+FISHER_ESTIMATORS = ("fusionbench", "per-sample", "empirical")
+DEFAULT_FISHER_ESTIMATOR = FISHER_ESTIMATORS[0]
 MINIMAL_FISHER_WEIGHT = 1e-6  # FusionBench config/method/fisher_merging/clip_fisher_merging.yaml
 NORMALIZE_FISHER_WEIGHT = 1  # the same file's `normalize_fisher_weight: true`
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from tatr.core.fisher import DEFAULT_FISHER_ESTIMATOR
 from tatr.report.labels import method_label, missing, model_key
 from tatr.store.schema import COLUMNS, AblationKind
 
@@ -37,6 +38,10 @@ def prepare(store: pd.DataFrame) -> pd.DataFrame:
     legacy = (df["job_type"] == "ablation") & df["ablation"].map(missing)
     df["ablation"] = df["ablation"].astype(object).where(~legacy, df["experiment"])
     df["label"] = [method_label(m, t) for m, t in zip(df["method"], df["trust_region"], strict=True)]
+    estimator = df["fisher_estimator"].map(
+        lambda e: "" if missing(e) or e == DEFAULT_FISHER_ESTIMATOR else f" [{e} Fisher]"
+    )
+    df["label"] = df["label"] + estimator  # two estimators' Fisher rows are two rows, not a re-run
     df["model_key"] = df["model"].map(model_key)
     if df["model_key"].nunique() > 1:  # several models of one benchmark: never mix them in a row
         suffix = df["model"].map(lambda m: "" if missing(m) else f" [{m}]")

@@ -41,6 +41,7 @@ from pydantic import (
 
 from tatr.core.components import check_components
 from tatr.core.errors import TatrError
+from tatr.core.fisher import DEFAULT_FISHER_ESTIMATOR
 from tatr.core.options import Option, all_options, check_together
 from tatr.core.outputs import safe_name
 from tatr.core.registry import did_you_mean
@@ -188,7 +189,7 @@ class StatisticsConfig(_Frozen):
     n: int = Field(256, ge=1)
     seed: int = Field(0, ge=0)
     batch: int = Field(32, ge=1)
-    fisher_estimator: FisherEstimatorName = "fusionbench"
+    fisher_estimator: FisherEstimatorName = DEFAULT_FISHER_ESTIMATOR
 
     def identity(self, kind: str) -> dict[str, Any]:
         """What statistics of `kind` ("fisher", "gram") depend on: the estimator only for the Fisher."""

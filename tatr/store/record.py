@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tatr.core.fisher import DEFAULT_FISHER_ESTIMATOR
 from tatr.core.methods import METHODS, uses_option
 from tatr.core.trust_region import uses_exemplars
 from tatr.store.predictions import TaskPredictions, prediction_columns
@@ -224,6 +225,13 @@ def config_model(config: Mapping[str, Any]) -> str | None:
     return None if model is None else str(model)
 
 
+def fisher_estimator(method: object, config: Mapping[str, Any]) -> str | None:
+    """The Fisher estimator a Fisher merge's statistics used (the config's, else the default), else None."""
+    if not (isinstance(method, str) and method in METHODS and METHODS.get(method).statistics == "fisher"):
+        return None
+    return str((config.get("statistics") or {}).get("fisher_estimator") or DEFAULT_FISHER_ESTIMATOR)
+
+
 def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
     """One row per task, with the store's columns (`tatr.store.schema.COLUMNS`)."""
     cfg, merge = rec.config, rec.merge
@@ -264,6 +272,7 @@ def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
         "git_commit": rec.git_commit,
         "config_hash": rec.config_hash,
         "timestamp": rec.timestamp,
+        "fisher_estimator": fisher_estimator(method, cfg),
     }
     predictions = rec.predictions or {}
     return [

@@ -60,6 +60,9 @@ COLUMNS = (
     "n_examples",
     "correct",  # base64 of the packed "was right" bits, in the suite's fixed example order
     "predicted",  # base64 of the predicted classes (uint8 or uint16), test-split rows only
+    # the estimator of the Fisher files a Fisher merge read (`tatr.core.fisher.FISHER_ESTIMATORS`), null for
+    # every other row and in rows written before it; the report labels a non-default one
+    "fisher_estimator",
 )
 PREDICTION_COLUMNS = ("n_examples", "correct", "predicted")
 
@@ -67,7 +70,7 @@ PREDICTION_COLUMNS = ("n_examples", "correct", "predicted")
 NAMES = ("run_id", "benchmark", "study", "experiment")  # become paths or labels: safe names
 TEXT = (
     *("job_type", "ablation", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash"),
-    *("correct", "predicted"),
+    *("correct", "predicted", "fisher_estimator"),
 )
 INTEGERS = ("trial", "exemplars", "seed", *(o.name for o in all_options() if o.kind is int), "n_examples")
 NUMBERS = (

@@ -50,16 +50,19 @@ from tatr.core.cache import cached_dir, content_hash, default_cache_root, file_d
 from tatr.core.checkpoints import header, load_state_dict
 from tatr.core.classify import cosine_logits
 from tatr.core.errors import TatrError
-from tatr.core.fisher import fisher_fusionbench, fisher_per_sample, save_fisher
+from tatr.core.fisher import (
+    DEFAULT_FISHER_ESTIMATOR,
+    FISHER_ESTIMATORS,
+    fisher_fusionbench,
+    fisher_per_sample,
+    save_fisher,
+)
 from tatr.core.registry import unknown_name
 from tatr.core.regmean import regmean_grams, save_grams
 from tatr.suites.evaluation import tensor_digest  # the one content key of in-memory tensors
 
 STATISTICS_FORMAT = 1  # bump when a statistics file's meaning changes, so old cache entries are not reused
 KINDS = ("fisher", "gram")  # `tatr.core.options.StatisticKind` names: Fisher merging's, RegMean's
-# the Fisher's estimators by name (`statistics.fisher_estimator`): FusionBench's CLIP estimator, the diagonal
-# Fisher Σ_y p·(∇ log p)², and the empirical Fisher (the labels' squared gradient); `tatr.core.fisher`
-FISHER_ESTIMATORS = ("fusionbench", "per-sample", "empirical")
 GRAM_ESTIMATOR = "fusionbench-regmean"  # what `save_grams` writes: RegMean has one estimator
 
 
@@ -86,7 +89,7 @@ def task_statistics(
     n: int,
     seed: int,
     *,
-    estimator: str = "fusionbench",
+    estimator: str = DEFAULT_FISHER_ESTIMATOR,
     batch_size: int = 32,
     cache_root: Path | None = None,
     chunk: int | None = None,
