@@ -46,7 +46,11 @@ MemAvailable (/proc/meminfo, read just before it) is skipped with a line saying 
 would not fit on the work directory's disk ((T + 3)·P·4 bytes plus one method's statistics) stops the run.
 
     python benchmarks/bench_combiners.py --tasks 8 20 [--methods tsv-m iso-c …] [--trust-regions off zero-shot]
-        [--model ViT-B-32] [--blocks K] [--small] [--out FILE.md] [--json FILE]
+        [--model ViT-B-32] [--blocks K] [--small] [--out FILE.md] [--json FILE] [--log FILE.jsonl]
+
+`--log FILE.jsonl` makes the run resumable (about 2 h at full size on 2 cores): each row is appended as it is
+measured, and a rerun with the same file measures only the rows it lacks (a T whose rows are all there
+writes no files at all), then renders the table from all of them.
 
 `--blocks K` keeps the stem, the head and the first K residual blocks at their full shapes (as
 bench_sparsifiers.py); `--small` is a tiny ViT of the same key names (width 64, 2 blocks), a smoke run.
@@ -317,9 +321,43 @@ def fusionbench_run(work: Path, ft: list[Path], method: str, tr: str, q: float, 
     return {"fusionbench_seconds": seconds, "fusionbench_peak_mib": mib, "max_abs_diff": diff}
 
 
+def row_key(row: dict) -> tuple:
+    return (row["model"], row["tasks"], row["trust_region"], row["method"])
+
+
+def logged_rows(path: Path | None) -> dict[tuple, dict]:
+    """The rows a `--log` file holds (one JSON object per line), by (model, T, trust region, method); a line
+    cut short by a killed run is ignored, so that row is measured again."""
+    rows: dict[tuple, dict] = {}
+    if path is None or not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row_key(row)] = row
+    return rows
+
+
+def emit(args: argparse.Namespace, row: dict) -> None:
+    """Print a measured row and append it to the `--log` file at once, so a stopped run resumes after it."""
+    row["load_average"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(row), flush=True)
+    if args.log is not None:
+        with args.log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def run_tasks(args: argparse.Namespace, shapes: dict, tasks: int, common: dict) -> list[dict]:
-    """Every row at one T: TA per trust-region setting first, then each method with tatr and FusionBench."""
+    """Every row at one T: TA per trust-region setting first, then each method with tatr and FusionBench.
+    Rows the `--log` file already holds are taken from it, not measured again (TA's too: the × TA ratios of
+    a resumed run divide by the logged TA row, measured in an earlier process; each row keeps its load)."""
     params, grams = common["params"], gram_entries(shapes)
+    logged = logged_rows(args.log)
+    wanted = [(tr, m) for m in ("ta", *args.methods) for tr in args.trust_regions]
+    if all((common["model"], tasks, tr, m) in logged for tr, m in wanted):
+        return [logged[common["model"], tasks, tr, m] for tr, m in wanted]
     rows: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="tatr-bench-combiners-", dir=args.workdir))
     per_task = {"fisher": params, "regmean": grams}
@@ -330,15 +368,23 @@ def run_tasks(args: argparse.Namespace, shapes: dict, tasks: int, common: dict) 
         raise SystemExit(f"T={tasks} needs about {disk / 2**30:.1f} GiB of disk in {work.parent} (--workdir)")
     try:
         ft = write_models(work, shapes, tasks)
-        ta = {tr: tatr_run(work, ft, "ta", tr, args.q, []) for tr in args.trust_regions}
-        for tr, (seconds, mib) in ta.items():
-            rows.append({**common, "tasks": tasks, "trust_region": tr, "method": "ta", "seconds": seconds})
-            rows[-1].update(peak_mib=mib, time_vs_ta=1.0, memory_vs_ta=1.0)
-            print(json.dumps(rows[-1]), flush=True)
+        ta: dict[str, tuple[float, float]] = {}
+        for tr in args.trust_regions:
+            old = logged.get((common["model"], tasks, tr, "ta"))
+            if old is not None:
+                ta[tr] = (old["seconds"], old["peak_mib"])
+                rows.append(old)
+                continue
+            ta[tr] = tatr_run(work, ft, "ta", tr, args.q, [])
+            rows.append({**common, "tasks": tasks, "trust_region": tr, "method": "ta", "seconds": ta[tr][0]})
+            rows[-1].update(peak_mib=ta[tr][1], time_vs_ta=1.0, memory_vs_ta=1.0)
+            emit(args, rows[-1])
         for method in args.methods:
+            todo = [tr for tr in args.trust_regions if (common["model"], tasks, tr, method) not in logged]
+            rows += [logged[common["model"], tasks, tr, method] for tr in args.trust_regions if tr not in todo]
             kind = STATISTICS.get(method)
-            stats = write_statistics(work, shapes, tasks, kind) if kind else []
-            for tr in args.trust_regions:
+            stats = write_statistics(work, shapes, tasks, kind) if kind and todo else []
+            for tr in todo:
                 seconds, mib = tatr_run(work, ft, method, tr, args.q, stats)
                 row = {**common, "tasks": tasks, "trust_region": tr, "method": method, "seconds": seconds}
                 row.update(peak_mib=mib, time_vs_ta=seconds / ta[tr][0], memory_vs_ta=mib / ta[tr][1])
@@ -356,7 +402,7 @@ def run_tasks(args: argparse.Namespace, shapes: dict, tasks: int, common: dict) 
                     row["speedup"] = row["fusionbench_seconds"] / seconds
                     row["memory_vs_fusionbench"] = mib / row["fusionbench_peak_mib"]
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                emit(args, row)
             for path in stats:
                 path.unlink()
     finally:
@@ -377,6 +423,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--log", type=Path, default=None, help="append each row here as measured (JSON lines); a rerun skips them"
+    )
     args = ap.parse_args()
 
     shapes = first_blocks(small_shapes() if args.small else visual_shapes(args.model), args.blocks)
