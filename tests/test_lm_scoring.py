@@ -23,58 +23,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the [lm] extra")
 transformers = pytest.importorskip("transformers")
 
 from tatr.suites.causal_lm import Question, encode_pair, score  # noqa: E402
-
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "while",
-    "dogs",
-    "ran",
-    "far",
-    "away",
-    "from",
-    "home",
-    "and",
-    "birds",
-    "sang",
-    "songs",
-    "of",
-    "rain",
-    "sun",
-    "moon",
-]
-
-
-def _tokenizer(bos: bool):
-    from tokenizers import ByteLevelBPETokenizer
-    from tokenizers.processors import TemplateProcessing
-
-    tok = ByteLevelBPETokenizer()
-    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
-    tok.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
-    if bos:
-        tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    return fast
-
-
-def _model(vocab: int):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+from tests.lm_fixtures import WORDS, tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 def _questions(n: int = 24) -> list[Question]:
@@ -118,8 +67,8 @@ def _lm_eval_samples(model, tok, questions: list[Question], folder: Path) -> lis
 
 @pytest.mark.parametrize("bos", [False, True])
 def test_scores_equal_lm_eval_per_example(bos: bool, tmp_path: Path) -> None:
-    tok = _tokenizer(bos)
-    model = _model(len(tok))
+    tok = tiny_tokenizer(bos)
+    model = tiny_llama(len(tok))
     questions = _questions()
     ours = score(model, tok, questions, batch_size=3)
     samples = _lm_eval_samples(model, tok, questions, tmp_path)
@@ -135,7 +84,7 @@ def test_scores_equal_lm_eval_per_example(bos: bool, tmp_path: Path) -> None:
 
 def test_trailing_spaces_move_into_the_continuation() -> None:
     """lm-eval's rule, on the tokenizer's own encodings: the context's trailing space belongs to the choice."""
-    tok = _tokenizer(bos=True)
+    tok = tiny_tokenizer(bos=True)
     head, tail = encode_pair(tok, "Q: the cat? A: ", " dogs")
     assert head == tok.encode("Q: the cat? A:")
     assert tok.decode(tail).startswith("  dogs") or tok.decode(tail) == "  dogs"

@@ -28,6 +28,7 @@ COMMANDS = {
     "report": "tatr.cli.report",
     "convert": "tatr.cli.convert",
     "prepare-text": "tatr.cli.prepare_text",
+    "prepare-lm": "tatr.cli.prepare_lm",
 }
 
 
