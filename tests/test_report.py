@@ -603,3 +603,17 @@ def test_two_fisher_estimators_are_two_rows_not_a_rerun() -> None:
             )  # fmt: skip
     df = tables.prepare(pd.DataFrame(rows))
     assert df.drop_duplicates("run_id")["label"].tolist() == ["Fisher", "Fisher [per-sample Fisher]", "Fisher"]
+
+
+def test_missing_ablation_hints_name_the_benchmarks_own_files() -> None:
+    from tatr.report.build import ABLATION_FOLDERS, ablation_command
+
+    repo = Path(__file__).resolve().parents[1]
+    assert ablation_command("sensitivity", "testbed") == "tatr ablate experiments/ablations/sensitivity.yaml"
+    assert (
+        ablation_command("mask-ratio", "clip8") == "tatr ablate experiments/ablations/mask_ratio.yaml benchmark=clip8"
+    )
+    assert ablation_command("sensitivity", "text") == "tatr ablate experiments/text/sensitivity.yaml"
+    for benchmark, folder in ABLATION_FOLDERS.items():
+        for kind in ("components", "trust-region", "sensitivity", "mask-ratio", "exemplar-count", "plugin"):
+            assert (repo / ablation_command(kind, benchmark).split()[-1]).is_file(), (benchmark, kind, folder)

@@ -52,6 +52,16 @@ ABLATION_FILES = {
     AblationKind.PLUGIN: "experiments/ablations/plugin.yaml",
     AblationKind.GRADIENT_CORRELATION: "experiments/ablations/gradient_correlation.yaml",
 }
+# a benchmark with ablation files of its own, named as the generic ones (others run those with `benchmark=`)
+ABLATION_FOLDERS = {"text": "experiments/text"}
+
+
+def ablation_command(kind: str, benchmark: str) -> str:
+    """The `tatr ablate` command that fills `kind` on `benchmark`, for the "no rows yet" hints."""
+    path = ABLATION_FILES[kind]
+    if benchmark in ABLATION_FOLDERS:
+        return f"tatr ablate {ABLATION_FOLDERS[benchmark]}/{Path(path).name}"
+    return f"tatr ablate {path}" + ("" if benchmark == "testbed" else f" benchmark={benchmark}")
 
 
 @dataclass
@@ -176,7 +186,7 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
         table = T.ablation_table(rows, kind)
         if table.empty and kind not in ABLATION_FILES:
             continue
-        hint = f"no rows yet: run `tatr ablate {ABLATION_FILES[kind]}`" if table.empty else ""
+        hint = f"no rows yet: run `{ablation_command(kind, benchmark)}`" if table.empty else ""
         figure = curves.get(kind, lambda table=table: F.variant_bars(table))
         name = kind.replace("-", "_")
         spec = FigureSpec(name, T.ABLATION_TITLES[kind], figure, _ablation_caption(kind, table, n_test, name))
