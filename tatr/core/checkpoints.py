@@ -30,6 +30,7 @@ from torch import Tensor
 
 from tatr.core import torchfile
 from tatr.core.errors import PickledObjectError, PickleNeedsTrust, TatrError, UnreadableCheckpoint, input_error
+from tatr.core.model_folders import is_model_folder, weight_map
 from tatr.core.outputs import atomic_write
 from tatr.core.torchfile import TensorSpec
 
@@ -39,6 +40,7 @@ TORCH = (".pt", ".pth", ".bin")
 
 _PT_CACHE: dict[Path, tuple[tuple[int, int, int], torchfile.Loaded, dict[str, TensorSpec]]] = {}
 _HEADERS: dict[Path, tuple[tuple[int, int, int], dict[str, _Entry]]] = {}
+_FOLDERS: dict[Path, tuple[tuple, dict[str, Path]]] = {}
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ def header(source: Source) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Key → (shape, dtype) without reading tensor data (safetensors) where the format allows."""
     if not isinstance(source, Path):
         return {k: (tuple(v.shape), v.dtype) for k, v in source.items()}
+    if source.is_dir():
+        shards = _folder_shards(source)
+        return {key: header(shard)[key] for key, shard in shards.items()}
     if source.suffix in SAFETENSORS:
         return {key: (entry.shape, entry.dtype) for key, entry in _safetensors_header(source).items()}
     return {k: (spec.size, spec.dtype) for k, spec in _torch_specs(source)[1].items()}
@@ -68,6 +73,11 @@ def read_tensor(source: Source, key: str) -> Tensor:
     """One tensor of a source (for files: opened, read and closed per call)."""
     if not isinstance(source, Path):
         return source[key]
+    if source.is_dir():
+        shards = _folder_shards(source)
+        if key not in shards:
+            raise input_error(source, key, "not in this model folder")
+        return read_tensor(shards[key], key)
     if source.suffix in SAFETENSORS:
         entries = _safetensors_header(source)
         if key not in entries:
@@ -83,6 +93,8 @@ def read_tensor(source: Source, key: str) -> Tensor:
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Load a whole state dict from safetensors or a weights-only torch file."""
     path = _check_path(Path(path))
+    if path.is_dir():
+        return {key: read_tensor(path, key) for key in header(path)}
     if path.suffix in SAFETENSORS:
         entries = _safetensors_header(path)
         with open(path, "rb") as fh:
@@ -122,16 +134,51 @@ def untie(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def as_source(path: str | Path) -> Path:
     """Validate that `path` is a readable checkpoint and return it as a streaming source."""
     path = _check_path(Path(path))
-    if path.suffix in SAFETENSORS:
+    if path.is_dir():
+        _folder_shards(path)
+    elif path.suffix in SAFETENSORS:
         _safetensors_header(path)
     else:
         _torch_specs(path)
     return path
 
 
+def _folder_shards(folder: Path) -> dict[str, Path]:
+    """Key → the file holding it, for a model folder (`tatr.core.model_folders`), checked once per index
+    version: every key the index lists is in its shard, and no shard holds a key the index gives elsewhere
+    or not at all (a key in two shards would make the merge depend on which one is read)."""
+    files = weight_map(folder)
+    watched = {files} if isinstance(files, Path) else {*files.values(), *folder.glob("*.index.json")}
+    signature = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(watched))
+    cached = _FOLDERS.get(folder)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    if isinstance(files, Path):
+        shards = {key: files for key in header(files)}
+    else:
+        shards = dict(files)
+        held: dict[Path, set[str]] = {}
+        for key, shard in shards.items():
+            held.setdefault(shard, set()).add(key)
+        for shard, keys in held.items():
+            present = set(header(shard))
+            if keys - present:
+                raise input_error(folder, min(keys - present), f"listed in the index for {shard.name}, which lacks it")
+            if present - keys:
+                raise input_error(folder, min(present - keys), f"in {shard.name} but not listed there by the index")
+    if len(_FOLDERS) >= 64:
+        _FOLDERS.clear()
+    _FOLDERS[folder] = (signature, shards)
+    return shards
+
+
 def _check_path(path: Path) -> Path:
     if not path.exists():
         raise TatrError(f"{path}: no such file")
+    if path.is_dir():
+        if not is_model_folder(path):
+            raise TatrError(f"{path}: a folder, but not a model folder (no model.safetensors or shard index)")
+        return path
     if not path.is_file():
         raise TatrError(f"{path}: not a file")
     if path.suffix not in SAFETENSORS + TORCH:
