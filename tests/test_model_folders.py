@@ -80,9 +80,9 @@ def _remap(name: str):
 
 SHARD2 = "model-00002-of-00003.safetensors"
 CASES = {
-    "escapes": (_remap("../pre.safetensors"), "not a plain file name"),
-    "absolute": (_remap("/etc/passwd.safetensors"), "not a plain file name"),
-    "missing shard": (_remap("gone.safetensors"), "missing"),
+    "escapes": (_remap("../pre.safetensors"), "is not a file name inside"),
+    "absolute": (_remap("/etc/passwd.safetensors"), "is not a file name inside"),
+    "missing shard": (_remap("gone.safetensors"), "no such file"),
     "not safetensors": (_remap("x.bin"), "not a .safetensors file"),
     "wrong shard": (_remap(SHARD2), "which lacks it"),
     "no weight_map": (lambda f, i: i.pop("weight_map"), "no 'weight_map'"),
@@ -108,14 +108,31 @@ def test_a_link_out_of_the_folder_and_junk_index_are_refused(models, tmp_path: P
     shard = folder / "model-00001-of-00003.safetensors"
     os.replace(shard, tmp_path / "outside.safetensors")
     shard.symlink_to(tmp_path / "outside.safetensors")
-    with pytest.raises(TatrError, match="links out of"):
+    with pytest.raises(TatrError, match="outside"):
         merge(folder, files[1:], trust_region="off")
     junk = write_sharded(tmp_path / "junk", pre)
     (junk / INDEX).write_text("{not json")
-    with pytest.raises(TatrError, match="not a readable JSON weight index"):
+    with pytest.raises(TatrError, match="not valid JSON"):
         merge(junk, files[1:], trust_region="off")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(TatrError, match="not a model folder"):
         merge(empty, files[1:], trust_region="off")
     assert load_file(str(files[0]))  # the inputs are untouched
+
+
+def test_a_hub_cache_snapshot_reads_its_blobs(models, tmp_path: Path) -> None:
+    """`models--org--name/snapshots/<rev>/` links every file into the repository's `blobs/`: allowed, and only there."""
+    pre, _, files = models
+    built = write_sharded(tmp_path / "built", pre)
+    repo = tmp_path / "hub" / "models--org--base"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for f in built.iterdir():
+        blob = repo / "blobs" / f"{abs(hash(f.name)):x}"
+        os.replace(f, blob)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / blob.name)
+    expected = merge(files[0], files[1:], trust_region="zero-shot", q=0.9, lam=0.3)
+    got = merge(snapshot, files[1:], trust_region="zero-shot", q=0.9, lam=0.3)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

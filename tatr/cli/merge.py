@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from tatr import __version__
+from tatr.cli.model_card import MARKER, model_card
 from tatr.core.checkpoints import as_source, header, save_state_dict
 from tatr.core.components import COMPONENTS, check_components
 from tatr.core.errors import TatrError
@@ -25,8 +27,9 @@ from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
 from tatr.core.merging import plan_merge
 from tatr.core.methods import METHODS, MergeMethod, fixed_method, fixed_methods, option_users
 from tatr.core.options import OptionValues, all_options, check_options, check_sizes
-from tatr.core.outputs import check_output
+from tatr.core.outputs import check_output, same_file
 from tatr.core.trust_region import MODES
+from tatr.io.model_folder_writer import DEFAULT_SHARD, parse_size, write_model_folder
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -98,7 +101,27 @@ def _components(ctx: click.Context, param: click.Parameter, value: str | None) -
     metavar="λ_NEG",
     help="With --components including negative and another part: the negative part's own λ (θ0 + λ·rest + λ_neg·neg).",
 )
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output .safetensors file.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output .safetensors file, or a folder: a Hugging Face model folder (config, tokenizer, shards, card).",
+)
+@click.option(
+    "--tokenizer-from",
+    "tokenizer_from",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --out FOLDER: the model folder whose tokenizer files are copied (default: the -p folder).",
+)
+@click.option(
+    "--out-shard-size",
+    "shard_size",
+    default=DEFAULT_SHARD,
+    show_default=True,
+    help="With --out FOLDER: the largest weight shard (5GB, 500MB, 2GiB), as transformers' max_shard_size.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 def command(
     pretrained: Path,
@@ -113,6 +136,8 @@ def command(
     lam: float | None,
     lam_neg: str | None,
     out: Path,
+    tokenizer_from: Path | None,
+    shard_size: str,
     quiet: bool,
     **flags: str | None,
 ) -> None:
@@ -134,7 +159,12 @@ def command(
     base = header(as_source(pretrained))
     check_sizes(merge_method.sparsify, options, (_numel(s) for s, d in base.values() if d.is_floating_point))
     inputs = [pretrained, *finetuned, *gradients, *signed_gradients, *statistics]
-    check_output(out, inputs, suffix=".safetensors", need_bytes=_output_bytes(base))
+    folder_out = out.suffix != ".safetensors"
+    if folder_out:
+        shard_bytes = parse_size(shard_size)
+        tokenizer_from = check_folder_output(out, pretrained, tokenizer_from, inputs, _output_bytes(base))
+    else:
+        check_output(out, inputs, suffix=".safetensors", need_bytes=_output_bytes(base))
     start = time.perf_counter()
     plan = plan_merge(
         pretrained,
@@ -154,7 +184,16 @@ def command(
     read = [o.name for o in merge_method.declared_options if o.identity == "read"]  # TIES' k: not written, as before
     settings += "".join(f" {name}={options[name]}" for name in read)
     settings += "" if lam_n is None else f" lam_neg={lam_n}"
-    save_state_dict(merged, out, metadata={"tatr": settings})
+    if folder_out:
+        mask = None if trust_region == "off" else plan.mask_stats(q)
+        config = {"method": method, "trust_region": trust_region, "q": q, "lam": lam or merge_method.default_lam}
+        config.update({name: options[name] for name in merge_method.options})
+        config.update({} if lam_n is None else {"lam_neg": lam_n})
+        card = model_card(pretrained, list(finetuned), config, mask, __version__)
+        assert tokenizer_from is not None
+        write_model_folder(out, merged, pretrained, tokenizer_from, shard_bytes, card, {"tatr": settings})
+    else:
+        save_state_dict(merged, out, metadata={"tatr": settings})
     seconds = time.perf_counter() - start
     if not quiet:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -167,6 +206,30 @@ def command(
             f"time: {seconds:.2f}s  peak memory: {peak:,.0f} MiB",
             err=False,
         )
+
+
+def check_folder_output(
+    out: Path, pretrained: Path, tokenizer_from: Path | None, inputs: list[Path], need_bytes: int
+) -> Path:
+    """Refuse a folder output tatr cannot write safely, before any work (one line each); returns the
+    tokenizer's folder. A non-empty folder is replaced only when it is an earlier tatr merge (its card)."""
+    if not (pretrained.is_dir() and (pretrained / "config.json").is_file()):
+        raise TatrError(f"--out {out} is a folder, so -p must be a Hugging Face model folder with config.json")
+    source = tokenizer_from if tokenizer_from is not None else pretrained
+    if not source.is_dir():
+        raise TatrError(f"{source}: --tokenizer-from must be a model folder")
+    for item in inputs:
+        if same_file(out, item) or (item.is_dir() and item.resolve() in out.resolve().parents):
+            raise TatrError(f"{out}: --out is (inside) an input ({item}); choose another folder")
+    if out.exists() and not out.is_dir():
+        raise TatrError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        card = out / "README.md"
+        if not (card.is_file() and MARKER in card.read_text(errors="replace")):
+            raise TatrError(f"{out}: a folder that is not empty and not an earlier tatr merge; choose a new folder")
+    where = out if out.is_dir() else out.parent  # the folder is built beside `out`, then moved in place
+    check_output(where / "model.safetensors", [], need_bytes=need_bytes)
+    return source
 
 
 def _options(method: MergeMethod, flags: dict[str, str | None]) -> OptionValues:

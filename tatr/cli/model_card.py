@@ -1,0 +1,97 @@
+"""The `README.md` model card of a merged model folder (`tatr merge --out FOLDER`).
+
+What mergekit's card says (the base, the inputs, the method, the configuration), and what a reader needs to
+trust and redo the merge: each input's sha256, the trust-region mode, q and the fraction of coordinates
+dropped per parameter group, the tatr version and the command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from tatr.core.cache import file_digest
+from tatr.core.model_folders import weight_map
+
+MARKER = "<!-- merged with tatr -->"  # a folder holding this card may be replaced by a new merge
+
+
+def input_digest(path: Path) -> str:
+    """sha256 of a checkpoint file; of a model folder, sha256 over its weight files' `name sha256` lines
+    (sorted by name), so a re-sharded copy of the same bytes differs but the same folder always agrees."""
+    if not path.is_dir():
+        return file_digest(path)
+    files = weight_map(path)
+    shards = sorted({files} if isinstance(files, Path) else set(files.values()))
+    lines = "".join(f"{f.name} {file_digest(f)}\n" for f in shards)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def group_of(key: str) -> str:
+    """A parameter group: the key with its layer numbers as `*` (model.layers.*.mlp.up_proj.weight)."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "*", key)
+
+
+def dropped_by_group(mask: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    groups: dict[str, tuple[int, int]] = {}
+    for key, (dropped, numel) in mask.items():
+        d, n = groups.get(group_of(key), (0, 0))
+        groups[group_of(key)] = (d + dropped, n + numel)
+    return groups
+
+
+def model_card(
+    base: Path,
+    inputs: Sequence[Path],
+    settings: Mapping[str, object],
+    mask: Mapping[str, tuple[int, int]] | None,
+    version: str,
+    command: str | None = None,
+) -> str:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, tatr, trust-region]",
+        "---",
+        MARKER,
+        "# Merged model",
+        "",
+        f"Merged with [tatr](https://arxiv.org/abs/2501.15065) {version}: θ = θ_0 + λ·M over the task vectors "
+        "τ_t = θ_t − θ_0, with the trust region dropping the coordinates where the task vectors conflict most.",
+        "",
+        "## Inputs",
+        "",
+        "| role | path | sha256 |",
+        "|---|---|---|",
+        f"| base (θ_0) | `{base}` | `{input_digest(base)}` |",
+        *(f"| task {i} | `{p}` | `{input_digest(p)}` |" for i, p in enumerate(inputs, 1)),
+        "",
+        "## Configuration",
+        "",
+        *(f"- {name}: `{value}`" for name, value in settings.items()),
+        "",
+    ]
+    if mask:
+        total_d = sum(d for d, _ in mask.values())
+        total_n = sum(n for _, n in mask.values())
+        lines += [
+            "## Trust region",
+            "",
+            f"{total_d:,} of {total_n:,} merged coordinates dropped "
+            f"({100 * total_d / max(total_n, 1):.3f}%), per group:",
+            "",
+            "| parameter group | dropped | coordinates | fraction |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| `{g}` | {d:,} | {n:,} | {100 * d / max(n, 1):.3f}% |"
+                for g, (d, n) in dropped_by_group(mask).items()
+            ),
+            "",
+        ]
+    command = command if command is not None else shlex.join(["tatr", *sys.argv[1:]])
+    lines += ["## Command", "", "```", command, "```", ""]
+    return "\n".join(lines)
