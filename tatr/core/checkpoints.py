@@ -21,7 +21,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,7 +34,18 @@ from tatr.core.model_folders import is_model_folder, weight_map
 from tatr.core.outputs import atomic_write
 from tatr.core.torchfile import TensorSpec
 
-Source = Path | Mapping[str, Tensor]
+
+@runtime_checkable
+class DerivedSource(Protocol):
+    """A checkpoint computed from others per key (a LoRA adapter over its base, `tatr.core.lora`): it has θ_0's
+    header and makes each tensor on demand, so it streams like a file."""
+
+    def header(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]: ...
+
+    def tensor(self, key: str) -> Tensor: ...
+
+
+Source = Path | Mapping[str, Tensor] | DerivedSource
 SAFETENSORS = (".safetensors",)
 TORCH = (".pt", ".pth", ".bin")
 
@@ -54,11 +65,13 @@ class _Entry:
 
 
 def describe(source: Source) -> str:
-    return str(source) if isinstance(source, Path) else "<in-memory state dict>"
+    return str(source) if isinstance(source, Path | DerivedSource) else "<in-memory state dict>"
 
 
 def header(source: Source) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Key → (shape, dtype) without reading tensor data (safetensors) where the format allows."""
+    if isinstance(source, DerivedSource):
+        return source.header()
     if not isinstance(source, Path):
         return {k: (tuple(v.shape), v.dtype) for k, v in source.items()}
     if source.is_dir():
@@ -71,6 +84,8 @@ def header(source: Source) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 def read_tensor(source: Source, key: str) -> Tensor:
     """One tensor of a source (for files: opened, read and closed per call)."""
+    if isinstance(source, DerivedSource):
+        return source.tensor(key)
     if not isinstance(source, Path):
         return source[key]
     if source.is_dir():

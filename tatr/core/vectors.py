@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tatr.core.checkpoints import Source, as_source, describe, header, read_tensor, source_error
 from tatr.core.errors import TatrError
+from tatr.core.lora import LoraAdapter, is_adapter_folder
 from tatr.core.outputs import same_file
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # merged
@@ -89,7 +90,7 @@ def open_task_set(
         raise TatrError(f"{_src(finetuned[0])}: only one fine-tuned model given; merging needs at least two")
     _distinct(finetuned, "--finetuned")
     base = _open(pretrained)
-    tasks = tuple(_open(f) for f in finetuned)
+    tasks = tuple(_open_task(f, base) for f in finetuned)
     base_header = _checked_header(base)
     first_header = _checked_header(tasks[0])
     candidates = sorted(k for k, (_, dtype) in first_header.items() if dtype in FLOATING)
@@ -196,6 +197,13 @@ def _open(src: str | Path | Mapping[str, Tensor]) -> Source:
             raise TatrError("an in-memory state dict is empty")
         return src
     return as_source(src)
+
+
+def _open_task(src: str | Path | Mapping[str, Tensor], base: Source) -> Source:
+    """A fine-tuned checkpoint, or a PEFT LoRA adapter folder read as θ_0 + its update (`tatr.core.lora`)."""
+    if not isinstance(src, Mapping) and is_adapter_folder(Path(src)):
+        return LoraAdapter(Path(src), base)
+    return _open(src)
 
 
 def _checked_header(src: Source, kind: str = "checkpoint") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
