@@ -77,3 +77,45 @@ def test_what_tatr_does_not_compute_is_one_line(adapters: dict[str, Path], tmp_p
         with pytest.raises(TatrError, match=message) as err:
             merge(adapters["base"], [folder, adapters["b"]], trust_region="off")
         assert "\n" not in str(err.value)
+
+
+def _svd_reference(delta: torch.Tensor, new_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft/tuners/lora/model.py::_svd_generalized_task_arithmetic_weighted_adapter's cut (0.21, clamp=None,
+    full_matrices=True, driver=None), literally: returns (lora_A, lora_B)."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=True, driver=None)
+    U = U[:, :new_rank]
+    S = S[:new_rank]
+    U = U @ torch.diag(S)
+    Vh = Vh[:new_rank, :]
+    return Vh, U
+
+
+def test_a_lora_output_is_the_merged_update_peft_loads(adapters: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tatr.cli import main
+    from tatr.core.lora import lora_factors
+
+    args = ["merge", "-p", str(adapters["base"]), "-f", str(adapters["a"]), str(adapters["b"]), "--quiet"]
+    args += ["--trust-region", "off", "--lam", "0.5"]
+    assert main([*args, "-o", str(tmp_path / "full")]) in (0, None)
+    assert main([*args, "-o", str(tmp_path / "lora"), "--out-format", "lora", "--rank", "8"]) in (0, None)
+    base = transformers.AutoModelForCausalLM.from_pretrained(adapters["base"])
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "lora").merge_and_unload()
+    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    got, want = loaded.state_dict(), full.state_dict()
+    for key in want:  # rank 8 ≥ the two rank-4 updates: exact up to float rounding
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=2e-6)
+    factors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert {k.split(".lora_")[0] for k in factors} == {
+        f"base_model.model.{k.removesuffix('.weight')}"
+        for k in want
+        if any(m in k for m in ("q_proj", "v_proj", "down_proj"))
+    }
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(12, 7, generator=g)
+    for r in (1, 3, 7):
+        a, b = lora_factors(delta, r)
+        ref_a, ref_b = _svd_reference(delta, r)
+        torch.testing.assert_close(b @ a, ref_b @ ref_a, rtol=1e-5, atol=1e-5)
+    assert main([*args, "-o", str(tmp_path / "x"), "--out-format", "lora"]) == 2  # no --rank: one line

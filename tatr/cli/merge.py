@@ -20,16 +20,23 @@ import click
 
 from tatr import __version__
 from tatr.cli.model_card import MARKER, model_card
-from tatr.core.checkpoints import as_source, header, save_state_dict
+from tatr.core.checkpoints import as_source, header, read_tensor, save_state_dict
 from tatr.core.components import COMPONENTS, check_components
 from tatr.core.errors import TatrError
+from tatr.core.lora import lora_factors
 from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
 from tatr.core.merging import plan_merge
 from tatr.core.methods import METHODS, MergeMethod, fixed_method, fixed_methods, option_users
 from tatr.core.options import OptionValues, all_options, check_options, check_sizes
 from tatr.core.outputs import check_output, same_file
 from tatr.core.trust_region import MODES
-from tatr.io.model_folder_writer import DEFAULT_SHARD, parse_size, write_model_folder
+from tatr.io.model_folder_writer import (
+    DEFAULT_SHARD,
+    lora_targets,
+    parse_size,
+    write_lora_folder,
+    write_model_folder,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -122,6 +129,15 @@ def _components(ctx: click.Context, param: click.Parameter, value: str | None) -
     show_default=True,
     help="With --out FOLDER: the largest weight shard (5GB, 500MB, 2GiB), as transformers' max_shard_size.",
 )
+@click.option(
+    "--out-format",
+    "out_format",
+    type=click.Choice(["model", "lora"]),
+    default="model",
+    show_default=True,
+    help="With --out FOLDER: a full model folder, or a PEFT LoRA adapter of the merged update (needs --rank).",
+)
+@click.option("--rank", type=int, default=None, help="With --out-format lora: the adapter's rank (truncated SVD).")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 def command(
     pretrained: Path,
@@ -138,6 +154,8 @@ def command(
     out: Path,
     tokenizer_from: Path | None,
     shard_size: str,
+    out_format: str,
+    rank: int | None,
     quiet: bool,
     **flags: str | None,
 ) -> None:
@@ -160,6 +178,10 @@ def command(
     check_sizes(merge_method.sparsify, options, (_numel(s) for s, d in base.values() if d.is_floating_point))
     inputs = [pretrained, *finetuned, *gradients, *signed_gradients, *statistics]
     folder_out = out.suffix != ".safetensors"
+    if out_format == "lora" and (not folder_out or rank is None or rank < 1):
+        raise TatrError("--out-format lora writes a folder: give --out FOLDER and --rank R (R ≥ 1)")
+    if rank is not None and out_format != "lora":
+        raise TatrError("--rank applies to --out-format lora")
     if folder_out:
         shard_bytes = parse_size(shard_size)
         tokenizer_from = check_folder_output(out, pretrained, tokenizer_from, inputs, _output_bytes(base))
@@ -191,7 +213,11 @@ def command(
         config.update({} if lam_n is None else {"lam_neg": lam_n})
         card = model_card(pretrained, list(finetuned), config, mask, __version__)
         assert tokenizer_from is not None
-        write_model_folder(out, merged, pretrained, tokenizer_from, shard_bytes, card, {"tatr": settings})
+        if out_format == "lora":
+            assert rank is not None
+            _write_lora(out, merged, pretrained, base, rank, card, settings)
+        else:
+            write_model_folder(out, merged, pretrained, tokenizer_from, shard_bytes, card, {"tatr": settings})
     else:
         save_state_dict(merged, out, metadata={"tatr": settings})
     seconds = time.perf_counter() - start
@@ -230,6 +256,29 @@ def check_folder_output(
     where = out if out.is_dir() else out.parent  # the folder is built beside `out`, then moved in place
     check_output(where / "model.safetensors", [], need_bytes=need_bytes)
     return source
+
+
+def _write_lora(out: Path, merged: dict, pretrained: Path, base: dict, rank: int, card: str, settings: str) -> None:
+    """The merged update θ − θ_0 of each 2-D module weight as rank-`rank` LoRA factors (PEFT's SVD cut);
+    what a LoRA cannot carry (norms, biases, embeddings) is said in one line."""
+    import torch
+
+    factors = {}
+    for module in lora_targets(merged, base):
+        delta = merged[f"{module}.weight"].float() - read_tensor(as_source(pretrained), f"{module}.weight").float()
+        if bool(delta.any()):
+            factors[module] = lora_factors(delta.to(merged[f"{module}.weight"].dtype), rank)
+    if not factors:
+        raise TatrError("the merge moved no 2-D module weight: there is no update a LoRA adapter could hold")
+    left = [
+        k
+        for k in merged
+        if k.removesuffix(".weight") not in factors
+        and not torch.equal(merged[k], read_tensor(as_source(pretrained), k))
+    ]
+    if left:
+        click.echo(f"tatr: note: {len(left)} moved tensors a LoRA cannot hold stay at θ_0 (e.g. {left[0]})", err=True)
+    write_lora_folder(out, factors, pretrained, rank, card, {"tatr": settings})
 
 
 def _options(method: MergeMethod, flags: dict[str, str | None]) -> OptionValues:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tatr.core.cache import file_digest
+from tatr.core.lora import CONFIG, WEIGHTS, is_adapter_folder
 from tatr.core.model_folders import weight_map
 
 MARKER = "<!-- merged with tatr -->"  # a folder holding this card may be replaced by a new merge
@@ -22,11 +23,14 @@ MARKER = "<!-- merged with tatr -->"  # a folder holding this card may be replac
 
 def input_digest(path: Path) -> str:
     """sha256 of a checkpoint file; of a model folder, sha256 over its weight files' `name sha256` lines
-    (sorted by name), so a re-sharded copy of the same bytes differs but the same folder always agrees."""
+    (sorted by name; a LoRA adapter's config and weights), so the same folder always agrees."""
     if not path.is_dir():
         return file_digest(path)
-    files = weight_map(path)
-    shards = sorted({files} if isinstance(files, Path) else set(files.values()))
+    if is_adapter_folder(path):
+        shards = [path / CONFIG, path / WEIGHTS]
+    else:
+        files = weight_map(path)
+        shards = sorted({files} if isinstance(files, Path) else set(files.values()))
     lines = "".join(f"{f.name} {file_digest(f)}\n" for f in shards)
     return hashlib.sha256(lines.encode()).hexdigest()
 

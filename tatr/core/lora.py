@@ -133,3 +133,12 @@ def _checked(config: dict[str, Any], folder: Path) -> dict[str, Any]:
         "use_rslora": bool(config.get("use_rslora", False)),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
     }
+
+
+def lora_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(A, B) with B·A the best rank-`rank` approximation of `delta`, as PEFT's `add_weighted_adapter` SVD
+    combinations cut it (`_svd_generalized_task_arithmetic_weighted_adapter`, no clamp): B = U_r·diag(S_r),
+    A = Vhᵣ, so the adapter's scaling is 1 (lora_alpha = r). Computed in float32, returned in `delta`'s dtype."""
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    r = min(rank, s.numel())
+    return vh[:r, :].to(delta.dtype).contiguous(), (u[:, :r] @ torch.diag(s[:r])).to(delta.dtype).contiguous()

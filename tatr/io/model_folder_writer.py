@@ -17,6 +17,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
@@ -97,3 +98,46 @@ def _copy(src: Path, dst: Path) -> None:
     """A regular file of the input folder (a link out of it is not followed), if present."""
     if src.is_file() and not src.is_symlink():
         shutil.copyfile(src, dst)
+
+
+def lora_targets(state: Mapping[str, Tensor], base_header: Mapping[str, tuple[tuple[int, ...], Any]]) -> list[str]:
+    """The modules a LoRA output can carry: 2-D `<module>.weight` keys, embeddings left out (PEFT gives them
+    their own factor names)."""
+    return [
+        key.removesuffix(".weight")
+        for key, (shape, _) in base_header.items()
+        if key.endswith(".weight") and len(shape) == 2 and "embed" not in key and key in state
+    ]
+
+
+def write_lora_folder(
+    out: Path,
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    base: Path,
+    rank: int,
+    card: str,
+    metadata: Mapping[str, str],
+) -> None:
+    """A PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`, `README.md`) holding each
+    module's (A, B); `lora_alpha = r`, so PEFT's scaling is 1 and B·A is the update itself."""
+    tensors: dict[str, Tensor] = {}
+    for module, (a, b) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": sorted(factors),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt", **metadata})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(card)
