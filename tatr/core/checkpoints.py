@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tatr.core import torchfile
 from tatr.core.errors import PickledObjectError, PickleNeedsTrust, TatrError, UnreadableCheckpoint, input_error
-from tatr.core.model_folders import is_model_folder, weight_map
+from tatr.core.model_folders import LAYOUTS, is_model_folder, weight_map
 from tatr.core.outputs import atomic_write
 from tatr.core.torchfile import TensorSpec
 
@@ -162,12 +162,14 @@ def _folder_shards(folder: Path) -> dict[str, Path]:
     """Key → the file holding it, for a model folder (`tatr.core.model_folders`), checked once per index
     version: every key the index lists is in its shard, and no shard holds a key the index gives elsewhere
     or not at all (a key in two shards would make the merge depend on which one is read)."""
-    files = weight_map(folder)
-    watched = {files} if isinstance(files, Path) else {*files.values(), *folder.glob("*.index.json")}
-    signature = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(watched))
+    # checked per read of a key, so only the layout files are looked at (a shard that changes later is
+    # checked again by its own header cache, and a key it lost is "not in this file")
+    watched = [folder / name for pair in LAYOUTS for name in pair if (folder / name).is_file()]
+    signature = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in watched)
     cached = _FOLDERS.get(folder)
     if cached is not None and cached[0] == signature:
         return cached[1]
+    files = weight_map(folder)
     if isinstance(files, Path):
         shards = {key: files for key in header(files)}
     else:
