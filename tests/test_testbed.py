@@ -258,3 +258,12 @@ def test_baselines_file_writes_the_table_rows(tiny_testbed, tmp_path: Path, monk
     assert set(ta["lam"]) <= {0.3, 1.0} and ta["q"].isna().all()
     pre = test[test["method"] == "pretrained"].set_index("task")["accuracy"].to_dict()
     assert pre == pytest.approx(tiny_testbed.pretrained_accuracy("test"), abs=1e-3)
+    # every evaluation keeps its predictions, the Individual rows' too (each θ_t on its own task)
+    from tatr.store.predictions import predictions_from_row
+
+    own = test[test["method"] == "individual"]
+    assert own["n_examples"].notna().all() and test["n_examples"].notna().all()
+    for _, row in own.iterrows():
+        p = predictions_from_row(row.to_dict())
+        assert p is not None and p.accuracy == pytest.approx(row["accuracy"], abs=1e-9)
+        assert row["accuracy"] == pytest.approx(tiny_testbed.individual_accuracy("test")[row["task"]], abs=1e-3)

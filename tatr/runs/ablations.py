@@ -211,9 +211,12 @@ def point_records(
 def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root: str | Path, log: Log = print) -> None:
     """The two reference rows of every merging table: θ_0 (Pretrained) and each θ_t on its own task
     (Individual), on the evaluation split, as `job_type="baseline"` runs."""
-    from tatr.suites.evaluation import evaluate_merged, normalized_accuracy
+    from tatr.suites.evaluation import evaluate_merged, individual_predictions, normalized_accuracy
 
     individual = suite.individual_accuracy(spec.eval_split)
+    own = individual_predictions(suite, spec.eval_split)
+    if own is not None:  # the build recorded these accuracies; the predictions are the same evaluation
+        individual = {t: own[t].accuracy if t in own else individual[t] for t in individual}
     start = time.perf_counter()
     pretrained = evaluate_merged(suite, None, spec.eval_split)
     seconds = time.perf_counter() - start
@@ -232,7 +235,7 @@ def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root
             normalized=normalized_accuracy(accuracy, individual),
             eval_seconds=seconds if subject == "pretrained" else None,
             ablation=str(spec.kind),
-            predictions=pretrained.predictions if subject == "pretrained" else None,
+            predictions=pretrained.predictions if subject == "pretrained" else own,
             git_commit=commit,
             timestamp=stamp,
         )

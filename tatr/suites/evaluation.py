@@ -121,6 +121,20 @@ def suite_predictions(
     return {t: p.accuracy for t, p in preds.items()}, preds
 
 
+def individual_predictions(suite: Suite, split: str) -> dict[str, TaskPredictions] | None:
+    """Each θ_t's predictions on its own task (the Individual row's), one task's evaluation per θ_t; None for a
+    suite without per-example predictions (a plugin written against `Suite.evaluate` alone)."""
+    if getattr(suite, "evaluate_predictions", None) is None:
+        return None
+    ckpts = suite.checkpoints()
+    out: dict[str, TaskPredictions] = {}
+    for t in suite.tasks:
+        _, preds = suite_predictions(suite, load_state_dict(ckpts.finetuned[t]), split, (t,))
+        assert preds is not None
+        out[t] = preds[t]
+    return out
+
+
 def recorded_accuracy(suite: Suite, recorded: Mapping[str, Mapping], which: str, split: str) -> dict[str, float]:
     """Accuracies of θ_0 ("pretrained") or of each θ_t on its own task ("individual") that the build recorded
     per split (`recorded[which][split]`); a split the build did not record is measured now."""
