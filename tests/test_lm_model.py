@@ -71,3 +71,23 @@ def test_prepare_lm_from_a_given_gguf(
     assert main(["prepare-lm", "--gguf", str(tmp_path / "nope.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"tatr: error: {tmp_path / 'nope.gguf'}: no such GGUF file"
+
+
+def test_tatr_merge_reads_gguf_inputs_as_their_dequantized_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    from tatr import merge
+    from tatr.cli import main
+
+    monkeypatch.setenv("TATR_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer(bos=False)
+    files = [write_gguf(tmp_path / f"m{i}.gguf", tiny_llama(len(tok), seed=i), tok) for i in range(3)]
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "-p", str(files[0]), "-f", str(files[1]), str(files[2]), "-o", str(out)]) in (0, None)
+    assert capsys.readouterr().err.count("quantized approximation") == 1
+    folders = [dequantized(f, cache_root=tmp_path / "cache") for f in files]
+    expected = merge(folders[0], folders[1:], q=0.99, lam=0.3)
+    got = load_file(str(out))
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)

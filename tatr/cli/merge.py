@@ -170,6 +170,7 @@ def command(
     check_numbers(q=q, lam=lam)
     options = _options(merge_method, flags)
     merge_method.check_statistics(bool(statistics))
+    pretrained, finetuned = _dequantized(pretrained, finetuned, quiet)
     lam_n = None if lam_neg is None else _parse("--lam-neg", lam_neg, float)
     if lam_n is not None:
         check_numbers(lam_neg=lam_n)
@@ -232,6 +233,22 @@ def command(
             f"time: {seconds:.2f}s  peak memory: {peak:,.0f} MiB",
             err=False,
         )
+
+
+def _dequantized(pretrained: Path, finetuned: tuple[Path, ...], quiet: bool) -> tuple[Path, tuple[Path, ...]]:
+    """GGUF inputs as the plain model folders they dequantize to (cached by sha256, `tatr prepare-lm`'s code),
+    with one warning: the weights are the GGUF's quantized approximation, not the original model's."""
+    paths = [pretrained, *finetuned]
+    if not any(p.suffix.lower() == ".gguf" for p in paths):
+        return pretrained, finetuned
+    from tatr.suites.causal_lm.model import dequantized
+
+    if not quiet:
+        click.echo(
+            "tatr: warning: GGUF inputs are merged as their dequantized weights (a quantized approximation)", err=True
+        )
+    done = [dequantized(p) if p.suffix.lower() == ".gguf" else p for p in paths]
+    return done[0], tuple(done[1:])
 
 
 def check_folder_output(
