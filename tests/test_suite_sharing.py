@@ -287,6 +287,35 @@ TINY_TEXT_SHA256 = {
 }
 
 
+# The same builds on an AMD EPYC machine whose torch CPU capability is AVX2 (2026-12-07): the data files are the
+# same bytes, the trained weights and heads differ in float rounding (other vector kernels). A build must be
+# byte-identical to one machine's record; a new kind of machine records its own.
+TINY_TESTBED_SHA256_AVX2 = {
+    "data_counts.safetensors": "5704637764addef4ea4ac93cdd86bf6587f6e5725cf7b843fd9b28a3587bc56e",
+    "data_digits.safetensors": "b8b48993652e5ea8289ff74c2ac314ec2ea764c21e914813388760c67c69a9b4",
+    "data_flags.safetensors": "47f7026f35354238581e890dd315d45d4f6e6979b7f605ae661f1ea87665ee6e",
+    "data_shapes.safetensors": "5140fd2b277c8392a5a2ecb9223fb9c3d2ddfa975f42e797501bc9711e162966",
+    "finetuned/counts.safetensors": "edf04195a10e1523842361d9fdb7a2be187904e1aa77ac05affa3beb2504f53b",
+    "finetuned/digits.safetensors": "abbf60382bd6b98e1c00443f76fce35a970908ae158fd07ab609d50710e61297",
+    "finetuned/flags.safetensors": "3feded4a0c6492c575147467ffbb76db33dfaab198a077d24e2d2e54dc5b2f40",
+    "finetuned/shapes.safetensors": "709d30c6a8f37e49aae019e121058bd470cd8a45cd77abbfe83ddd1667b677b7",
+    "heads.safetensors": "3cc36e68fd3926e1555a900a6797c6778ee12e3d6bc7b8c1ea797b369c4f4bf2",
+    "meta.json": "684ea30b6dae5f1b288e4a27ebbde03024b6f610ce7a532c317f7ef84c797a7a",
+    "pretrained.safetensors": "11637746f17410583bad748331c03cfa2d8e766343adc03f6cadafa79ce852d0",
+}
+
+TINY_TEXT_SHA256_AVX2 = {
+    "data_animals.safetensors": "81018b90567388c57204087ef935caed32e5d79a3f78d754178960d94388addc",
+    "data_colors.safetensors": "4b105ae8d4ee3d7e618a88ec8f6f9b7accdc11286df2e57aa3d3d3d17a4a97d0",
+    "data_sizes.safetensors": "e483b95a7499c4d418e336e6c7fcc6039fb0a40980c69db568538a2c5db057cd",
+    "finetuned/animals.safetensors": "58dc66594232ea4aff80df758f880605f4c810c7d25f2d6b96682fa95c9a2967",
+    "finetuned/colors.safetensors": "96440ab4b3f84d83d0dbdf1be9cfa7d1708fb7404f83c63ba671311150b9a93e",
+    "finetuned/sizes.safetensors": "ab6ee28bbca81e9d59f7e69c84938f8d9d4c4c6004b39d618fa05f1f8d5582a5",
+    "heads.safetensors": "acfae5e665cfe84e9f3141184d4037c64e7a718d660d0c46b3b0935eba5001dc",
+    "pretrained.safetensors": "5cd234e017321dab42d0fa8232d7946f714d7419753db4b8484f8174e486551b",
+}
+
+
 def _digests(folder: Path, leave_out: tuple[str, ...]) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -297,7 +326,7 @@ def _digests(folder: Path, leave_out: tuple[str, ...]) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_the_tiny_testbed_s_bytes_are_the_ones_built_before(tiny_testbed) -> None:
-    assert _digests(tiny_testbed.folder, ()) == TINY_TESTBED_SHA256
+    assert _digests(tiny_testbed.folder, ()) in (TINY_TESTBED_SHA256, TINY_TESTBED_SHA256_AVX2)
 
 
 @pytest.mark.slow
@@ -308,4 +337,4 @@ def test_the_tiny_text_suite_s_bytes_are_the_ones_built_before(tmp_path: Path) -
 
     options = {"model": str(make_tiny_bert(tmp_path / "bert")), "tasks": str(make_tasks(tmp_path / "tasks"))}
     suite = get_suite("text", {**options, **TINY_OPTIONS}, tmp_path / "cache")
-    assert _digests(suite.folder, ("meta.json",)) == TINY_TEXT_SHA256
+    assert _digests(suite.folder, ("meta.json",)) in (TINY_TEXT_SHA256, TINY_TEXT_SHA256_AVX2)

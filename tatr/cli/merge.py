@@ -179,6 +179,8 @@ def command(
     check_sizes(merge_method.sparsify, options, (_numel(s) for s, d in base.values() if d.is_floating_point))
     inputs = [pretrained, *finetuned, *gradients, *signed_gradients, *statistics]
     folder_out = out.suffix != ".safetensors"
+    if folder_out and out.suffix.lower() in FILE_SUFFIXES and not out.is_dir():
+        raise TatrError(f"{out}: --out must end in .safetensors (a file) or name a folder (a model folder)")
     if out_format == "lora" and (not folder_out or rank is None or rank < 1):
         raise TatrError("--out-format lora writes a folder: give --out FOLDER and --rank R (R ≥ 1)")
     if rank is not None and out_format != "lora":
@@ -233,6 +235,10 @@ def command(
             f"time: {seconds:.2f}s  peak memory: {peak:,.0f} MiB",
             err=False,
         )
+
+
+# file names --out refuses (a folder is any other name: model folders like `Llama-3.1-8B` have "suffixes")
+FILE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".yaml", ".yml", ".npz", ".h5", ".msgpack")
 
 
 def _dequantized(pretrained: Path, finetuned: tuple[Path, ...], quiet: bool) -> tuple[Path, tuple[Path, ...]]:
