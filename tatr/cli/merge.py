@@ -286,19 +286,19 @@ def _write_lora(out: Path, merged: dict, pretrained: Path, base: dict, rank: int
     what a LoRA cannot carry (norms, biases, embeddings) is said in one line."""
     import torch
 
-    factors = {}
-    for module in lora_targets(merged, base):
-        delta = merged[f"{module}.weight"].float() - read_tensor(as_source(pretrained), f"{module}.weight").float()
-        if bool(delta.any()):
-            factors[module] = lora_factors(delta.to(merged[f"{module}.weight"].dtype), rank)
+    source = as_source(pretrained)
+    targets = {f"{module}.weight" for module in lora_targets(merged, base)}
+    factors, left = {}, []
+    for key, value in merged.items():  # θ_0 read once per key
+        theta0 = read_tensor(source, key)
+        if torch.equal(value, theta0):
+            continue
+        if key in targets:
+            factors[key.removesuffix(".weight")] = lora_factors((value.float() - theta0.float()).to(value.dtype), rank)
+        else:
+            left.append(key)
     if not factors:
         raise TatrError("the merge moved no 2-D module weight: there is no update a LoRA adapter could hold")
-    left = [
-        k
-        for k in merged
-        if k.removesuffix(".weight") not in factors
-        and not torch.equal(merged[k], read_tensor(as_source(pretrained), k))
-    ]
     if left:
         click.echo(f"tatr: note: {len(left)} moved tensors a LoRA cannot hold stay at θ_0 (e.g. {left[0]})", err=True)
     write_lora_folder(out, factors, pretrained, rank, card, {"tatr": settings})

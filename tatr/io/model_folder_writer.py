@@ -72,9 +72,8 @@ def write_model_folder(
     metadata: Mapping[str, str],
 ) -> list[str]:
     """Write the folder (see the module docstring); returns the weight files written."""
-    for name in CONFIG_FILES[:1]:
-        if not (base / name).is_file():
-            raise TatrError(f"{base}: has no {name}, so the merged folder could not be loaded; give a model folder")
+    if not (base / "config.json").is_file():
+        raise TatrError(f"{base}: has no config.json, so the merged folder could not be loaded; give a model folder")
     tensors = untie({k: v.contiguous() for k, v in state.items()})
     shards = shard_plan(tensors, shard_bytes)
     meta = {"format": "pt", **metadata}
