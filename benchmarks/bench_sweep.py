@@ -6,7 +6,7 @@ Three measurements, in one run on the same machine:
    offline unless --no-wandb) with a cold plan cache: wall time and trials per minute. The plan
    cache is cold because TATR_CACHE points at a fresh folder that links only the suite's own
    build (testbed/, gradients/) from the real cache.
-2. The naive loop over the same (λ, q) in the same order: per trial `tatr.core.merging.merge` from the
+2. The naive loop over the same (λ, q) in the same order: per trial `tatr.core.one_shot.merge` from the
    checkpoint files (task vectors streamed again, Ω and the exact selection recomputed), then the
    full validation evaluation (no pruning), then one final test evaluation like the sweep's.
    Reported as naive wall / sweep wall. Also the sweep rerun with --pruner none, so the ratio
@@ -76,7 +76,7 @@ def run_sweep_timed(exp: Path, overrides: list[str], trials: int, root: Path, st
 
 def naive_loop(config, params: list[dict]) -> tuple[float, list[float]]:
     """Every trial from scratch: stream the checkpoints, recompute Ω and the selection, merge, evaluate."""
-    from tatr.core.merging import merge
+    from tatr.core.one_shot import merge
     from tatr.suites import get_suite
 
     start, cpu = time.perf_counter(), time.process_time()
@@ -97,7 +97,8 @@ def naive_loop(config, params: list[dict]) -> tuple[float, list[float]]:
 def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
     """Per trial, the naive trial and the cached trial back to back (same λ, q): the load of a
     shared machine drifts over minutes, so alternating cancels most of it out of the ratio."""
-    from tatr.core.merging import MergePlan, merge, plan_merge
+    from tatr.core.merging import MergePlan, plan_merge
+    from tatr.core.one_shot import merge
     from tatr.suites import get_suite
 
     suite = get_suite(config.benchmark, config.suite)
@@ -124,7 +125,8 @@ def interleaved(config, params: list[dict], q_min: float) -> dict[str, float]:
 
 def merge_costs(config, repeats: int = 20) -> dict[str, float]:
     """Min-of-repeats seconds: trial merge, plain TA merge (same cached inputs), naive merge."""
-    from tatr.core.merging import MergePlan, merge, plan_merge
+    from tatr.core.merging import MergePlan, plan_merge
+    from tatr.core.one_shot import merge
     from tatr.suites import get_suite
 
     suite = get_suite(config.benchmark, config.suite)

@@ -62,6 +62,9 @@ def test_every_committed_ablation_file_loads() -> None:
         "exemplar-count",
         "plugin",
         "gradient-correlation",
+        "exemplar-selection",  # the checks the paper leaves open: tests/test_open_checks_ablations.py
+        "conflict-score",
+        "zero-shot-proxy",
     }
     # mask ratio: log-spaced drops from 0.01% to 20%, q fixed at each point, for TA+TR and TIES+TR
     mask = kinds["mask-ratio"]

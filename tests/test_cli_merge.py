@@ -299,14 +299,14 @@ def test_full_disk_and_unwritable_folder_are_refused_before_the_work(
     import tatr.core.outputs
 
     started = []
-    monkeypatch.setattr(cli_merge, "plan_merge", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(cli_merge, "merge_once", lambda *a, **k: started.append(1))
     argv = ["-p", files["pre"], "-f", *files["ft"], "-o", tmp_path / "m.safetensors"]
     usage = _shutil.disk_usage(tmp_path)
     monkeypatch.setattr(tatr.core.outputs.shutil, "disk_usage", lambda p: usage._replace(free=100))
     code, _, err = run(argv, capsys)
     assert code == 2 and "MiB free, but the output needs about" in err and not started
     monkeypatch.undo()
-    monkeypatch.setattr(cli_merge, "plan_merge", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(cli_merge, "merge_once", lambda *a, **k: started.append(1))
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")

@@ -111,17 +111,17 @@ def test_sigint_prints_aborted_alone(files: dict) -> None:
     code = textwrap.dedent(
         """
         import signal, sys, time
-        import tatr.core.merging as merging
+        import tatr.core.one_shot as one_shot
 
         # as from a terminal: a shell's background job (CI under `nohup … &`) starts with SIGINT ignored,
         # which Python then leaves ignored, so the SIGINT below would never arrive
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        def plan_merge(*args, **kwargs):  # the merge, made slow: the door checks have passed
+        def merge_once(*args, **kwargs):  # the merge, made slow: the door checks have passed
             print("ready", flush=True)
             time.sleep(120)
 
-        merging.plan_merge = plan_merge
+        one_shot.merge_once = merge_once
         from tatr.cli import main
         sys.exit(main(sys.argv[1:]))
         """

@@ -21,7 +21,8 @@ from tatr.cli import main as cli_main
 from tatr.core.checkpoints import header, load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.gradients import gradient_stats_loop
-from tatr.core.merging import merge, plan_merge
+from tatr.core.merging import plan_merge
+from tatr.core.one_shot import merge
 from tatr.suites import evaluation as ev
 from tatr.suites import get_suite
 from tatr.suites.clip8 import Clip8

@@ -495,7 +495,10 @@ def test_cli_passes_the_options_through(method: str, flags: list, api: dict, fil
         (["--method", "breadcrumbs", "--beta", "inf"], "Breadcrumbs β (beta) must be in [0, 1], got inf"),
         (["--method", "ta", "--drop-rate", "0.3"], "--drop-rate applies to dare, dare-ties, not to --method ta"),
         (["--method", "dare", "--beta", "0.1"], "--beta applies to breadcrumbs, not to --method dare"),
-        (["--method", "breadcrumbs", "--seed", "3"], "--seed applies to dare, dare-ties, not to --method breadcrumbs"),
+        (
+            ["--method", "breadcrumbs", "--seed", "3"],
+            "--seed applies to dare, dare-ties, mergekit-dare-linear, mergekit-dare-ties, not to --method breadcrumbs",
+        ),
         (["--method", "dare", "--lam-neg", "0.5"], "lam_neg scales the negative component apart"),
         (["--method", "dare", "--lam-neg", "nan"], "λ_neg (lam_neg) must be a finite number"),
     ],

@@ -36,7 +36,7 @@ def test_evaluate_prints_a_per_task_table(tiny_testbed, tiny_testbed_cache: Path
 
 
 def test_evaluate_json_matches_the_suite(tiny_testbed, tiny_testbed_cache: Path, capsys) -> None:
-    from tatr.core.merging import merge
+    from tatr.core.one_shot import merge
 
     os.environ["TATR_CACHE"] = str(tiny_testbed_cache)
     try:

@@ -188,7 +188,7 @@ def test_merge_onto_a_disk_that_fills_after_the_check(tmp_path: Path, checkpoint
     out = disk / "merged.safetensors"
     before = {p: p.read_bytes() for p in checkpoints}
     argv = ["merge", "-p", checkpoints[0], "-f", *checkpoints[1:], "--quiet", "-o", out]
-    result = run_on_full_disk(disk, argv, wanted=wanted, at="tatr.cli.merge:plan_merge")
+    result = run_on_full_disk(disk, argv, wanted=wanted, at="tatr.cli.merge:merge_once")
     assert result.one_line() == f"tatr: error: {out}: cannot write ({REASONS[result.mechanism]})"
     assert result.left == []  # no output file, no temporary
     assert {p: p.read_bytes() for p in checkpoints} == before

@@ -65,12 +65,14 @@ def _lm_eval_samples(model, tok, questions: list[Question], folder: Path) -> lis
     return sorted(results["samples"]["tiny_mc"], key=lambda s: s["doc"]["id"])
 
 
+@pytest.mark.parametrize("share_context", [False, True])
 @pytest.mark.parametrize("bos", [False, True])
-def test_scores_equal_lm_eval_per_example(bos: bool, tmp_path: Path) -> None:
+def test_scores_equal_lm_eval_per_example(bos: bool, share_context: bool, tmp_path: Path) -> None:
+    """Both of tatr's paths: one full sequence per choice (lm-eval's), and the context once with its cache."""
     tok = tiny_tokenizer(bos)
     model = tiny_llama(len(tok))
     questions = _questions()
-    ours = score(model, tok, questions, batch_size=3)
+    ours = score(model, tok, questions, batch_size=3, share_context=share_context)
     samples = _lm_eval_samples(model, tok, questions, tmp_path)
     assert len(samples) == len(questions)
     assert (tok.encode("a")[0] == tok.bos_token_id) == bos  # the tokenizer's default decides the BOS

@@ -147,13 +147,14 @@ def test_a_new_method_gets_a_field_flag_column_identity_and_search_space(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    after = out["fields"][out["fields"].index("breadcrumbs_density") + 1 :]
+    last = [o.name for o in all_options() if any(o in k.options for k in SPARSIFIERS.values())][-1]  # built-in
+    after = out["fields"][out["fields"].index(last) + 1 :]
     assert after[:2] == ["toy_scale", "toy_every"] and out["variant"]  # the sparsifiers' options, then the combiners'
 
     assert out["config_error"] == "merge.toy_scale: Toy scale must be in (0, 1], got 1.5"
     assert out["identity_toy"]["toy_scale"] == 0.25 and out["identity_toy"]["toy_every"] == 2
     assert "toy_scale" not in out["identity_ta"] and "toy_every" not in out["identity_ta"]
-    assert out["columns"][out["columns"].index("breadcrumbs_density") + 1 :][:2] == ["toy_scale", "toy_every"]
+    assert out["columns"][out["columns"].index(last) + 1 :][:2] == ["toy_scale", "toy_every"]
     assert "toy_scale" in out["numbers"] and "toy_every" in out["integers"]
     assert "toy_scale" in out["params"] and "toy_every" not in out["params"]  # an integer is set, not searched
     assert "--toy-scale" in out["help"] and "Toy: keep every n-th entry" in out["help"]
@@ -200,10 +201,11 @@ def test_the_declarations_give_todays_config_columns_and_identity() -> None:
     from tatr.store import schema
 
     options = ("ties_k", "dare_p", "dare_seed", "breadcrumbs_beta", "breadcrumbs_density")
+    options += ("mergekit_density", "mergekit_rescale", "mergekit_dare_rescale", "mergekit_gamma")  # issue 22
     combined = ("tall_mask_lambda", "consensus_k", "common_space_fraction")  # the combiners' (issue 20)
     combined += ("fisher_normalize", "minimal_fisher_weight", "regmean_reduce_ratio")  # registered after them
     assert (*options, *combined) == schema.METHOD_OPTIONS
-    assert schema.COLUMNS[schema.COLUMNS.index("lam_neg") + 1 :][:12] == (*options, *combined, "components")
+    assert schema.COLUMNS[schema.COLUMNS.index("lam_neg") + 1 :][:16] == (*options, *combined, "components")
     assert list(MergeConfig.model_fields) == [
         *("method", "trust_region", "q", "lam", "ties_k", "components", "lam_neg"),
         *options[1:],
@@ -215,6 +217,10 @@ def test_the_declarations_give_todays_config_columns_and_identity() -> None:
         "dare_seed": 0,
         "breadcrumbs_beta": 0.01,
         "breadcrumbs_density": 0.9,
+        "mergekit_density": 1.0,
+        "mergekit_rescale": 0,
+        "mergekit_dare_rescale": 1,
+        "mergekit_gamma": 0.01,
         "tall_mask_lambda": 0.6,
         "consensus_k": 2,
         "common_space_fraction": 0.8,

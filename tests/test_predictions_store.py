@@ -52,7 +52,7 @@ def test_the_new_columns_come_last() -> None:
     """Columns added later go after the older ones (an older store's columns keep their positions)."""
     at = COLUMNS.index("timestamp") + 1
     assert COLUMNS[at : at + 3] == PREDICTION_COLUMNS
-    assert COLUMNS[at + 3 :] == ("fisher_estimator",)
+    assert COLUMNS[at + 3 :] == ("fisher_estimator", "exemplar_selection")
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 320, 1001])

@@ -534,3 +534,28 @@ def test_module_imports_only_torch_and_the_core_and_never_the_methods() -> None:
             seen.add(module)
             todo += [m for m in _imports(ROOT / (module.replace(".", "/") + ".py")) if m.startswith("tatr.")]
     assert "tatr.core.methods" not in seen and seen <= {"tatr.core.errors", "tatr.core.options", "tatr.core.registry"}
+
+
+def test_a_float32_svd_that_does_not_converge_is_computed_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAPACK's float32 gesdd failed on a trust-region-masked ViT-B/32 `c_proj` (Iso-CTS, the combiner
+    benchmark); the reference raises there. tatr takes the float64 SVD of the same matrix, rounded back."""
+    real_svd = torch.linalg.svd
+    calls: list[torch.dtype] = []
+
+    def flaky(matrix: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+        return real_svd(matrix, full_matrices=full_matrices)
+
+    matrix = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = svd_merges._svd("k", matrix)
+    assert calls == [torch.float32, torch.float64] and u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close((u * s) @ vh, matrix, rtol=1e-5, atol=1e-5)
+    expected = real_svd(matrix.double(), full_matrices=False)
+    torch.testing.assert_close(s, expected[1].float())
+
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: (_ for _ in ()).throw(torch.linalg.LinAlgError("no")))
+    with pytest.raises(TatrError, match=r"key 'k': the SVD of a \(6, 9\) matrix did not converge"):
+        svd_merges._svd("k", matrix)

@@ -17,7 +17,8 @@ import torch
 
 import tatr.core.merging
 from tatr.core.errors import TatrError
-from tatr.core.merging import MergePlan, merge, plan_merge
+from tatr.core.merging import MergePlan, plan_merge
+from tatr.core.one_shot import merge
 from tatr.runs.sweep.run import run_sweep
 from tatr.runs.sweep.space import load_search_space
 from tatr.runs.sweep.storage import storage_url

@@ -12,7 +12,7 @@ import torch
 
 from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
-from tatr.core.merging import merge
+from tatr.core.one_shot import merge
 from tatr.suites import get_suite
 from tatr.suites import testbed as testbed_mod
 from tatr.suites.base import BUILD_THREADS
@@ -68,11 +68,14 @@ def test_splits_are_disjoint() -> None:
 
 # --- build, determinism and cache ----------------------------------------------------------
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
+    """b runs its fine-tunes in two worker processes, a in this one: the same bytes (issue 21)."""
     spec = testbed_mod.spec_from_options({"preset": "tiny", "tasks": ["shapes", "flags"]})
     folders = [tmp_path / name for name in ("a", "b", "c")]
-    for folder, s in zip(folders, (spec, spec, tb.TestbedSpec(**{**spec.to_json(), "seed": 1})), strict=True):
+    specs = (spec, spec, tb.TestbedSpec(**{**spec.to_json(), "seed": 1}))
+    for folder, s, workers in zip(folders, specs, (1, 2, 1), strict=True):
         folder.mkdir()
-        tb.build(s, folder)
+        tb.build(s, folder, workers=workers)
+    assert json.loads((folders[1] / "build_log.json").read_text())["workers"] == 2
     a, b, c = (_files(f) for f in folders)
     assert a.keys() == b.keys() and a == b
     assert a["pretrained.safetensors"] != c["pretrained.safetensors"]
@@ -104,9 +107,9 @@ def test_cache_hit_miss_and_corruption(tiny_testbed, tmp_path: Path, monkeypatch
     builds: list[Path] = []
     real_build = tb.build
 
-    def counting_build(spec, folder, progress=False, log=None):
+    def counting_build(spec, folder, progress=False, log=None, workers=1):
         builds.append(folder)
-        return real_build(spec, folder, progress, log)
+        return real_build(spec, folder, progress, log, workers)
 
     monkeypatch.setattr(tb, "build", counting_build)
 

@@ -178,16 +178,19 @@ def test_each_mode_rule_is_its_math() -> None:
     assert torch.equal(s, grad) and a is None  # a = 1
     s, a = rules["magnitude-only"](mag, grad)
     assert s is None and torch.equal(a, tau.abs())  # s = 1
-    for mode in MODES[1:]:
-        assert conflict_terms(mode, mag, grad) == rules[mode](mag, grad)
+    for mode in MODES[1:]:  # the registry's rule is what `conflict_terms` applies (the new modes: test_conflict_scores)
+        got, want = conflict_terms(mode, mag, grad), rules[mode](mag, grad)
+        assert all(g is w is None or torch.equal(g, w) for g, w in zip(got, want, strict=True)), mode
     with pytest.raises(ValueError, match="no conflict terms for mode 'off'"):
         conflict_terms("off", mag, grad)
 
 
 def test_gradient_needs_labels_and_names_come_from_the_registry() -> None:
-    assert MODES == ("off", "zero-shot", "exemplar", "gradient-only", "magnitude-only")
-    assert NEEDS_GRADIENTS == ("exemplar", "gradient-only")
-    assert [needs_gradients(m) for m in MODES] == [False, False, True, True, False]
+    paper = ("off", "zero-shot", "exemplar", "gradient-only", "magnitude-only")
+    open_checks = ("diag-fisher", "gradient-agreement", "zero-shot-per-tensor", "zero-shot-theta0")
+    assert MODES[:5] == paper and MODES[5:] == open_checks  # the paper's first, in order: figures keep their styles
+    assert NEEDS_GRADIENTS == ("exemplar", "gradient-only", "diag-fisher", "gradient-agreement")
+    assert [needs_gradients(m) for m in MODES] == [False, False, True, True, False, True, True, False, False]
     assert not needs_gradients(None) and not needs_gradients("exemplr") and not needs_gradients(float("nan"))
     assert merge_label("ta", "zero-shot") == "TA+TR"
     assert merge_label("ties-sum", "exemplar") == "TIES (dis-sum)+TR (exemplar)"

@@ -26,7 +26,7 @@ from tatr.runs.config import load_config
 from tatr.runs.sweep.space import load_search_space
 from tatr.store import rows as store
 from tatr.suites import get_suite
-from tatr.suites.text.tasks import read_rows, read_tasks_file
+from tatr.suites.text_tasks import read_rows, read_tasks_file
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED_YAML = REPO / "experiments" / "testbed.yaml"

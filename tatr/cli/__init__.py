@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from tatr.core.distributed import world
 from tatr.core.errors import TatrError
 from tatr.core.outputs import install_signal_handlers
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     The command is invoked here (`make_context` + `invoke`) rather than through click's `main`, which
     catches Ctrl-C itself and prints a blank line before any message of ours."""
     install_signal_handlers()
+    world()  # under torchrun: the process group, each rank on its own GPU, before anything uses CUDA
     args = sys.argv[1:] if argv is None else list(argv)
     if "_TATR_COMPLETE" in os.environ:  # shell completion: click's own main answers it and exits
         return cli.main(args=args, prog_name="tatr")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from tatr.core.distributed import is_main
 from tatr.core.errors import TatrError
 from tatr.core.methods import get_method, uses_ties_k
 from tatr.core.registry import unknown_name
@@ -153,6 +154,8 @@ def command(
     check_benchmark(config.benchmark)
     suite = get_suite(config.benchmark, config.suite, cache_dir)
     result, timings = evaluate_config(suite, config, model, cache_dir)
+    if not is_main():  # under torchrun the ranks shared the statistics; one of them writes and prints
+        return
     if root is not None:
         write_store(root, record(config, model, result, timings, suite))
     if as_json:

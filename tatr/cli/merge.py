@@ -19,29 +19,31 @@ from typing import TYPE_CHECKING
 import click
 
 from tatr import __version__
-from tatr.cli.model_card import MARKER, model_card
-from tatr.core.checkpoints import as_source, header, read_tensor, save_state_dict
+from tatr.cli.merge_config import merge_from_config
+from tatr.cli.merge_output import FILE_SUFFIXES, check_folder_output, merge_target, numel, output_bytes
+from tatr.cli.model_card import model_card
+from tatr.core.checkpoints import as_source, header, read_tensor
 from tatr.core.components import COMPONENTS, check_components
 from tatr.core.errors import TatrError
 from tatr.core.lora import lora_factors
 from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
-from tatr.core.merging import plan_merge
 from tatr.core.methods import METHODS, MergeMethod, fixed_method, fixed_methods, option_users
+from tatr.core.one_shot import merge_once
 from tatr.core.options import OptionValues, all_options, check_options, check_sizes
-from tatr.core.outputs import check_output, same_file
+from tatr.core.outputs import check_output
 from tatr.core.trust_region import MODES
-from tatr.io.model_folder_writer import (
-    DEFAULT_SHARD,
-    lora_targets,
-    parse_size,
-    write_lora_folder,
-    write_model_folder,
-)
+from tatr.io.model_folder_writer import DEFAULT_SHARD, ShardedFolder, lora_targets, parse_size, write_lora_folder
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import torch
+
+def _budget(text: str) -> int:
+    """--memory-budget's bytes, in the units of --out-shard-size (`parse_size`), else one line."""
+    try:
+        return parse_size(text)
+    except TatrError:
+        raise TatrError(f"--memory-budget must be a size such as 24GB or 20GiB, got {text!r}") from None
 
 
 def _option_flags(f: Callable[..., None]) -> Callable[..., None]:
@@ -68,10 +70,15 @@ def _components(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 @click.command("merge")
-@click.option("--pretrained", "-p", required=True, type=click.Path(path_type=Path), help="θ_0 checkpoint.")
 @click.option(
-    "--finetuned", "-f", required=True, multiple=True, type=click.Path(path_type=Path), help="θ_t checkpoints."
+    "--config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A mergekit YAML (task_arithmetic, ties, dare_*, breadcrumbs*, linear; a trust_region: block adds TATR): "
+    "it gives the inputs, the method and its options, so only --out and the memory and output flags go with it.",
 )
+@click.option("--pretrained", "-p", type=click.Path(path_type=Path), help="θ_0 checkpoint.")
+@click.option("--finetuned", "-f", multiple=True, type=click.Path(path_type=Path), help="θ_t checkpoints.")
 @click.option(
     "--method",
     default="ta",
@@ -138,9 +145,24 @@ def _components(ctx: click.Context, param: click.Parameter, value: str | None) -
     help="With --out FOLDER: a full model folder, or a PEFT LoRA adapter of the merged update (needs --rank).",
 )
 @click.option("--rank", type=int, default=None, help="With --out-format lora: the adapter's rank (truncated SVD).")
+@click.option(
+    "--low-memory/--in-memory",
+    "low_memory",
+    default=None,
+    help="Out of core: the same exact merge without arrays over all coordinates (peak: a few of the largest "
+    "tensors), the inputs read once per pass. Default: chosen when the in-memory merge exceeds --memory-budget.",
+)
+@click.option(
+    "--memory-budget",
+    "memory_budget",
+    metavar="SIZE",
+    default=None,
+    help="Memory the in-memory merge may use before tatr merges out of core (24GB, 20GiB) [80% of MemAvailable].",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 def command(
-    pretrained: Path,
+    config: Path | None,
+    pretrained: Path | None,
     finetuned: tuple[Path, ...],
     method: str,
     trust_region: str,
@@ -156,6 +178,8 @@ def command(
     shard_size: str,
     out_format: str,
     rank: int | None,
+    low_memory: bool | None,
+    memory_budget: str | None,
     quiet: bool,
     **flags: str | None,
 ) -> None:
@@ -165,7 +189,15 @@ def command(
     Example (zero-shot TATR on task arithmetic):
       tatr merge -p pre.safetensors -f a.safetensors -f b.safetensors --q 0.99 --lam 0.3 -o merged.safetensors
     Flags taking files may also be given once with several paths: --finetuned a.pt b.pt.
+    A mergekit configuration instead of -p/-f: tatr merge --config merge.yml --out merged/
     """
+    if config is not None:
+        budget = None if memory_budget is None else _budget(memory_budget)
+        merge_from_config(config, out, shard_size, low_memory, budget, quiet)
+        return
+    if pretrained is None or not finetuned:
+        missing = "'--pretrained' / '-p'" if pretrained is None else "'--finetuned' / '-f'"
+        raise click.UsageError(f"missing option {missing} (or --config FILE, a mergekit YAML)")
     merge_method = fixed_method(method)  # an unknown name gets "did you mean" before any work
     check_numbers(q=q, lam=lam)
     options = _options(merge_method, flags)
@@ -176,7 +208,7 @@ def command(
         check_numbers(lam_neg=lam_n)
         check_lam_neg_method(merge_method, check_components(components))
     base = header(as_source(pretrained))
-    check_sizes(merge_method.sparsify, options, (_numel(s) for s, d in base.values() if d.is_floating_point))
+    check_sizes(merge_method.sparsify, options, (numel(s) for s, d in base.values() if d.is_floating_point))
     inputs = [pretrained, *finetuned, *gradients, *signed_gradients, *statistics]
     folder_out = out.suffix != ".safetensors"
     if folder_out and out.suffix.lower() in FILE_SUFFIXES and not out.is_dir():
@@ -187,42 +219,49 @@ def command(
         raise TatrError("--rank applies to --out-format lora")
     if folder_out:
         shard_bytes = parse_size(shard_size)
-        tokenizer_from = check_folder_output(out, pretrained, tokenizer_from, inputs, _output_bytes(base))
+        tokenizer_from = check_folder_output(out, pretrained, tokenizer_from, inputs, output_bytes(base))
     else:
-        check_output(out, inputs, suffix=".safetensors", need_bytes=_output_bytes(base))
-    start = time.perf_counter()
-    plan = plan_merge(
-        pretrained,
-        list(finetuned),
-        method=method,
-        trust_region=trust_region,
-        components=components,
-        gradients=list(gradients) or None,
-        signed_gradients=list(signed_gradients) or None,
-        progress=not quiet,
-        options=options,
-        statistics=list(statistics) or None,
-    )
-    plan.prepare([q], release_scores=True)
-    merged = plan.merged(q, lam, lam_n)
+        check_output(out, inputs, suffix=".safetensors", need_bytes=output_bytes(base))
+    budget = None if memory_budget is None else _budget(memory_budget)
     settings = f"method={method} trust_region={trust_region} q={q} lam={lam}"
     read = [o.name for o in merge_method.declared_options if o.identity == "read"]  # TIES' k: not written, as before
     settings += "".join(f" {name}={options[name]}" for name in read)
     settings += "" if lam_n is None else f" lam_neg={lam_n}"
-    if folder_out:
-        mask = None if trust_region == "off" else plan.mask_stats(q)
-        config = {"method": method, "trust_region": trust_region, "q": q, "lam": lam or merge_method.default_lam}
-        config.update({name: options[name] for name in merge_method.options})
-        config.update({} if lam_n is None else {"lam_neg": lam_n})
-        card = model_card(pretrained, list(finetuned), config, mask, __version__)
-        assert tokenizer_from is not None
-        if out_format == "lora":
-            assert rank is not None
-            _write_lora(out, merged, pretrained, base, rank, card, settings)
-        else:
-            write_model_folder(out, merged, pretrained, tokenizer_from, shard_bytes, card, {"tatr": settings})
-    else:
-        save_state_dict(merged, out, metadata={"tatr": settings})
+    start = time.perf_counter()
+    kind = out_format if folder_out else "file"
+    where = (out, kind, base, pretrained, tokenizer_from, shard_bytes if folder_out else 0, {"tatr": settings})
+    with merge_target(*where) as target:  # the file, the folder's shards, or a LoRA's scratch file: never a dict
+        _, plan = merge_once(  # in memory, or out of core (streamed into `target`) past the budget
+            pretrained,
+            list(finetuned),
+            method=method,
+            trust_region=trust_region,
+            q=q,
+            lam=lam,
+            lam_neg=lam_n,
+            components=components,
+            gradients=list(gradients) or None,
+            signed_gradients=list(signed_gradients) or None,
+            progress=not quiet,
+            options=options,
+            statistics=list(statistics) or None,
+            low_memory=low_memory,
+            memory_budget=budget,
+            out=target,
+            metadata={"tatr": settings},
+            note=lambda line: click.echo(f"tatr: {line}", err=True),
+        )
+        if folder_out:
+            mask = None if trust_region == "off" else plan.mask_stats(q)
+            config = {"method": method, "trust_region": trust_region, "q": q, "lam": lam or merge_method.default_lam}
+            config.update({name: options[name] for name in merge_method.options})
+            config.update({} if lam_n is None else {"lam_neg": lam_n})
+            card = model_card(pretrained, list(finetuned), config, mask, __version__)
+            if isinstance(target, ShardedFolder):
+                target.card = card  # the folder is committed as the block ends
+            else:
+                assert rank is not None and isinstance(target, Path)
+                _write_lora(out, target, pretrained, base, rank, card, settings)
     seconds = time.perf_counter() - start
     if not quiet:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -235,10 +274,6 @@ def command(
             f"time: {seconds:.2f}s  peak memory: {peak:,.0f} MiB",
             err=False,
         )
-
-
-# file names --out refuses (a folder is any other name: model folders like `Llama-3.1-8B` have "suffixes")
-FILE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".yaml", ".yml", ".npz", ".h5", ".msgpack")
 
 
 def _dequantized(pretrained: Path, finetuned: tuple[Path, ...], quiet: bool) -> tuple[Path, tuple[Path, ...]]:
@@ -257,40 +292,18 @@ def _dequantized(pretrained: Path, finetuned: tuple[Path, ...], quiet: bool) -> 
     return done[0], tuple(done[1:])
 
 
-def check_folder_output(
-    out: Path, pretrained: Path, tokenizer_from: Path | None, inputs: list[Path], need_bytes: int
-) -> Path:
-    """Refuse a folder output tatr cannot write safely, before any work (one line each); returns the
-    tokenizer's folder. A non-empty folder is replaced only when it is an earlier tatr merge (its card)."""
-    if not (pretrained.is_dir() and (pretrained / "config.json").is_file()):
-        raise TatrError(f"--out {out} is a folder, so -p must be a Hugging Face model folder with config.json")
-    source = tokenizer_from if tokenizer_from is not None else pretrained
-    if not source.is_dir():
-        raise TatrError(f"{source}: --tokenizer-from must be a model folder")
-    for item in inputs:
-        if same_file(out, item) or (item.is_dir() and item.resolve() in out.resolve().parents):
-            raise TatrError(f"{out}: --out is (inside) an input ({item}); choose another folder")
-    if out.exists() and not out.is_dir():
-        raise TatrError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        card = out / "README.md"
-        if not (card.is_file() and MARKER in card.read_text(errors="replace")):
-            raise TatrError(f"{out}: a folder that is not empty and not an earlier tatr merge; choose a new folder")
-    where = out if out.is_dir() else out.parent  # the folder is built beside `out`, then moved in place
-    check_output(where / "model.safetensors", [], need_bytes=need_bytes)
-    return source
-
-
-def _write_lora(out: Path, merged: dict, pretrained: Path, base: dict, rank: int, card: str, settings: str) -> None:
+def _write_lora(out: Path, merged: Path, pretrained: Path, base: dict, rank: int, card: str, settings: str) -> None:
     """The merged update θ − θ_0 of each 2-D module weight as rank-`rank` LoRA factors (PEFT's SVD cut);
-    what a LoRA cannot carry (norms, biases, embeddings) is said in one line."""
+    what a LoRA cannot carry (norms, biases, embeddings) is said in one line. `merged`: the merged model's
+    file, read a tensor at a time."""
     import torch
 
     source = as_source(pretrained)
-    targets = {f"{module}.weight" for module in lora_targets(merged, base)}
+    keys = header(merged)
+    targets = {f"{module}.weight" for module in lora_targets(keys, base)}
     factors, left = {}, []
-    for key, value in merged.items():  # θ_0 read once per key
-        theta0 = read_tensor(source, key)
+    for key in keys:  # the merge and θ_0 read once per key
+        value, theta0 = read_tensor(merged, key), read_tensor(source, key)
         if torch.equal(value, theta0):
             continue
         if key in targets:
@@ -327,19 +340,6 @@ def _parse(flag: str, text: str, kind: type) -> float | int:
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise TatrError(f"{flag} must be {what}, got {text!r}") from None
-
-
-def _output_bytes(base: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
-    """The merged file's size, from θ_0's header: it has every key of θ_0 in its dtype."""
-    total = sum(_numel(shape) * dtype.itemsize for shape, dtype in base.values())
-    return total + (1 << 20)  # the safetensors header and some slack
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _expand_multi(argv: list[str]) -> list[str]:

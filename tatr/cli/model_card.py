@@ -55,7 +55,9 @@ def model_card(
     mask: Mapping[str, tuple[int, int]] | None,
     version: str,
     command: str | None = None,
+    sections: Sequence[str] = (),
 ) -> str:
+    """The card's text; `sections` (markdown, e.g. the mergekit YAML merged) go before the command."""
     lines = [
         "---",
         "library_name: transformers",
@@ -96,6 +98,7 @@ def model_card(
             ),
             "",
         ]
+    lines += [*sections]
     command = command if command is not None else shlex.join(["tatr", *sys.argv[1:]])
     lines += ["## Command", "", "```", command, "```", ""]
     return "\n".join(lines)

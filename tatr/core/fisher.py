@@ -31,6 +31,10 @@ Estimators (each returns a state dict of F_t at θ_t, keyed by parameter name; `
   exemplar trust region (`tatr.core.gradients`: vmap of grad, MATH attention), over (example, class)
   pairs in chunks.
 
+Both run data-parallel under torchrun (`tatr.core.distributed`): FusionBench's by whole batches (its unit:
+the square of a batch's gradient), among the batches its stop rule takes over all ranks; the per-sample
+Fisher by examples. The sums are all-reduced, so the Fisher equals one process's to float rounding.
+
 Deliberate differences from FusionBench:
 
 * a key the statistics do not cover (a float buffer; a parameter the estimator was not given) is the
@@ -54,6 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from tatr.core.checkpoints import save_state_dict, source_error
+from tatr.core.distributed import all_reduce_sums, shard_batches, shard_examples
 from tatr.core.gradients import _selected, _vmap_friendly_attention, functional_parts  # the exemplar gradients' code
 from tatr.core.options import COMBINERS, CombinerKind, Option, StatisticKind
 
@@ -183,7 +188,7 @@ def fisher_fusionbench(
     classify = classify if classify is not None else _identity
     totals = {k: _accumulator(v) for k, v in params.items()}
     num_computed_examples = 0
-    for inputs, _ in batches:
+    for inputs, _ in shard_batches(batches, num_examples):  # under torchrun: this rank's whole batches
         if num_examples is not None and num_computed_examples >= num_examples:
             break
         logits = classify(functional_call(model, (params, frozen, buffers), (inputs,)))
@@ -196,6 +201,7 @@ def fisher_fusionbench(
             if g is not None:
                 totals[k].add_(g.detach() ** 2)
         num_computed_examples += inputs.size(0)
+    num_computed_examples = all_reduce_sums([totals], num_computed_examples)
     if num_computed_examples == 0:
         raise ValueError("no examples: the batches are empty")
     return {k: v / num_computed_examples for k, v in totals.items()}
@@ -230,7 +236,7 @@ def fisher_per_sample(
     totals = {k: _accumulator(v) for k, v in params.items()}
     count = 0
     with _vmap_friendly_attention(math_attention):
-        for inputs, labels in batches:
+        for inputs, labels in shard_examples(batches, num_examples):  # under torchrun: this rank's examples
             if num_examples is not None:
                 inputs, labels = inputs[: num_examples - count], labels[: num_examples - count]
             if len(inputs) == 0:
@@ -255,6 +261,7 @@ def fisher_per_sample(
                     totals[k].add_(sq.sum(0))
                 del grads
             count += len(inputs)
+    count = all_reduce_sums([totals], count)
     if count == 0:
         raise ValueError("no examples: the batches are empty")
     return {k: v / count for k, v in totals.items()}

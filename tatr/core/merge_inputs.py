@@ -20,6 +20,8 @@ def check_lam_neg_method(method: MergeMethod, components: object) -> None:
     """λ_neg needs components with negative and another part, and a method that sums the parts:
     with a sign election the negative part's own scale would change the elected signs."""
     check_lam_neg(components)  # type: ignore[arg-type]
+    if method.weights is not None:
+        raise TatrError("lam_neg's two-part merge sums the parts unweighted; it does not take per-task weights")
     if method.elect_sign:
         raise TatrError(
             f"lam_neg needs a method that sums the task vectors without a sign election (e.g. ta, dare, breadcrumbs); "

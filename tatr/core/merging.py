@@ -14,6 +14,10 @@ multiply-add per (λ, λ_neg) trial.
 
 Every result is computed from θ_0 afresh: trying λ₁ then λ₂ gives θ_0 + λ₂·M, never
 θ_0 + (λ₁+λ₂)·M.
+
+A one-shot merge (`tatr.core.one_shot`: `merge`, `merge_once`, `tatr merge`) whose arenas would not fit in
+memory runs out of core instead (`tatr.core.out_of_core`: the same bits); a plan, which keeps its arenas for many
+(q, λ) trials, always runs in memory.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from torch import Tensor
 from tatr.core.components import check_components
 from tatr.core.errors import TatrError
 from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
-from tatr.core.methods import MergeMethod, fixed_method, get_method
+from tatr.core.methods import MergeMethod, fixed_method
 from tatr.core.options import COMBINERS, OptionValues, check_options
 from tatr.core.passes import (
     Filter,
     Split,
+    apply_step,
     arena_dtype,
     first_pass,
     reduce_split,
@@ -43,7 +48,7 @@ from tatr.core.passes import (
 )
 from tatr.core.sparsify import Sparsifier, Sparsity, sparsifier
 from tatr.core.statistics import TaskStatistics, open_statistics
-from tatr.core.trust_region import NEEDS_GRADIENTS, check_mode, drop_count, drop_order
+from tatr.core.trust_region import check_mode, drop_count, drop_order, missing_statistic
 from tatr.core.vectors import ParamSpace, TaskSet, open_task_set, pretrained_tensor
 
 StateInput = str | Path | Mapping[str, Tensor]
@@ -72,7 +77,7 @@ class MergePlan:
         `_arenas`: a saved plan's (`load`)."""
         self.task_set = task_set
         self.method = method
-        self.statistics = _statistics(method, task_set, statistics)
+        self.statistics = plan_statistics(method, task_set, statistics)
         self.mode = trust_region
         self.options = _option_values(ties_k, sparsity)  # every option; the method reads its own
         self.ties_k = float(self.options["ties_k"])
@@ -161,8 +166,15 @@ class MergePlan:
         return self._masked
 
     # --- merging -------------------------------------------------------------------------------
-    def merged(self, q: float = 0.99, lam: float | None = None, lam_neg: float | None = None) -> dict[str, Tensor]:
-        """θ_0 + λ·M(q) as a full state dict: every key of θ_0, each in its own dtype.
+    def merged(
+        self,
+        q: float = 0.99,
+        lam: float | None = None,
+        lam_neg: float | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> dict[str, Tensor]:
+        """θ_0 + λ·M(q) as a full state dict: every key of θ_0, each in its own dtype (every floating one in
+        `out_dtype` if given, mergekit's out_dtype: a merged tensor rounded once, from the arena's precision).
 
         For TA/averaging this is one multiply-add per tensor on the masked sum. A coordinate the
         merge does not move (dropped, never changed, Σ exactly 0, or λ = 0) keeps θ_0's bits,
@@ -200,8 +212,12 @@ class MergePlan:
             i = position.get(key)
             if i is None:
                 out[key] = theta0.clone() if isinstance(ts.pretrained, Mapping) else theta0
+                out[key] = out[key].to(out_dtype) if out_dtype is not None and theta0.is_floating_point() else out[key]
                 continue
-            out[key] = _apply(key, theta0, step(i), what)
+            if out_dtype is None:
+                out[key] = apply_step(key, theta0, step(i), what)
+            else:
+                out[key] = _rounded(key, apply_step(key, theta0.to(self.dtype), step(i), what), out_dtype, what)
         return out
 
     def check_lam_neg(self) -> None:
@@ -337,7 +353,7 @@ def _option_values(ties_k: float | None, sparsity: Sparsity | Mapping[str, objec
     return check_options(given)
 
 
-def _statistics(
+def plan_statistics(
     method: MergeMethod, task_set: TaskSet, given: TaskStatistics | Sequence[StateInput] | None
 ) -> TaskStatistics | None:
     """The method's per-task statistics, opened and checked (`MergeMethod.check_statistics` first)."""
@@ -347,12 +363,11 @@ def _statistics(
     return open_statistics(given, task_set, COMBINERS.get(method.combine))  # type: ignore[arg-type]
 
 
-def _apply(key: str, theta0: Tensor, step: Tensor, what: str) -> Tensor:
-    """θ_0 + step for one tensor (step = λ·M, …), in θ_0's dtype, θ_0's bits wherever the step is 0."""
-    moved = step != 0
-    result = torch.where(moved, (theta0.to(step.dtype) + step).to(theta0.dtype), theta0)
-    if not bool(torch.isfinite(result.sum())) and not bool(torch.isfinite(result).all()):
-        raise TatrError(f"key '{key}': {what} overflows {theta0.dtype} (the merged values are infinite)")
+def _rounded(key: str, value: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """`value` (θ_0 + λ·M in the arena's precision) rounded once to `dtype`, refused where it overflows."""
+    result = value.to(dtype)
+    if not bool(torch.isfinite(result).all()):
+        raise TatrError(f"key '{key}': {what} overflows {dtype} (the merged values are infinite)")
     return result
 
 
@@ -360,7 +375,7 @@ def plan_merge(
     pretrained: StateInput,
     finetuned: Sequence[StateInput],
     *,
-    method: str = "ta",
+    method: str | MergeMethod = "ta",
     trust_region: str = "zero-shot",
     components: Sequence[str] | None = None,
     gradients: Sequence[StateInput] | None = None,
@@ -378,57 +393,36 @@ def plan_merge(
     sources are in `tatr.core.sparsify`), an unknown name gets "did you mean"; a method reads its own.
     `statistics`: Fisher merging's diagonal Fishers or RegMean's Gram matrices, one file or mapping per task
     in the order of `finetuned`, keyed by the parameter each applies to (`tatr.core.fisher`, `regmean`)."""
-    merge_method = fixed_method(method)
+    values = options if isinstance(options, OptionValues) and not given else check_options({**(options or {}), **given})
+    inputs = (pretrained, finetuned, method, trust_region, components, gradients, signed_gradients, statistics)
+    task_set, merge_method, chosen = open_inputs(*inputs)
+    merge_method.check_tasks(values, task_set.num_tasks)
+    args = (task_set, merge_method, trust_region, None, chosen, cache_pretrained, progress, values)
+    return MergePlan(*args, statistics=statistics)
+
+
+def open_inputs(
+    pretrained: StateInput,
+    finetuned: Sequence[StateInput],
+    method: str | MergeMethod,
+    trust_region: str,
+    components: Sequence[str] | None,
+    gradients: Sequence[StateInput] | None,
+    signed_gradients: Sequence[StateInput] | None,
+    statistics: Sequence[StateInput] | None,
+) -> tuple[TaskSet, MergeMethod, frozenset[str] | None]:
+    """The checks every merge runs at the door, then the opened, structurally validated task set. `method`: a
+    name, or a configuration (`MergeMethod.weighted`: mergekit's per-model weights and normalize)."""
+    merge_method = method if isinstance(method, MergeMethod) else fixed_method(method)
     check_mode(trust_region)
     merge_method.check_statistics(statistics is not None)
     chosen = check_components(components)
-    values = options if isinstance(options, OptionValues) and not given else check_options({**(options or {}), **given})
-    if trust_region in NEEDS_GRADIENTS and gradients is None:
-        raise TatrError(f"trust-region mode '{trust_region}' needs exemplar gradients (--gradients, one file per task)")
+    unread = missing_statistic(trust_region, gradients is not None, signed_gradients is not None)
+    if unread is not None:
+        raise TatrError(unread)
     if chosen is not None:
         if trust_region == "off":
             raise TatrError("components need a trust region: choose a trust-region mode other than 'off'")
         if signed_gradients is None:
             raise TatrError("components need signed mean gradients (--signed-gradients, one file per task)")
-    task_set = open_task_set(pretrained, finetuned, gradients, signed_gradients)
-    args = (task_set, merge_method, trust_region, None, chosen, cache_pretrained, progress, values)
-    return MergePlan(*args, statistics=statistics)
-
-
-def merge(
-    pretrained: StateInput,
-    finetuned: Sequence[StateInput],
-    *,
-    method: str = "ta",
-    trust_region: str = "zero-shot",
-    q: float = 0.99,
-    lam: float | None = None,
-    components: Sequence[str] | None = None,
-    gradients: Sequence[StateInput] | None = None,
-    signed_gradients: Sequence[StateInput] | None = None,
-    progress: bool = False,
-    lam_neg: float | None = None,
-    statistics: Sequence[StateInput] | None = None,
-    **options: object,
-) -> dict[str, Tensor]:
-    """Merge once: θ_0 + λ·M with the trust region at q (θ_0 + λ·M_rest + λ_neg·M_neg with `lam_neg`).
-    The method's options are keywords and `statistics` per-task files, as for `plan_merge`. Returns every
-    key of θ_0."""
-    check_numbers(q=q, lam=lam, lam_neg=lam_neg)  # before any work
-    values = check_options(options)
-    if lam_neg is not None:
-        check_lam_neg_method(get_method(method), check_components(components))
-    plan = plan_merge(
-        pretrained,
-        finetuned,
-        method=method,
-        trust_region=trust_region,
-        components=components,
-        gradients=gradients,
-        signed_gradients=signed_gradients,
-        progress=progress,
-        options=values,
-        statistics=statistics,
-    )
-    plan.prepare([q], release_scores=True)
-    return plan.merged(q, lam, lam_neg)
+    return open_task_set(pretrained, finetuned, gradients, signed_gradients), merge_method, chosen

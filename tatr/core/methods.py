@@ -18,14 +18,20 @@ that majority is itself 0 the reference keeps the negative entries (`sign > 0` i
 majority is a global quantity; `SignedSums.finish` therefore returns the "+" choice plus the few
 zero-sum coordinates' "−" alternative, and the merge fixes those once every tensor is seen.
 
-DARE and Breadcrumbs follow mergekit's `GeneralizedTaskArithmeticMerge` configurations (the
-sparsifiers themselves are `tatr.core.sparsify`):
+DARE and Breadcrumbs follow mergekit's `GeneralizedTaskArithmeticMerge` configurations as they were
+before mergekit 0.1 (the sparsifiers themselves are `tatr.core.sparsify`):
 
 * `dare`, "DARE": mergekit's `dare_linear` (random drop with rescaling, no consensus, sum).
 * `dare-ties`, "DARE-TIES": mergekit's `dare_ties` (the same drop, then the sign election of its
   `get_mask(method="sum")`, disjoint sum: `normalize` is false there). Where Σ_t τ_t is exactly 0
   mergekit elects + (`sign_weight >= 0`), not TIES' model-wide majority (`zero_sum_positive`).
 * `breadcrumbs`, "Breadcrumbs": mergekit's `breadcrumbs` (per-tensor magnitude band, sum).
+
+mergekit 0.1.5's are `mergekit-ties`, `mergekit-dare-linear`, `mergekit-dare-ties`, `mergekit-breadcrumbs` and
+`mergekit-breadcrumbs-ties` (its sparsifiers, L1 rescaling, density per tensor and per model:
+`tatr.core.mergekit_sparsify`), and any configuration summing task vectors takes mergekit's per-model
+`weight` and `normalize` (`MergeMethod.weighted`; the sums are `tatr.core.signed_sums`), which is how
+`tatr merge --config` (`tatr.io.mergekit_config`) reads a mergekit YAML.
 
 The trust-region mask and the component selection act on each τ_t *before* sparsification: they
 define which parts of a task vector are admissible at all, as the TATR paper applies its mask to
@@ -34,11 +40,10 @@ the task vectors before running the TIES code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
-
-import torch
-from torch import Tensor
 
 from tatr.core import consensus as _consensus  # noqa: F401  # registers the consensus combiner and its options
 from tatr.core import sparsify as _sparsify  # noqa: F401  # registers the sparsifiers and their options
@@ -47,10 +52,12 @@ from tatr.core import svd_merges as _svd_merges  # noqa: F401  # registers TSV-M
 # isort: split
 # registered after the combiners above, so that their options keep their store columns' order
 from tatr.core import fisher as _fisher  # noqa: F401  # registers Fisher merging, its options and statistics
+from tatr.core import mergekit_sparsify as _mergekit_sparsify  # noqa: F401  # mergekit 0.1.5's sparsifiers
 from tatr.core import regmean as _regmean  # noqa: F401  # registers RegMean, its option and statistics
 from tatr.core.errors import TatrError
-from tatr.core.options import COMBINERS, SPARSIFIERS, Option, all_options
+from tatr.core.options import COMBINERS, SPARSIFIERS, Option, all_options, check_per_task
 from tatr.core.registry import Registry
+from tatr.core.signed_sums import SignedSums  # noqa: F401  # the reductions' sums, imported from here
 from tatr.core.trust_region import TR_MODES
 
 
@@ -72,6 +79,9 @@ class MergeMethod:
     # a registered per-key combiner (`tatr.core.options.COMBINERS`: TSV-M, Iso-C, …) that replaces the
     # sign election and reduction: it sees the T masked task vectors of one tensor together
     combine: str | None = None
+    # mergekit's per-model `weight`: each task's sparsified τ_t is multiplied by its weight before the sign
+    # election, and the mean divides by the weights' sum (`weighted`); None: every weight is 1
+    weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         SPARSIFIERS.get(self.sparsify)  # an unknown sparsifier is refused when the method is declared
@@ -81,6 +91,25 @@ class MergeMethod:
     @property
     def learned(self) -> bool:
         return self.coefficients != "fixed"
+
+    def weighted(self, weights: Sequence[float] | None = None, normalize: bool | None = None) -> MergeMethod:
+        """This configuration with mergekit's per-model `weight` and `normalize` (None: as declared).
+
+        `normalize` chooses the reduction: the sum, or the mean, which divides by the weights' sum (mergekit:
+        by Σ_t w_t, or where it is below 1e-8 in magnitude by 1; with the sign election by the sum of the
+        weights of the tasks the election keeps at each coordinate, or 1 where there are none). With every
+        weight 1 that is TA's 1/T and TIES' disjoint mean. Weights scale each task's sparsified τ_t, so the
+        trust region's Ω and the sparsifiers see the task vectors as they are, as for λ."""
+        if weights is not None:
+            weights = tuple(float(w) for w in weights)
+            if not weights or not all(math.isfinite(w) for w in weights):
+                raise TatrError(f"per-task weights must be finite numbers, one per task, got {list(weights)}")
+            if self.combine is not None:
+                raise TatrError(f"per-task weights apply to the sum of task vectors, not to {self.name}'s combiner")
+        reduce = self.reduce if normalize is None else ("mean" if normalize else "sum")
+        if weights == self.weights and reduce == self.reduce:
+            return self
+        return replace(self, weights=weights, reduce=reduce)
 
     @property
     def trim(self) -> bool:
@@ -115,10 +144,18 @@ class MergeMethod:
             users = ", ".join(m.name for m in METHODS.values() if m.statistics is not None)
             raise TatrError(f"statistics (--statistics) apply to {users}, not to method '{self.name}'")
 
+    def check_tasks(self, values: Mapping[str, object], tasks: int) -> None:
+        """One weight per task, and per-task option values only where the method reads them per tensor, one
+        per task (`tatr.core.options.check_per_task`): one line each, once the number of tasks is known."""
+        if self.weights is not None and len(self.weights) != tasks:
+            raise TatrError(f"{len(self.weights)} per-task weights for {tasks} tasks; give one weight per task")
+        check_per_task(values, self.sparsify, tasks)
+
     @property
     def linear(self) -> bool:
-        """Linear in the task vectors: a shared mask commutes with the merge (the fast path)."""
-        return self.sparsify == "none" and not self.elect_sign and self.combine is None
+        """Linear in the task vectors: a shared mask commutes with the merge (the fast path; per-task weights
+        take the streamed path, which applies them)."""
+        return self.sparsify == "none" and not self.elect_sign and self.combine is None and self.weights is None
 
 
 # Registration order is the order tables list the methods in (simplest first).
@@ -260,6 +297,30 @@ for _m in (
 ):
     METHODS.add(_m.name, _m)
 
+# mergekit 0.1.5's generalized task arithmetic (`merge_methods/registry.py`): its sparsifier per tensor and
+# model (`tatr.core.mergekit_sparsify`), its weights (`MergeMethod.weighted`), the election of its
+# `get_mask(method="sum")` (+ where Σ_t w_t·τ_t = 0), λ = 1; each reduces as its `normalize` defaults.
+# mergekit's task_arithmetic and linear are TA with weights (`tatr.io.mergekit_config`).
+for _name, _label, _kind, _elect, _what in (
+    ("mergekit-ties", "TIES (mergekit)", "magnitude", True, "keep each τ_t's top density of |τ| per tensor"),
+    ("mergekit-dare-linear", "DARE (mergekit)", "random", False, "drop with probability 1 − density, L1 rescale"),
+    ("mergekit-dare-ties", "DARE-TIES (mergekit)", "random", True, "drop with probability 1 − density, L1 rescale"),
+    ("mergekit-breadcrumbs", "Breadcrumbs (mergekit)", "magnitude-outliers", False, "drop top γ, keep density"),
+    (
+        "mergekit-breadcrumbs-ties",
+        "Breadcrumbs-TIES (mergekit)",
+        "magnitude-outliers",
+        True,
+        "drop top γ, keep density",
+    ),
+):
+    _reduce = "mean" if _name == "mergekit-ties" else "sum"
+    _how = "elected sign (+ where Σ_t w_t·τ_t = 0), disjoint " if _elect else ""
+    _summary = (
+        f"{_name.removeprefix('mergekit-').replace('-', '_')} of mergekit 0.1.5: {_what}, weighted, {_how}{_reduce}"
+    )
+    METHODS.add(_name, MergeMethod(_name, _label, _kind, _elect, _reduce, 1.0, _summary, zero_sum_positive=_elect))
+
 
 def get_method(name: str) -> MergeMethod:
     return METHODS.get(name)
@@ -308,61 +369,3 @@ def unread_identity_options(name: object) -> set[str]:
 def uses_ties_k(name: object) -> bool:
     """True for a configuration that reads `ties_k` (so stores and reports record it)."""
     return uses_option(name, "ties_k")
-
-
-class SignedSums:
-    """Per-tensor running sums over tasks: positive and negative entries, their counts, the total.
-
-    Enough to finish any configuration without holding the T task vectors of a tensor at once.
-    `total` is summed in task order, as the reference's `Tensor.sum(dim=0)`, because its sign
-    elects the kept entries. A method without sign election needs the total alone, and one that
-    elects + on zero sums with a disjoint sum (DARE-TIES) no counts: only what `method` reads is kept.
-    """
-
-    def __init__(
-        self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32, method: MergeMethod | None = None
-    ) -> None:
-        self.signs = method is None or method.elect_sign
-        self.counts = self.signs and (method is None or method.reduce == "mean" or not method.zero_sum_positive)
-        self.total = torch.zeros(shape, dtype=dtype)
-        if self.signs:
-            self.pos = torch.zeros(shape, dtype=dtype)
-            self.neg = torch.zeros(shape, dtype=dtype)
-        if self.counts:
-            self.n_pos = torch.zeros(shape, dtype=torch.int32)
-            self.n_neg = torch.zeros(shape, dtype=torch.int32)
-        self.tasks = 0
-
-    def add(self, tau: Tensor) -> None:
-        self.tasks += 1
-        self.total.add_(tau)
-        if self.signs:
-            self.pos.add_(tau.clamp(min=0))
-            self.neg.add_(tau.clamp(max=0))
-        if self.counts:
-            self.n_pos.add_(tau > 0)
-            self.n_neg.add_(tau < 0)
-
-    def sign_counts(self) -> tuple[int, int]:
-        """(#coordinates with Σ > 0, #with Σ < 0): this tensor's share of the majority sign."""
-        return int((self.total > 0).sum()), int((self.total < 0).sum())
-
-    def finish(self, method: MergeMethod) -> tuple[Tensor, Tensor, Tensor]:
-        """(result with zero sums elected +, flat indices of the zero-sum coordinates with entries,
-        their result if elected − instead). Linear methods have no zero-sum alternatives."""
-        none = torch.empty(0, dtype=torch.int64)
-        if not method.elect_sign:
-            total = self.total
-            return (total / self.tasks if method.reduce == "mean" else total), none, total.new_empty(0)
-        if method.reduce == "mean":
-            up = self.pos / self.n_pos.clamp(min=1)
-            down = self.neg / self.n_neg.clamp(min=1)
-        else:
-            up, down = self.pos, self.neg
-        if method.zero_sum_positive:
-            return torch.where(self.total >= 0, up, down), none, up.new_empty(0)
-        positive = self.total > 0
-        zero = (self.total == 0) & ((self.n_pos + self.n_neg) > 0)
-        result = torch.where(positive | zero, up, down)
-        idx = torch.nonzero(zero.reshape(-1)).flatten()
-        return result, idx, down.reshape(-1)[idx]

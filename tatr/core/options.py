@@ -9,7 +9,9 @@ declared here, as mergekit's `ConfigParameterDef`; none of them lists an option 
 Options are grouped by the sparsifier that reads them (`SparsifierKind`, registered in `SPARSIFIERS`):
 a `MergeMethod` names its sparsifier (`tatr.core.methods`), so a method reads exactly its sparsifier's
 options. A sparsifier may add a check over its options together (Breadcrumbs: β + density ≤ 1) and one
-over the model's tensor sizes (Breadcrumbs: a density that keeps nothing anywhere).
+over the model's tensor sizes (Breadcrumbs: a density that keeps nothing anywhere). Several sparsifiers may
+read one declaration (mergekit's density). A per-tensor sparsifier's option may take one value per task, a
+tuple in task order (mergekit's per-model density; `task_values`, `check_per_task`).
 
 Adding a sparsifying method with its options (see tests/test_method_options.py):
   1. its per-tensor sparsifier and a `SPARSIFIERS.add(name, SparsifierKind(name, (Option(…), …), make=…))`
@@ -169,8 +171,15 @@ def _option_groups() -> list[SparsifierKind | CombinerKind]:
 
 def all_options() -> list[Option]:
     """Every declared option, in registration order (the order of columns, fields and flags):
-    the sparsifiers', then the combiners'."""
-    return [o for kind in _option_groups() for o in kind.options]
+    the sparsifiers', then the combiners'. Several sparsifiers may read one option (mergekit's density is
+    read by its magnitude, random and outlier sparsifiers): it is listed once, and a name declared twice
+    with two different declarations is refused."""
+    seen: dict[str, Option] = {}
+    for kind in _option_groups():
+        for option in kind.options:
+            if seen.setdefault(option.name, option) is not option:
+                raise ValueError(f"merge option '{option.name}' is declared twice, differently")
+    return list(seen.values())
 
 
 def get_option(name: str) -> Option:
@@ -195,14 +204,46 @@ class OptionValues(dict[str, Any]):
 
 def check_options(given: Mapping[str, object]) -> OptionValues:
     """Every option's value (the default where not given), each given one checked, then each
-    sparsifier's options together: the one check behind the API, the config and the CLI."""
+    sparsifier's options together: the one check behind the API, the config and the CLI.
+
+    A value may be a tuple or list with one value per task (mergekit's per-model density): each is
+    checked, the checks together run for each task, and `check_per_task` checks the method and the count."""
     if isinstance(given, OptionValues):
         return given
     values = OptionValues(defaults())
     for name, value in given.items():
-        values[name] = get_option(name).check(value)
-    check_together(values)
+        option = get_option(name)
+        if isinstance(value, tuple | list):
+            values[name] = tuple(option.check(v) for v in value)
+        else:
+            values[name] = option.check(value)
+    for task in task_values(values) or [values]:
+        check_together(task)
     return values
+
+
+def task_values(values: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """Each task's option values where some option has one value per task (a tuple), else None."""
+    counts = {len(v) for v in values.values() if isinstance(v, tuple)}
+    if not counts:
+        return None
+    if len(counts) > 1:
+        per = ", ".join(f"{k} ({len(v)})" for k, v in values.items() if isinstance(v, tuple))
+        raise TatrError(f"per-task option values must all have one value per task, got {per}")
+    return [{k: v[t] if isinstance(v, tuple) else v for k, v in values.items()} for t in range(counts.pop())]
+
+
+def check_per_task(values: Mapping[str, Any], sparsify: str, tasks: int) -> None:
+    """Per-task values (one per task, in task order) only for the options of a per-tensor sparsifier the
+    method reads (TIES' model-wide k and a combiner's options are one number), and exactly one per task."""
+    kind = SPARSIFIERS.get(sparsify)
+    for name, value in values.items():
+        if not isinstance(value, tuple):
+            continue
+        if kind.make is None or all(o.name != name for o in kind.options):
+            raise TatrError(f"option {name}: one value per task applies to a per-tensor sparsifier's options; give one")
+        if len(value) != tasks:
+            raise TatrError(f"option {name}: {len(value)} per-task values for {tasks} tasks; give one per task")
 
 
 def check_together(values: Mapping[str, Any]) -> None:

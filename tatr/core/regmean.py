@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from tatr.core.checkpoints import save_state_dict
+from tatr.core.distributed import active, all_reduce_sums, shard
 from tatr.core.errors import TatrError
 from tatr.core.options import COMBINERS, CombinerKind, Option, StatisticKind
 
@@ -131,7 +132,15 @@ def regmean_grams(
     has seen fewer than `num_examples` examples (None: all). `modules` replaces the default hooks: weight key
     → the module whose forward's first input is that weight's input (e.g. an `nn.MultiheadAttention` for
     its `in_proj_weight`; the Gram matrix is the same for inputs [seq, n, d] and [n, seq, d], the rows being
-    every token, but the example count is the first dimension)."""
+    every token, but the example count is the first dimension).
+
+    Under torchrun (`tatr.core.distributed`) each rank takes every W-th batch, and each module's running mean
+    is turned back into a sum (times its rows) and all-reduced with the rows, then divided once: the same
+    Gram matrices to float rounding. `num_examples` is refused there (the first module's example count is
+    only known after a forward pass, so the ranks could not agree where to stop without one)."""
+    distributed = active()
+    if distributed and num_examples is not None:
+        raise ValueError("regmean_grams: num_examples under torchrun; pass exactly the batches to take")
     model = model.eval()
     linear_modules_to_merge = (
         dict(modules)
@@ -166,7 +175,7 @@ def regmean_grams(
     handles = [m.register_forward_hook(compute_regmean_weights(n)) for n, m in linear_modules_to_merge.items()]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in shard(batches):
                 if (
                     num_examples is not None
                     and len(num_actual_examples) > 0
@@ -178,9 +187,20 @@ def regmean_grams(
     finally:
         for handle in handles:
             handle.remove()
+    if distributed:
+        regmean_weights = _summed_over_ranks(regmean_weights, num_computed_examples)
     if not regmean_weights:
         raise ValueError("no Gram matrices: no nn.Linear module ran on the batches (or they are empty)")
     return regmean_weights
+
+
+def _summed_over_ranks(means: dict[str, Tensor], rows: dict[str, int]) -> dict[str, Tensor]:
+    """Σ_ranks G_r·n_r / Σ_ranks n_r per module, from each rank's running mean G_r over n_r rows; a module
+    this rank's batches never ran gets the others' (`all_reduce_sums` adds the missing keys as zeros)."""
+    sums = {k: g * rows[k] for k, g in means.items()}
+    counts = {k: torch.tensor(float(rows[k]), dtype=torch.float64, device=g.device) for k, g in means.items()}
+    all_reduce_sums([sums, counts], 0)
+    return {k: sums[k] / float(counts[k]) for k in sums}
 
 
 def save_grams(grams: Mapping[str, Tensor], path: str | Path, examples: int) -> Path:

@@ -2,8 +2,9 @@
 
 Both act on one tensor of one task at a time, after the trust-region mask and the component
 selection (as TIES' trim does), so a merge that uses them streams like TA: its memory does not grow
-with the number of tasks. Each follows mergekit's `mergekit/sparsify.py` (the version its
-`GeneralizedTaskArithmeticMerge` calls with `rescale=`):
+with the number of tasks. Each follows mergekit's `mergekit/sparsify.py` as it was before 0.1 (the
+version its `GeneralizedTaskArithmeticMerge` called with `rescale=`); mergekit 0.1.5's sparsifiers, which
+rescale to the L1 norm and keep one density per model, are `tatr.core.mergekit_sparsify`:
 
 * **DARE** (Yu et al., "Language Models are Super Mario", 2024), mergekit's `bernoulli(tensor,
   density=1−p, rescale=True)`: keep = Bernoulli(1−p) drawn as float32 (`torch.bernoulli` of a
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor
 
 from tatr.core.errors import TatrError
-from tatr.core.options import SPARSIFIERS, Option, SparsifierKind, check_options, defaults
+from tatr.core.options import SPARSIFIERS, Option, SparsifierKind, check_options, defaults, task_values
 
 DARE_P = 0.5
 DARE_SEED = 0
@@ -270,10 +271,17 @@ def sparsifier(kind: str, options: Sparsity | Mapping[str, Any], key: str) -> Sp
 
     It returns a *transform* rather than the sparsified τ so that one pattern (one DARE draw, one
     magnitude band of the whole admissible τ) can be applied to parts of τ as well: the λ_neg merge
-    scales the negative component apart from the rest (`tatr.core.merging`)."""
+    scales the negative component apart from the rest (`tatr.core.merging`). An option with one value per
+    task (`tatr.core.options.task_values`) gives each task the sparsifier of its own values."""
     values = options.values() if isinstance(options, Sparsity) else {**defaults(), **options}
     make = SPARSIFIERS.get(kind).make
-    return None if make is None else make(values, key)
+    if make is None:
+        return None
+    tasks = task_values(values)  # options with one value per task (mergekit's per-model density)
+    if tasks is None:
+        return make(values, key)
+    made = [make(task, key) for task in tasks]
+    return lambda t, tau: made[t](t, tau)
 
 
 def _dare_sparsifier(values: Mapping[str, Any], key: str) -> Sparsifier:

@@ -43,7 +43,8 @@ FusionBench gives one:
   (`iso_cts_sizes`, `iso_cts`);
 * diag(s) products are column scalings (the same products, without a k×k matrix), and Iso-CTS's
   per-task SVDs are skipped when each task gets no direction (FusionBench computes and discards them);
-* an SVD that does not converge raises a one-line `TatrError` naming the key.
+* a float32 SVD that LAPACK does not converge (where FusionBench raises) is computed in float64 and rounded
+  back; one that does not converge in float64 either raises a one-line `TatrError` naming the key.
 """
 
 from __future__ import annotations
@@ -83,10 +84,18 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _svd(key: str, matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The thin SVD (U, s, Vᵀ), as the references' `torch.linalg.svd(…, full_matrices=False)`."""
+    """The thin SVD (U, s, Vᵀ), as the references' `torch.linalg.svd(…, full_matrices=False)`; where LAPACK's
+    float32 divide-and-conquer does not converge (seen on a trust-region-masked ViT-B/32 `c_proj` in Iso-CTS),
+    the SVD of the same matrix in float64, rounded back: where the reference raises, the exact answer."""
     try:
         return torch.linalg.svd(matrix, full_matrices=False)
     except torch.linalg.LinAlgError:
+        if matrix.dtype != torch.float64:
+            try:
+                u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+                return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+            except torch.linalg.LinAlgError:
+                pass
         raise TatrError(f"key '{key}': the SVD of a {tuple(matrix.shape)} matrix did not converge") from None
 
 

@@ -10,6 +10,22 @@ pairwise sum, coordinate by coordinate (checked against the literal O(T²) loop 
 modes only change s and a: zero-shot s=|τ|; exemplar s=mean|∇ℓ|; gradient-only a=1, so
 Ω=(T−1)Σs_i; magnitude-only s=1, so Ω=(T−1)Σ|τ_j| (the constant T−1 does not move the mask).
 
+The checks the paper leaves open (docs/method.md, "Other conflict scores") are modes too, each reading
+one per-task statistic (`TrustRegionMode.statistic`) beside |τ|:
+* diag-fisher: s = mean (∇ℓ)² over the exemplars (the diagonal empirical Fisher), a = |τ|.
+* gradient-agreement: Ω = Σ_{i≠j} [ḡ_i·ḡ_j < 0]·|ḡ_i|·|τ_j| with ḡ the signed mean gradient: task i's
+  sensitivity counts against task j's move only where their mean gradients point in strictly opposite
+  directions (a zero gradient agrees with everything). The indicator does not factor into s_i·a_j,
+  but it does after splitting by sign: with P = |ḡ|·[ḡ>0], N = |ḡ|·[ḡ<0] and the move split by the
+  same sign, A⁺ = |τ|·[ḡ>0], A⁻ = |τ|·[ḡ<0], Ω = Σ_{i≠j} P_i·A⁻_j + N_i·A⁺_j: two channels of the
+  same prefix sums, every term ≥ 0 (s and a carry a leading channel axis, summed by `omega`).
+* zero-shot-per-tensor: s_i = |τ_i| / mean|τ_i| over the tensor (0 where τ_i is 0 on the whole
+  tensor), a = |τ|: the zero-shot proxy without its quadratic dependence on a layer's scale.
+* zero-shot-theta0: s_i = |τ_i|·|θ_0|, a = |τ|, so Ω = |θ_0| × the zero-shot Ω: a conflict costs more
+  on the weights the pretrained function relies on (magnitude pruning's evidence). Chosen over the
+  relative move |τ|/(|θ_0|+ε), whose ε would decide the ranking wherever θ_0 ≈ 0 (biases and
+  LayerNorm shifts start at 0) and would rank exactly those coordinates first.
+
 Selection. The mask drops exactly k = ⌈(1−q)·N⌉ coordinates with the largest Ω over all N merged
 coordinates (q from its decimal text, so q=0.99 with N=100 drops 1, not 2). Ties at the boundary
 are broken by canonical position (keys sorted by name, then row-major index): the earlier one is
@@ -42,8 +58,14 @@ from tatr.core.registry import Registry, unknown_name
 
 CHUNK = 1 << 22
 
-# (s, a) for one task and tensor from mag = |τ| and grad = the task's mean |∇ℓ|; None stands for 1.
+# (s, a) for one task and tensor from mag = |τ| and stat = the task's tensor of the mode's `statistic`
+# (None where it reads none); None stands for 1. s and a may carry a leading channel axis (`ConflictAccumulator`).
 ConflictRule = Callable[[Tensor, Tensor | None], tuple[Tensor | None, Tensor | None]]
+
+# What a mode's rule reads beside |τ| (`TrustRegionMode.statistic`): an exemplar gradient moment at θ_0, named
+# as `tatr.core.gradients.MOMENTS` and the suites' `ExemplarGradients` fields name it, or θ_0 itself.
+GRADIENT_STATISTICS = {"abs_mean": "mean |∇ℓ|", "sq_mean": "mean (∇ℓ)²", "signed_mean": "signed mean ∇ℓ"}
+PRETRAINED = "pretrained"  # |θ_0| of the tensor: needs no data
 
 
 @dataclass(frozen=True)
@@ -52,13 +74,20 @@ class TrustRegionMode:
 
     `label` is what the mode adds to a merge method's display label ("TA" + "+TR (exemplar)"), so
     tables, figures and W&B never spell a mode themselves. `rule` is the mode's (s, a) in
-    Ω = Σ_{i≠j} s_i ⊙ a_j (see the module docstring); "off" has none: it computes no Ω.
+    Ω = Σ_{i≠j} s_i ⊙ a_j (see the module docstring); "off" has none: it computes no Ω. `statistic` is
+    what the rule's second argument holds: a key of `GRADIENT_STATISTICS` (a merge's `gradients` files
+    for abs_mean and sq_mean, its `signed_gradients` for signed_mean), `PRETRAINED`, or None.
     """
 
     name: str
     label: str
-    needs_gradients: bool  # reads exemplar gradients, so a run with this mode draws exemplars
+    statistic: str | None
     rule: ConflictRule | None
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Reads exemplar gradients, so a run with this mode draws exemplars."""
+        return self.statistic in GRADIENT_STATISTICS
 
 
 def _zero_shot(mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -77,13 +106,40 @@ def _magnitude_only(mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Te
     return None, mag
 
 
+def _agreement(mag: Tensor, signed: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Two channels: (P, A⁻) and (N, A⁺), so Σ_c Σ_{i≠j} s_i[c]·a_j[c] = Σ_{i≠j} [ḡ_i·ḡ_j < 0]·|ḡ_i|·|τ_j|."""
+    assert signed is not None
+    zero = torch.zeros((), dtype=mag.dtype)
+    up, down = signed > 0, signed < 0  # −0.0 and 0 in neither: a zero gradient conflicts with nothing
+    size = signed.abs().to(mag.dtype)
+    s = torch.stack((torch.where(up, size, zero), torch.where(down, size, zero)))
+    a = torch.stack((torch.where(down, mag, zero), torch.where(up, mag, zero)))
+    return s, a
+
+
+def _per_tensor(mag: Tensor, _: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """s = |τ| / mean|τ| of the tensor (the mean in float64, then one float32 division), a = |τ|."""
+    mean = float(mag.sum(dtype=torch.float64)) / mag.numel() if mag.numel() else 0.0
+    return (mag / mean if mean > 0 else torch.zeros_like(mag)), mag
+
+
+def _theta0_weighted(mag: Tensor, theta0: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    assert theta0 is not None
+    return mag * theta0.abs().to(mag.dtype), mag
+
+
 TR_MODES: Registry[TrustRegionMode] = Registry("trust-region mode")
 for _mode in (
-    TrustRegionMode("off", "", False, None),
-    TrustRegionMode("zero-shot", "+TR", False, _zero_shot),  # s = |τ|: TATR without data
-    TrustRegionMode("exemplar", "+TR (exemplar)", True, _exemplar),  # s = mean |∇ℓ| on exemplars
-    TrustRegionMode("gradient-only", "+TR (gradient-only)", True, _gradient_only),  # a = 1
-    TrustRegionMode("magnitude-only", "+TR (magnitude-only)", False, _magnitude_only),  # s = 1
+    TrustRegionMode("off", "", None, None),
+    TrustRegionMode("zero-shot", "+TR", None, _zero_shot),  # s = |τ|: TATR without data
+    TrustRegionMode("exemplar", "+TR (exemplar)", "abs_mean", _exemplar),  # s = mean |∇ℓ| on exemplars
+    TrustRegionMode("gradient-only", "+TR (gradient-only)", "abs_mean", _gradient_only),  # a = 1
+    TrustRegionMode("magnitude-only", "+TR (magnitude-only)", None, _magnitude_only),  # s = 1
+    # the checks the paper leaves open (module docstring): other conflict scores, refined zero-shot proxies
+    TrustRegionMode("diag-fisher", "+TR (diagonal Fisher)", "sq_mean", _exemplar),  # s = mean (∇ℓ)²
+    TrustRegionMode("gradient-agreement", "+TR (gradient sign)", "signed_mean", _agreement),
+    TrustRegionMode("zero-shot-per-tensor", "+TR (zero-shot, per tensor)", None, _per_tensor),
+    TrustRegionMode("zero-shot-theta0", "+TR (zero-shot, pretrained-weighted)", PRETRAINED, _theta0_weighted),
 ):
     TR_MODES.add(_mode.name, _mode)
 
@@ -102,6 +158,29 @@ def check_mode(mode: str) -> str:
 def needs_gradients(mode: object) -> bool:
     """True for a mode that reads exemplar gradients; False for the others, None or an unknown name."""
     return isinstance(mode, str) and mode in TR_MODES and TR_MODES.get(mode).needs_gradients
+
+
+def mode_statistic(mode: object) -> str | None:
+    """What a registered mode's rule reads beside |τ| (`TrustRegionMode.statistic`); None for the others."""
+    return TR_MODES.get(mode).statistic if isinstance(mode, str) and mode in TR_MODES else None
+
+
+def reads_signed_gradients(mode: object) -> bool:
+    """Whether a mode reads the signed mean gradients (a merge's `signed_gradients`) rather than `gradients`."""
+    return mode_statistic(mode) == "signed_mean"
+
+
+def missing_statistic(mode: str, gradients: bool, signed_gradients: bool) -> str | None:
+    """The one line for a merge in `mode` given without the gradient files its rule reads, else None."""
+    stat = mode_statistic(mode)
+    if stat not in GRADIENT_STATISTICS:
+        return None
+    signed = stat == "signed_mean"
+    if signed_gradients if signed else gradients:
+        return None
+    flag = "--signed-gradients" if signed else "--gradients"
+    what = GRADIENT_STATISTICS[stat]
+    return f"trust-region mode '{mode}' needs exemplar gradients ({flag}: the {what} per task, one file per task)"
 
 
 def uses_exemplars(mode: object, components: object) -> bool:
@@ -142,7 +221,8 @@ class ConflictAccumulator:
     Adding task i contributes every pair it forms with the tasks before it:
         Ω += s_i ⊙ A_{<i} + a_i ⊙ S_{<i},   then S_{<i} += s_i, A_{<i} += a_i.
     `s=None` stands for s=1 and `a=None` for a=1 (the ablation modes; Ω is then (T−1)·Σa or
-    (T−1)·Σs); passing the same tensor as s and a (zero-shot) adds 2·a_i ⊙ A_{<i}.
+    (T−1)·Σs); passing the same tensor as s and a (zero-shot) adds 2·a_i ⊙ A_{<i}. s and a of shape
+    [C, *shape] are C channels, each summed as above, and Ω = Σ_c (gradient-agreement: C = 2).
     """
 
     def __init__(self, shape: torch.Size | tuple[int, ...], out: Tensor | None = None) -> None:
@@ -162,7 +242,8 @@ class ConflictAccumulator:
         self.unit_s, self.unit_a = s is None, a is None
         if s is not None and a is not None:
             if self.pairs is None:
-                self.pairs = torch.zeros(self.shape) if self.out is None else self.out.zero_()
+                channels = tuple(a.shape) != self.shape  # [C, *shape]: summed over C by `omega`
+                self.pairs = torch.zeros(a.shape) if self.out is None or channels else self.out.zero_()
             elif s is a:
                 self.pairs.addcmul_(a, self.sum_a, value=2.0)
             else:
@@ -180,11 +261,14 @@ class ConflictAccumulator:
         if self.unit_s or self.unit_a:  # Σ_{i≠j} 1·a_j = (T−1)Σa and Σ_{i≠j} s_i·1 = (T−1)Σs
             total = self.sum_a if self.unit_s else self.sum_s
             return torch.mul(total, self.tasks - 1, out=self.out) if self.out is not None else total * (self.tasks - 1)
+        if self.pairs is not None and tuple(self.pairs.shape) != self.shape:  # channels: Ω = Σ_c
+            return torch.sum(self.pairs, 0, out=self.out) if self.out is not None else self.pairs.sum(0)
         return self.pairs
 
 
 def conflict_terms(mode: str, mag: Tensor, grad: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """(s, a) for one task and tensor under `mode`, given mag = |τ|; None means the factor is 1."""
+    """(s, a) for one task and tensor under `mode`, given mag = |τ| and `grad` = the task's tensor of the
+    mode's statistic (`mode_statistic`: a gradient moment, or θ_0); None means the factor is 1."""
     rule = TR_MODES.get(mode).rule if mode in TR_MODES else None
     if rule is None:
         raise ValueError(f"no conflict terms for mode '{mode}'")
@@ -211,7 +295,9 @@ class RadixSelect:
     by digit from the top: 15 bits (the sign bit is 0), then 16 bits per pass. Each pass histograms
     only the values whose higher digits match the prefix chosen so far: float32 takes 2 passes,
     float64 takes 4, with memory O(2¹⁶) and no copy of the values. Call `feed` (and `feed_zeros`
-    for values known to be +0.0) for every value, then `advance`, once per pass.
+    for values known to be +0.0) for every value, then `advance`, once per pass. The first pass
+    does not read k, so a caller that learns the count only while streaming (the out-of-core merge)
+    may set `k` after its first feeds, before the first `advance`.
     """
 
     def __init__(self, k: int, dtype: torch.dtype) -> None:
@@ -259,6 +345,19 @@ class RadixSelect:
             raise RuntimeError("radix select: not every pass was run")
         return torch.tensor([self.prefix], dtype=self.int_dtype).view(self.dtype).item()
 
+    def tied_rank(self) -> int:
+        """After every pass: how many of the values equal to `value()` are among the k largest (the
+        others among them are larger)."""
+        if self.step != len(self.digits):
+            raise RuntimeError("radix select: not every pass was run")
+        return self.k
+
+    def prefix_range(self) -> tuple[int, int]:
+        """The bit patterns [low, high] the next pass histograms: a chunk of values whose bits all lie
+        outside it contributes nothing and may be skipped."""
+        shift = self.digits[self.step][0] + self.digits[self.step][1] if self.step < len(self.digits) else 0
+        return self.prefix << shift, ((self.prefix + 1) << shift) - 1
+
 
 def bin_of_rank(hist: Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest element (k ≥ 1), and how many elements lie above it."""
@@ -280,6 +379,22 @@ def kth_largest(chunks: Callable[[], Iterator[Tensor]], k: int, dtype: torch.dty
 
 def arena_chunks(arena: Tensor, size: int = CHUNK) -> Callable[[], Iterator[Tensor]]:
     return lambda: (arena[i : i + size] for i in range(0, arena.numel(), size))
+
+
+def cut_drops(omega: Tensor, value: float, ties: int) -> tuple[Tensor, int]:
+    """The dropped coordinates of one tensor, given where the global selection cuts: every Ω > `value`,
+    then the first `ties` coordinates with Ω == `value` in row-major order. Returns (dropped, ties used).
+
+    Streamed over the tensors in canonical order, with `ties` the k-th largest's `tied_rank` less the
+    ties used by earlier tensors, this drops exactly the coordinates `drop_order(Ω, k)` ranks first: its
+    k largest are every value above the k-th, then the ties at it by ascending global index."""
+    drop = omega > value
+    if ties <= 0:
+        return drop, 0
+    tied = (omega == value).reshape(-1)
+    where = torch.nonzero(tied).flatten()[:ties]
+    drop.reshape(-1)[where] = True  # drop is contiguous: reshape is a view
+    return drop, int(where.numel())
 
 
 def drop_order(omega: Tensor, k: int) -> Tensor:

@@ -179,6 +179,8 @@ def gradient_tensor(task_set: TaskSet, t: int, key: str, signed: bool = False) -
         kind = "signed-gradient" if signed else "gradient"
         raise source_error(sources[t], key, f"missing from the {kind} file, but the task vectors change it")
     value = read_tensor(sources[t], key).float()
+    if signed and not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+        raise source_error(sources[t], key, "contains NaN or infinite values")  # a rule may hide it (signs only)
     if not signed and bool(torch.signbit(value).any()):
         if not bool(torch.isfinite(value).all()):
             raise source_error(sources[t], key, "contains NaN or infinite values")

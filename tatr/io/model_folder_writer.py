@@ -8,23 +8,30 @@ most `shard_bytes` with `model.safetensors.index.json` (cut and named by hugging
 does; `{"format": "pt"}` metadata), and a `README.md` model card. A tied output embedding stays tied: a folder saved
 with tied weights has no separate head tensor, so the merge has none either and the config's
 `tie_word_embeddings` ties it on load. The folder appears whole or not at all (`atomic_dir`).
+
+Streamed: the shard split depends only on the names, shapes and dtypes (θ_0's header), so it is planned before
+the merge, every shard's header is written up front, and each merged tensor goes into its shard as soon as it
+is computed (`streamed_model_folder`, a sink for the out-of-core merge, `tatr.core.out_of_core`): no merged
+model is ever held. The in-memory merge writes through the same sink (`write_model_folder`), so both give the
+same files byte for byte. The card is set last, since it reports the trust region's cut.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Container, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tatr.core.checkpoints import untie
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_dir
+from tatr.core.streamed_safetensors import Layout, SafetensorsStream
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -52,14 +59,76 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or "B"])
 
 
-def shard_plan(state: Mapping[str, Tensor], shard_bytes: int) -> dict[str, list[str]]:
-    """File name → keys, by huggingface_hub's `split_torch_state_dict_into_shards`, the function transformers'
-    `save_pretrained` shards with: the same names, the same cut, the same single `model.safetensors`."""
+def shard_plan(layout: Layout, shard_bytes: int) -> dict[str, list[str]]:
+    """File name → keys, by huggingface_hub's split (`split_state_dict_into_shards_factory`, the rule behind
+    `split_torch_state_dict_into_shards`, which transformers' `save_pretrained` shards with): the same names,
+    the same cut, the same single `model.safetensors`. Planned from names, shapes and dtypes alone, so that a
+    streamed merge knows it before any tensor exists; a tensor's size is its own bytes (every key is written
+    by itself, as `save_pretrained` writes tensors that own their storage)."""
     try:
-        from huggingface_hub import split_torch_state_dict_into_shards
+        from huggingface_hub import constants, split_state_dict_into_shards_factory
     except ImportError:
         raise TatrError("--out FOLDER needs huggingface_hub (pip install huggingface_hub)") from None
-    return split_torch_state_dict_into_shards(dict(state), max_shard_size=shard_bytes).filename_to_tensors
+    return split_state_dict_into_shards_factory(
+        dict(layout),
+        get_storage_size=lambda entry: _numel(entry[0]) * entry[1].itemsize,
+        filename_pattern=constants.SAFETENSORS_WEIGHTS_FILE_PATTERN,
+        max_shard_size=shard_bytes,
+    ).filename_to_tensors
+
+
+class ShardedFolder:
+    """A sink for merged tensors (`put`, `patch`: `tatr.core.out_of_core.Sink`) writing each into its shard of
+    a folder being built: one `SafetensorsStream` per shard, its header written up front, its file opened
+    only for each write. `card` (the README's text) is set by the caller once the merge has reported."""
+
+    def __init__(self, folder: Path, layout: Layout, shard_bytes: int, metadata: Mapping[str, str]) -> None:
+        self.layout = dict(layout)
+        self.shards = shard_plan(self.layout, shard_bytes)
+        self.file_of = {key: name for name, keys in self.shards.items() for key in keys}
+        meta = {"format": "pt", **metadata}
+        self.streams = {
+            name: SafetensorsStream(folder / name, {k: self.layout[k] for k in keys}, meta)
+            for name, keys in self.shards.items()
+        }
+        self.card: str | None = None
+
+    def put(self, key: str, tensor: Tensor) -> None:
+        self.streams[self.file_of[key]].put(key, tensor)
+
+    def patch(self, key: str, flat_index: Tensor, values: Tensor) -> None:
+        self.streams[self.file_of[key]].patch(key, flat_index, values)
+
+    def finish(self, folder: Path) -> None:
+        """Every shard complete (a tensor left unwritten is a bug: `RuntimeError`), then the index."""
+        for stream in self.streams.values():
+            stream.finish()
+        if len(self.shards) > 1:
+            total = sum(_numel(shape) * dtype.itemsize for shape, dtype in self.layout.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(self.file_of)}
+            (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def streamed_model_folder(
+    out: Path, layout: Layout, base: Path, tokenizer_from: Path, shard_bytes: int, metadata: Mapping[str, str]
+) -> Iterator[ShardedFolder]:
+    """Yield a `ShardedFolder` for θ_0's `layout` (key → (shape, dtype), in θ_0's order) in a temporary folder
+    beside `out`; when the block ends with every tensor put and `card` set, the index, config, tokenizer and
+    card are added and the folder replaces `out`. A failure anywhere leaves no folder and no temporary."""
+    if not (base / "config.json").is_file():
+        raise TatrError(f"{base}: has no config.json, so the merged folder could not be loaded; give a model folder")
+    with atomic_dir(out) as tmp:
+        folder = ShardedFolder(tmp, layout, shard_bytes, metadata)
+        yield folder
+        if folder.card is None:
+            raise RuntimeError("streamed_model_folder: the model card was not set before the folder was committed")
+        folder.finish(tmp)
+        for name in CONFIG_FILES:
+            _copy(base / name, tmp / name)
+        for name in TOKENIZER_FILES:
+            _copy(tokenizer_from / name, tmp / name)
+        (tmp / "README.md").write_text(folder.card)
 
 
 def write_model_folder(
@@ -71,26 +140,13 @@ def write_model_folder(
     card: str,
     metadata: Mapping[str, str],
 ) -> list[str]:
-    """Write the folder (see the module docstring); returns the weight files written."""
-    if not (base / "config.json").is_file():
-        raise TatrError(f"{base}: has no config.json, so the merged folder could not be loaded; give a model folder")
-    tensors = untie({k: v.contiguous() for k, v in state.items()})
-    shards = shard_plan(tensors, shard_bytes)
-    meta = {"format": "pt", **metadata}
-    with atomic_dir(out) as tmp:
-        for name, keys in shards.items():
-            save_file({k: tensors[k] for k in keys}, str(tmp / name), metadata=meta)
-        if len(shards) > 1:
-            total = sum(v.numel() * v.element_size() for v in tensors.values())
-            weight_map = {k: name for name, keys in shards.items() for k in keys}
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        for name in CONFIG_FILES:
-            _copy(base / name, tmp / name)
-        for name in TOKENIZER_FILES:
-            _copy(tokenizer_from / name, tmp / name)
-        (tmp / "README.md").write_text(card)
-    return list(shards)
+    """Write the folder of an in-memory merge (see the module docstring); returns the weight files written."""
+    layout = {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
+    with streamed_model_folder(out, layout, base, tokenizer_from, shard_bytes, metadata) as folder:
+        for key, value in state.items():
+            folder.put(key, value)
+        folder.card = card
+    return list(folder.shards)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -99,7 +155,7 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def lora_targets(state: Mapping[str, Tensor], base_header: Mapping[str, tuple[tuple[int, ...], Any]]) -> list[str]:
+def lora_targets(state: Container[str], base_header: Mapping[str, tuple[tuple[int, ...], Any]]) -> list[str]:
     """The modules a LoRA output can carry: 2-D `<module>.weight` keys, embeddings left out (PEFT gives them
     their own factor names)."""
     return [
@@ -140,3 +196,10 @@ def write_lora_folder(
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt", **metadata})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= int(size)
+    return n

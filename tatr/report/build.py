@@ -51,6 +51,9 @@ ABLATION_FILES = {
     AblationKind.EXEMPLAR_COUNT: "experiments/ablations/exemplar_count.yaml",
     AblationKind.PLUGIN: "experiments/ablations/plugin.yaml",
     AblationKind.GRADIENT_CORRELATION: "experiments/ablations/gradient_correlation.yaml",
+    AblationKind.EXEMPLAR_SELECTION: "experiments/ablations/exemplar_selection.yaml",
+    AblationKind.CONFLICT_SCORE: "experiments/ablations/conflict_score.yaml",
+    AblationKind.ZERO_SHOT_PROXY: "experiments/ablations/zero_shot_proxy.yaml",
 }
 # a benchmark with ablation files of its own, named as the generic ones (others run those with `benchmark=`)
 ABLATION_FOLDERS = {"text": "experiments/text"}
@@ -181,6 +184,7 @@ def build_sections(rows: pd.DataFrame, benchmark: str, published: pd.DataFrame |
         AblationKind.MASK_RATIO: lambda: F.mask_ratio_curve(rows),
         AblationKind.EXEMPLAR_COUNT: lambda: F.exemplar_curve(rows),
         AblationKind.GRADIENT_CORRELATION: lambda: F.correlation_heatmap(rows),
+        AblationKind.EXEMPLAR_SELECTION: lambda: F.selection_curve(rows),
     }
     for kind in ABLATION_KINDS:
         table = T.ablation_table(rows, kind)
@@ -234,7 +238,7 @@ def _bar_caption(table: Table, n_test: str, name: str) -> str:
 def _ablation_caption(kind: str, table: Table, n_test: str, name: str) -> str:
     if kind == AblationKind.GRADIENT_CORRELATION:
         return f"Spearman correlation of the tasks' mean |gradient| at θ_0, {_seeds_text(table)}."
-    if kind in (AblationKind.MASK_RATIO, AblationKind.EXEMPLAR_COUNT):
+    if kind in (AblationKind.MASK_RATIO, AblationKind.EXEMPLAR_COUNT, AblationKind.EXEMPLAR_SELECTION):
         bands = (
             "Whiskers: 95% bootstrap intervals of each point (the seeds, then the test examples)."
             if not table.low.empty and table.low.notna().any().any()

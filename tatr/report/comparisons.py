@@ -112,6 +112,11 @@ def exemplar_label() -> str:
     return method_label("ta", "exemplar")
 
 
+def zero_shot_label() -> str:
+    """The zero-shot-proxy ablation's reference: TA with the paper's zero-shot trust region (s = |τ|)."""
+    return method_label("ta", "zero-shot")
+
+
 # --- per-example outcomes ----------------------------------------------------------------------------
 Outcomes = dict[tuple[str, int], tuple[str, dict[str, np.ndarray]]]  # (row, seed) → (source, task → correct)
 

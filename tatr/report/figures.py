@@ -63,6 +63,7 @@ __all__ = [
     "methods_per_task_all",
     "new_figure",
     "save",
+    "selection_curve",
     "sweep_grid",
     "sweep_heatmap",
     "variant_bars",
@@ -70,7 +71,9 @@ __all__ = [
 
 # The report's figures (by the names `tatr.report.build` saves them under, and by function) whose value
 # axis does not start at 0; every other figure's does, or has no value axis (the heatmaps' colour scales).
-ZOOMED = frozenset({"mask_ratio", "exemplar_count", "mask_ratio_curve", "exemplar_curve"})
+ZOOMED = frozenset(
+    {"mask_ratio", "exemplar_count", "mask_ratio_curve", "exemplar_curve", "exemplar_selection", "selection_curve"}
+)
 
 
 def axis_note(name: str) -> str:
@@ -270,6 +273,37 @@ def exemplar_curve(df: pd.DataFrame) -> Figure | None:
             band, what = _band(table, label, x, lambda v: f"{int(v)}", stats)
             name = _series_name(label, int(stats["count"].max()), what)
             _curve(ax, x, stats["mean"].to_numpy(), band, label, i, name)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        _curve_axes(fig, ax, "exemplars per task")
+    return fig
+
+
+def selection_curve(df: pd.DataFrame) -> Figure | None:
+    """Exemplar selection: average test accuracy against exemplars per task (log₂ axis), one curve per
+    series (a colour each; solid: random, dashed: the other selections), each point's 95% interval as a band
+    (`_band`). The value axis is zoomed (`ZOOMED`)."""
+    table = ablation_table(df, AblationKind.EXEMPLAR_SELECTION)
+    if table.empty:
+        return None
+    fig, ax = new_figure(3.4)
+    with matplotlib.rc_context(STYLE):
+        x = np.array([int(v) for v in table.mean.index])
+        columns = [str(c) for c in table.mean.columns]
+        for i, label in enumerate(columns):
+            stats = pd.DataFrame({"mean": table.mean[label].to_numpy(), "std": table.std[label].to_numpy()}, index=x)
+            shown = stats["mean"].notna().to_numpy()
+            band, what = _band(table, label, x, lambda v: f"{int(v)}", stats)
+            color = PALETTE[i % len(PALETTE)]
+            random = "random" in label.lower()
+            name = _series_name(label, int(table.seeds.max()), what)
+            mean = stats["mean"].to_numpy()
+            ax.plot(
+                x[shown], mean[shown], label=name, color=color, linestyle="-" if random else "--", marker="os"[i % 2]
+            )
+            low, high = (b[shown] for b in band)
+            if np.isfinite(low).any():
+                ax.fill_between(x[shown], low, high, color=color, alpha=0.18 if random else 0.10, linewidth=0)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         _curve_axes(fig, ax, "exemplars per task")

@@ -5,7 +5,8 @@ mode, model), and each of those owns its display name — `MergeMethod.label` in
 `TrustRegionMode.label` in `tatr.core.trust_region`, `components_label` in `tatr.core.components`.
 This module adds only what is not a merge configuration: the pretrained and individual baselines,
 rows stored under older names, the order rows are listed in, the key that identifies a model,
-and the names a published CSV may use: for methods, and for whose fine-tuned checkpoints a number used.
+the names a published CSV may use (for methods, and for whose fine-tuned checkpoints a number used), and
+what each ablation's table is about (`ABLATION_TITLES`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from collections.abc import Mapping
 
 from tatr.core.methods import METHODS, merge_label
 from tatr.core.trust_region import MODES, TR_MODES
+from tatr.store.schema import AblationKind
 
 __all__ = [
+    "ABLATION_TITLES",
     "DEFAULT_CHECKPOINTS",
     "checkpoints_key",
     "drop_text",
@@ -29,6 +32,21 @@ __all__ = [
     "options_label",
     "reference_label",
 ]
+
+# What each ablation's table is about, keyed by kind (`tatr.store.schema.AblationKind`, the one list).
+ABLATION_TITLES = {
+    AblationKind.COMPONENTS: "Components of the task vectors outside the trust region",
+    AblationKind.TRUST_REGION: "Zero-shot vs exemplar trust region",
+    AblationKind.SENSITIVITY: "Sensitivity: full, gradient-only, magnitude-only",
+    AblationKind.MASK_RATIO: "Mask ratio: average test accuracy against the dropped fraction 1−q",
+    AblationKind.EXEMPLAR_COUNT: "Exemplar count: average test accuracy against exemplars per task",
+    AblationKind.PLUGIN: "Plug-in: the trust region on each method",
+    AblationKind.GRADIENT_CORRELATION: "Spearman correlation between tasks' mean |gradient|",
+    AblationKind.BASELINES: "Baselines: each method tuned on validation per testbed build",
+    AblationKind.EXEMPLAR_SELECTION: "Exemplar selection: class-balanced against uniformly random exemplars",
+    AblationKind.CONFLICT_SCORE: "Conflict score: the paper's Ω against a diagonal Fisher and gradient signs",
+    AblationKind.ZERO_SHOT_PROXY: "Zero-shot proxy: |τ| against refinements that need no data",
+}
 
 # Rows that are not a merge: θ_0 itself and each task's fine-tuned model, under the names stores use.
 _BASELINES = {

@@ -18,6 +18,10 @@ difference is in accuracy points of what the tables show: the mean over tasks of
   are `sign_flip_p`'s.
 * `paired_vectors(a_rows, b_rows)`: the paired inputs of the above from two runs' store rows, or None
   where either lacks predictions (rows of an old store: no interval, "–").
+* `gap_bootstrap(proxy, zero, exemplar, strata)`: the share of the exemplar − zero-shot gap a proxy
+  closes, (P − Z) / (E − Z) of the mean accuracies, and its interval from the same two-stage bootstrap
+  drawing the three rows' outcomes of an example together (the 8 joint outcomes of a task are a
+  multinomial, the index bootstrap's distribution exactly).
 * `holm(pvalues)`: Holm's step-down adjusted p-values over the comparisons of one table;
   `holm_confidence` the confidence level of each comparison's corrected interval.
 
@@ -128,6 +132,55 @@ def seeded_bootstrap(
     means = _resampled_means(n[chosen], wins[chosen], losses[chosen], rng, ())  # stage 2: examples, [R, S, T]
     low, high = _interval(100.0 * means.mean(axis=(-1, -2)), confidence)
     return delta, low, high
+
+
+def gap_bootstrap(
+    proxy: Sequence[np.ndarray],
+    zero: Sequence[np.ndarray],
+    exemplar: Sequence[np.ndarray],
+    strata: Sequence[np.ndarray],
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float, float]:
+    """(gap, low, high): gap = (P − Z) / (E − Z), with P, Z, E the mean over seeds and tasks of each row's
+    per-task accuracy (element s of each sequence is seed s, the three paired example by example), and its
+    percentile interval over resamples of the seeds, then of each drawn seed's examples within each task,
+    all three rows' outcomes of an example drawn together. NaN where E = Z; resamples with E* = Z* are
+    left out of the interval (it is unbounded when the E − Z difference's own interval holds 0)."""
+    if not (len(proxy) == len(zero) == len(exemplar) == len(strata)) or not proxy:
+        raise ValueError("proxy, zero, exemplar and strata need one entry per seed, and at least one seed")
+    counts, sizes = [], []
+    for p, z, e, st in zip(proxy, zero, exemplar, strata, strict=True):
+        pattern = 4 * np.asarray(p, dtype=np.int64) + 2 * np.asarray(z, dtype=np.int64) + np.asarray(e, dtype=np.int64)
+        _, task = np.unique(np.asarray(st), return_inverse=True)
+        cells = np.zeros((task.max() + 1, 8), dtype=np.int64)
+        np.add.at(cells, (task, pattern), 1)
+        counts.append(cells)
+        sizes.append(cells.sum(axis=1))
+    if len({len(c) for c in counts}) != 1:
+        raise ValueError("every seed must have the same number of tasks")
+    c, n = np.stack(counts), np.stack(sizes)  # [S, T, 8], [S, T]
+    rng = np.random.default_rng(seed)
+    chosen = rng.integers(0, len(c), size=(n_resamples, len(c)))  # stage 1: the seeds
+    drawn = rng.multinomial(n[chosen], c[chosen] / n[chosen][..., None])  # stage 2: [R, S, T, 8]
+    gap = _gap(c, n)
+    resampled = _gap(drawn, n[chosen])
+    resampled = resampled[np.isfinite(resampled)]
+    if not resampled.size:
+        return gap, float("nan"), float("nan")
+    low, high = _interval(resampled, confidence)
+    return gap, low, high
+
+
+def _gap(counts: np.ndarray, n: np.ndarray) -> np.ndarray | float:
+    """(P − Z)/(E − Z) from joint outcome counts [..., S, T, 8] (index 4p + 2z + e) and sizes [..., S, T]."""
+    k = np.arange(8)
+    acc = [(counts * ((k >> bit) & 1)).sum(-1) / n for bit in (2, 1, 0)]  # proxy, zero, exemplar: [..., S, T]
+    p, z, e = (a.mean(axis=(-1, -2)) for a in acc)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = np.where(e != z, (p - z) / np.where(e != z, e - z, 1.0), np.nan)
+    return float(gap) if np.ndim(gap) == 0 else gap
 
 
 def paired_vectors(a_rows: pd.DataFrame, b_rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

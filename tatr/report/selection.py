@@ -9,6 +9,8 @@ environment), so the same store always gives the same selection.
 * When the store holds several runs of the same configuration and seed (a re-run), the latest one
   counts (largest timestamp, then largest run id): the store is append-only, so a fix is a new run,
   never an edit.
+* `per_seed` and `summarize` turn the selected rows into one row per (configuration, seed), then mean,
+  std and seed count per configuration: what every table shows.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def prepare(store: pd.DataFrame) -> pd.DataFrame:
         lambda e: "" if missing(e) or e == DEFAULT_FISHER_ESTIMATOR else f" [{e} Fisher]"
     )
     df["label"] = df["label"] + estimator  # two estimators' Fisher rows are two rows, not a re-run
+    df["label"] = df["label"] + df["exemplar_selection"].map(selection_suffix)  # nor two exemplar draws' rows
     df["model_key"] = df["model"].map(model_key)
     if df["model_key"].nunique() > 1:  # several models of one benchmark: never mix them in a row
         suffix = df["model"].map(lambda m: "" if missing(m) else f" [{m}]")
@@ -49,6 +52,18 @@ def prepare(store: pd.DataFrame) -> pd.DataFrame:
     df["seed_key"] = df["seed"].fillna(-1).astype("int64")
     df["run_time"] = df.groupby("run_id")["timestamp"].transform("max").fillna(0.0)
     return df
+
+
+def exemplar_selection(value: object) -> str:
+    """How a row's exemplars were drawn: its `exemplar_selection`, "random" where null (rows from before
+    the option, and rows of merges that read none)."""
+    return "random" if missing(value) else str(value)
+
+
+def selection_suffix(value: object) -> str:
+    """What a row's label says of its exemplar draw: nothing for the default, " [balanced exemplars]" else."""
+    chosen = exemplar_selection(value)
+    return "" if chosen == "random" else f" [{chosen} exemplars]"
 
 
 def task_order(df: pd.DataFrame) -> list[str]:
@@ -78,6 +93,22 @@ def per_seed(df: pd.DataFrame, keys: Sequence[str], tasks: Sequence[str], value:
     wide[NORMALIZED] = norm.reindex(wide.index)
     wide.columns.name = None
     return wide.reset_index()
+
+
+def summarize(
+    wide: pd.DataFrame,
+    row_key: str,
+    columns: Sequence[str],
+    order: Sequence[object] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """Mean, std (ddof=1) and seed count over the per-seed rows of `wide`, one row per `row_key`."""
+    grouped = wide.groupby(row_key, sort=False)[list(columns)]
+    mean, std = grouped.mean(), grouped.std(ddof=1)
+    seeds = wide.groupby(row_key, sort=False)["seed_key"].nunique()
+    if order is not None:
+        index = [o for o in order if o in mean.index]
+        mean, std, seeds = mean.reindex(index), std.reindex(index), seeds.reindex(index)
+    return mean, std, seeds
 
 
 # The ablations whose tuned test rows the main table may show, by the rank of their source.

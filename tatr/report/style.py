@@ -92,11 +92,18 @@ FAMILY_PALETTE = (
     ("#7de87d", "#178217"),  # bright green
     ("#e87de8", "#5a165a"),  # magenta
     ("#adadeb", "#0d0d73"),  # lavender / navy
+    # mergekit-ties, -dare-linear, -dare-ties, -breadcrumbs, -breadcrumbs-ties (issue 22), chosen the same way
+    # (CIELAB distance ≥ 21 to every tone above)
+    ("#6ef7d3", "#09a57b"),  # aquamarine
+    ("#f76e6e", "#6b0606"),  # salmon / maroon
+    ("#9edbfa", "#06496b"),  # sky / petrol
+    ("#f76eb7", "#6b063b"),  # rose / plum
+    ("#bcf76e", "#61a509"),  # lime
 )
 BASELINE_COLORS = {"pretrained": ("#c8c8c8", "#c8c8c8"), "individual": ("#4a4a4a", "#4a4a4a")}
-HATCHES = ("", "", "////", "....", "xxxx", "++++", "\\\\\\\\", "oooo")  # by `MODES` index; "||||" for others
-LINESTYLES = ("-", "-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 2)), (0, (3, 3)))
-MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
+HATCHES = ("", "", "////", "....", "xxxx", "++++", "\\\\\\\\", "oooo", "----")  # by `MODES` index; "||||" for others
+LINESTYLES = ("-", "-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 2)), (0, (3, 3)), (0, (6, 2, 1, 2, 1, 2)))
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h")  # one per `MODES` entry, by index
 EDGE_WIDTH = 0.6
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from tatr.core.components import COMPONENT_ORDER, components_label
 from tatr.core.methods import METHODS, get_method
+from tatr.report import open_checks
 from tatr.report.comparisons import (
     METHOD_NOTE,
     Comparison,
@@ -29,8 +30,9 @@ from tatr.report.comparisons import (
     level_intervals,
     n_comparisons,
     without_tr,
+    zero_shot_label,
 )
-from tatr.report.labels import drop_text, label_rank, method_rank, missing
+from tatr.report.labels import ABLATION_TITLES, drop_text, label_rank, method_rank, missing
 from tatr.report.render import Table, empty_table
 from tatr.report.selection import (
     AVERAGE,
@@ -43,47 +45,22 @@ from tatr.report.selection import (
     per_seed,
     prefer_seeded,
     prepare,
+    summarize,
     task_order,
 )
 from tatr.store.schema import PAIR_SEPARATOR, AblationKind
 
 __all__ = [  # imported here for notebooks and tests, beside the table builders defined below
+    "ABLATION_TITLES",
     "AVERAGE",
     "NORMALIZED",
     "Table",
     "prepare",
+    "summarize",
 ]
-
-# What each ablation's table is about, keyed by kind (`tatr.store.schema.AblationKind`, the one list).
-ABLATION_TITLES = {
-    AblationKind.COMPONENTS: "Components of the task vectors outside the trust region",
-    AblationKind.TRUST_REGION: "Zero-shot vs exemplar trust region",
-    AblationKind.SENSITIVITY: "Sensitivity: full, gradient-only, magnitude-only",
-    AblationKind.MASK_RATIO: "Mask ratio: average test accuracy against the dropped fraction 1−q",
-    AblationKind.EXEMPLAR_COUNT: "Exemplar count: average test accuracy against exemplars per task",
-    AblationKind.PLUGIN: "Plug-in: the trust region on each method",
-    AblationKind.GRADIENT_CORRELATION: "Spearman correlation between tasks' mean |gradient|",
-    AblationKind.BASELINES: "Baselines: each method tuned on validation per testbed build",
-}
 
 
 # --- statistics ------------------------------------------------------------------------------------
-def summarize(
-    wide: pd.DataFrame,
-    row_key: str,
-    columns: Sequence[str],
-    order: Sequence[object] | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
-    """Mean, std (ddof=1) and seed count over the per-seed rows of `wide`, one row per `row_key`."""
-    grouped = wide.groupby(row_key, sort=False)[list(columns)]
-    mean, std = grouped.mean(), grouped.std(ddof=1)
-    seeds = wide.groupby(row_key, sort=False)["seed_key"].nunique()
-    if order is not None:
-        index = [o for o in order if o in mean.index]
-        mean, std, seeds = mean.reindex(index), std.reindex(index), seeds.reindex(index)
-    return mean, std, seeds
-
-
 def _plain(v: float) -> str:
     return f"{v:g}"
 
@@ -214,8 +191,10 @@ def _variant_blocks(rows: pd.DataFrame, kind: str, labels: list[str]) -> dict[st
     method ablations a method with the trust region against itself without, and against TA."""
     if kind == AblationKind.COMPONENTS:
         return {"vs all": against(labels, "all")}
-    if kind == AblationKind.SENSITIVITY:
+    if kind in (AblationKind.SENSITIVITY, AblationKind.CONFLICT_SCORE):
         return {"vs exemplar": against(labels, exemplar_label())}
+    if kind == AblationKind.ZERO_SHOT_PROXY:
+        return {"vs zero-shot": against(labels, zero_shot_label())}
     return _method_blocks(rows, "variant")
 
 
@@ -358,13 +337,18 @@ def correlation_table(df: pd.DataFrame) -> Table:
 def ablation_table(df: pd.DataFrame, kind: str) -> Table:
     """The table of one ablation kind, empty when the store has none (so callers can say so): a curve
     for mask ratio and exemplar count, the correlation matrix for gradient correlation, variants side
-    by side for the others."""
+    by side for the others (`tatr.report.open_checks`: exemplar selection's curve pairs, the zero-shot
+    proxies' share of the exemplar gap)."""
     if kind == AblationKind.MASK_RATIO:
         return curve_table(df, kind, "drop", "Dropped 1−q", drop_text)
     if kind == AblationKind.EXEMPLAR_COUNT:
         return curve_table(df, kind, "exemplars", "Exemplars per task", lambda v: f"{int(v)}")
     if kind == AblationKind.GRADIENT_CORRELATION:
         return correlation_table(df)
+    if kind == AblationKind.EXEMPLAR_SELECTION:
+        return open_checks.selection_table(df)
+    if kind == AblationKind.ZERO_SHOT_PROXY:
+        return open_checks.with_gap_closed(variant_table(df, kind), df)
     return variant_table(df, kind)
 
 

@@ -13,8 +13,13 @@ plus an `ablation:` block that says what to vary:
         - {components: [orthogonal, negative], lam_neg: tuned}   # λ_neg tuned over `lam_neg`
       lam_neg: [0.0, 0.2, …]      # λ_neg grid (the negative component's own λ), tuned with λ
       drops: [0, 1.0e-4, …]       # mask-ratio: the dropped fraction 1−q of each point (q fixed there)
-      exemplars: [1, 2, 4, …]     # exemplar-count: exemplars per task of each point
+      exemplars: [1, 2, 4, …]     # exemplar-count, exemplar-selection: exemplars per task of each point
+      selections: [random, balanced]  # exemplar-selection: how each point draws its exemplars
       suite_seeds: false          # true: each seed is also the suite's `seed` (a testbed build per seed)
+
+The three checks the paper leaves open (docs/method.md) are kinds too: `exemplar-selection` runs every
+(exemplar count × selection × seed), `conflict-score` and `zero-shot-proxy` compare trust-region modes as
+`sensitivity` does (each variant its own λ and q, tuned on validation).
 
 Fisher merging and RegMean read per-task statistics the suite computes at each θ_t: the file's
 `statistics:` section (`tatr.runs.config.StatisticsConfig`: n, seed, batch, fisher_estimator), which a
@@ -48,6 +53,7 @@ from tatr.runs.config import (
     ExperimentConfig,
     MergeConfig,
     Name,
+    SelectionName,
     SplitName,
     StatisticsConfig,
     TrustRegionName,
@@ -99,6 +105,7 @@ class AblationSpec(_Frozen):
     variants: tuple[Variant, ...] = ()
     drops: tuple[float, ...] = ()
     exemplars: tuple[int, ...] = ()
+    selections: tuple[SelectionName, ...] = ("random", "balanced")  # exemplar-selection's draws
     max_coordinates: int = Field(2_000_000, ge=100)
     tune_split: SplitName = "validation"
     eval_split: SplitName = "test"
@@ -119,8 +126,10 @@ class AblationSpec(_Frozen):
             raise ValueError("a mask-ratio ablation needs `drops` (the dropped fractions 1−q)")
         if any(not 0.0 <= d < 1.0 for d in self.drops):
             raise ValueError("every drop must be in [0, 1)")
-        if self.kind == AblationKind.EXEMPLAR_COUNT and not self.exemplars:
-            raise ValueError("an exemplar-count ablation needs `exemplars` (counts per task)")
+        if self.kind in (AblationKind.EXEMPLAR_COUNT, AblationKind.EXEMPLAR_SELECTION) and not self.exemplars:
+            raise ValueError(f"an {self.kind} ablation needs `exemplars` (counts per task)")
+        if not self.selections or len(set(self.selections)) != len(self.selections):
+            raise ValueError("selections must be a non-empty list without repeats")
         if any(n < 1 for n in self.exemplars):
             raise ValueError("exemplar counts must be at least 1")
         if self.kind != AblationKind.GRADIENT_CORRELATION and not self.variants:
@@ -143,6 +152,7 @@ class Point:
     lams: tuple[float, ...]
     lam_negs: tuple[float, ...] | None = None  # tune λ_neg over these too (None: merge.lam_neg as set)
     statistics: StatisticsConfig | None = None  # those of a method that reads them (Fisher, RegMean), else None
+    selection: str = "random"  # how the exemplars are drawn (`exemplars.selection`)
 
     @property
     def uses_exemplars(self) -> bool:
@@ -155,7 +165,9 @@ class Point:
             own = self.lam_negs if m.lam_neg is None else m.lam_neg  # the negative part's own λ, if any
             text += f" components={components_label(list(m.components), own)}"
         if self.uses_exemplars:
-            text += f" n={self.exemplars} seed={self.seed}"
+            text += f" n={self.exemplars} seed={self.seed}" + (
+                "" if self.selection == "random" else f" {self.selection}"
+            )
         kind = get_method(m.method).statistics
         if kind is not None and self.statistics is not None:
             s = self.statistics
@@ -228,15 +240,19 @@ def points(config: ExperimentConfig, spec: AblationSpec) -> list[Point]:
         statistics = _statistics(config, variant, merge, index)
         uses = uses_exemplars(merge.trust_region, merge.components)
         seeds = spec.seeds if uses or spec.suite_seeds else spec.seeds[:1]
-        counts = spec.exemplars if spec.kind == AblationKind.EXEMPLAR_COUNT else (config.exemplars.n,)
+        drawn = spec.kind in (AblationKind.EXEMPLAR_COUNT, AblationKind.EXEMPLAR_SELECTION)
+        counts = spec.exemplars if drawn else (config.exemplars.n,)
+        compare = spec.kind == AblationKind.EXEMPLAR_SELECTION and uses  # without exemplars the draw does not matter
+        selections = spec.selections if compare else (config.exemplars.selection,)
         if spec.kind == AblationKind.MASK_RATIO:
             grids = [(round(1.0 - d, 12),) for d in spec.drops]
         elif merge.trust_region == "off":
             grids = [(1.0,)]  # no mask: q has no effect, tune λ only
         else:
             grids = [tuple(spec.q)]
-        for qs, n, seed in itertools.product(grids, counts, seeds):
-            out.append(Point(merge, seed, n, qs, lams, tuple(spec.lam_neg) if tune_neg else None, statistics))
+        for qs, n, selection, seed in itertools.product(grids, counts, selections, seeds):
+            negs = tuple(spec.lam_neg) if tune_neg else None
+            out.append(Point(merge, seed, n, qs, lams, negs, statistics, selection))
     return out
 
 

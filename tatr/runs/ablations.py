@@ -29,7 +29,7 @@ from tatr.core.cache import content_hash
 from tatr.core.methods import get_method
 from tatr.runs.ablation_spec import AblationSpec, Point, per_suite_seed, points
 from tatr.runs.adamerging import AdaTuned, tune_adamerging, with_coefficients
-from tatr.runs.config import ExperimentConfig, config_dict
+from tatr.runs.config import ExemplarConfig, ExperimentConfig, config_dict
 from tatr.runs.plan import PlanBook
 from tatr.runs.tune import Tuned, tune_grid
 from tatr.store.record import RunRecord, suite_model, write_store
@@ -77,7 +77,7 @@ def run(
             if key in done:
                 log(f"[{i}/{len(todo)}] {point.describe()}: in the store already (--resume), skipped")
                 continue
-            exemplars = cfg.exemplars.model_copy(update={"n": point.exemplars, "seed": point.seed})
+            exemplars = drawn_exemplars(cfg, point)
             splits = (part.tune_split, part.eval_split, part.allow_test_tuning)
             if is_adamerging(point.merge.method):  # λ learned on unlabeled inputs: no λ grid
                 tuned: Tuned = tune_adamerging(
@@ -112,9 +112,15 @@ def run(
     return results
 
 
+def drawn_exemplars(config: ExperimentConfig, point: Point) -> ExemplarConfig:
+    """The exemplar draw of a point: its count, seed and selection over the file's `exemplars`."""
+    return config.exemplars.model_copy(update={"n": point.exemplars, "seed": point.seed, "selection": point.selection})
+
+
 def point_hash(config: ExperimentConfig, spec: AblationSpec, point: Point) -> str:
     """Identity of a point's result: the benchmark, its options, the merge, the grid, the splits (and the
-    statistics of a method that reads them, AdaMerging's settings for AdaMerging)."""
+    statistics of a method that reads them, AdaMerging's settings for AdaMerging, an exemplar selection
+    other than the default "random" of a point that reads exemplars)."""
     stats = point.statistics
     kind = None if stats is None else get_method(point.merge.method).statistics
     return content_hash(
@@ -132,6 +138,7 @@ def point_hash(config: ExperimentConfig, spec: AblationSpec, point: Point) -> st
         spec.eval_split,
         *((config.adamerging.model_dump(mode="json"),) if is_adamerging(point.merge.method) else ()),
         *(({"statistics": stats.identity(kind)},) if stats is not None and kind is not None else ()),
+        *(({"selection": point.selection},) if point.uses_exemplars and point.selection != "random" else ()),
     )[:12]
 
 
@@ -157,7 +164,7 @@ def point_records(
         cfg = config.model_copy(
             update={
                 "merge": point.merge.model_copy(update={"q": q, "lam": lam, "lam_neg": lam_neg}),
-                "exemplars": config.exemplars.model_copy(update={"n": point.exemplars, "seed": point.seed}),
+                "exemplars": drawn_exemplars(config, point),
                 "seed": point.seed,
                 **({} if point.statistics is None else {"statistics": point.statistics}),
             }

@@ -49,6 +49,7 @@ from tatr.core.trust_region import check_mode, check_q
 from tatr.io.safe_yaml import load_yaml as _load
 from tatr.io.safe_yaml import name_text, read_yaml_mapping
 from tatr.store.schema import check_split
+from tatr.suites.base import check_selection
 from tatr.suites.task_statistics import check_fisher_estimator
 
 # A name (method, suite, study): a YAML number written for it (`2024`) is read back as its text.
@@ -88,6 +89,7 @@ Components = Annotated[tuple[ComponentName, ...], AfterValidator(_unique)]
 SplitName = Annotated[str, AfterValidator(_door(check_split))]
 FisherEstimatorName = Annotated[str, AfterValidator(_door(check_fisher_estimator))]  # FISHER_ESTIMATORS
 Quantile = Annotated[float, AfterValidator(_door(check_q))]
+SelectionName = Annotated[str, AfterValidator(_door(check_selection))]  # SELECTIONS
 
 
 class _Frozen(BaseModel):
@@ -170,8 +172,14 @@ MergeConfig = create_model(  # type: ignore[call-overload]
 
 
 class ExemplarConfig(_Frozen):
+    """The exemplars a merge's gradient statistics are computed on: `n` per task, drawn with `seed`, by
+    `selection` (`tatr.suites.base.SELECTIONS`: "random", a uniform draw, or "balanced", the classes in
+    turn). A config with the default selection reads and hashes as it did before the option existed
+    (`config_dict` leaves it out), so every stored row and cached result keeps its identity."""
+
     n: int = Field(32, ge=1)
     seed: int = Field(0, ge=0)
+    selection: SelectionName = "random"
 
 
 class StatisticsConfig(_Frozen):
@@ -308,6 +316,8 @@ def config_dict(config: BaseModel) -> dict[str, Any]:
         and config.statistics == StatisticsConfig()
     ):
         data.pop("statistics")
+    if isinstance(config, ExperimentConfig) and config.exemplars.selection == "random":
+        data["exemplars"].pop("selection")  # the default: the config and hash of before the option
     return data
 
 

@@ -8,10 +8,11 @@ evaluate` all get their plans here, so they merge the same way:
   one content-addressed cache folder per (mode, gradient files) serves every method, TIES k and
   component selection; sweep workers on one machine share it instead of each streaming the task
   vectors again.
-* A `PlanBook` keeps, per process, the exemplar gradients per draw (n, seed) and one loaded plan
-  per (method, mode, the options the method reads (TIES k, DARE's p and seed, Breadcrumbs' β and
+* A `PlanBook` keeps, per process, the exemplar gradients per draw (n, seed, selection) and one loaded
+  plan per (method, mode, the options the method reads (TIES k, DARE's p and seed, Breadcrumbs' β and
   density), components, exemplar draw, and the statistics of a method that reads them). λ and λ_neg
-  are trial arguments, not part of a plan.
+  are trial arguments, not part of a plan. A mode's Ω reads the gradient moment its `statistic` names
+  (mean |∇ℓ|, mean (∇ℓ)² or the signed mean), so its arenas' folder is keyed by those files.
 * Fisher merging and RegMean read per-task statistics at each θ_t: the book asks the suite for them
   once per (kind, `StatisticsConfig` identity) (`tatr.suites.task_statistics.suite_statistics`, cached
   by content under the cache root's `statistics/`) and hands the files to the plan. They change only
@@ -24,13 +25,14 @@ a folder was first prepared for does not change a mask.
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any
 
 from tatr.core.cache import cached_dir, content_hash, default_cache_root
 from tatr.core.errors import TatrError
-from tatr.core.trust_region import needs_gradients, uses_exemplars
+from tatr.core.trust_region import mode_statistic, needs_gradients, reads_signed_gradients, uses_exemplars
 from tatr.runs.config import ExemplarConfig, ExperimentConfig, MergeConfig, StatisticsConfig
 
 PLAN_FORMAT = 2  # bump when the cached plan's meaning changes (2: float64 arenas for float64 models)
@@ -64,17 +66,36 @@ class PlanBook:
         ckpt = suite.checkpoints()
         self.pretrained = Path(ckpt.pretrained)
         self.finetuned = [Path(ckpt.finetuned[t]) for t in suite.tasks]
-        self._grads: dict[tuple[int, int], Any] = {}
+        self._grads: dict[tuple[int, int, str], Any] = {}
         self._statistics: dict[str, list[Path]] = {}
         self._plans: dict[tuple, Any] = {}
         self._folders: dict[tuple, Path] = {}
 
-    def gradients(self, exemplars: ExemplarConfig | None = None) -> Any:
-        """The suite's `ExemplarGradients` of one draw (computed or read from its cache once)."""
+    def gradients(self, exemplars: ExemplarConfig | None = None, squared: bool = False) -> Any:
+        """The suite's `ExemplarGradients` of one draw (computed or read from its cache once); `squared`:
+        with the mean squared gradients too. The suite gets `selection` and `squared` only where they
+        are not their defaults (a plugin suite without them runs every other mode)."""
         ex = exemplars or self.config.exemplars
-        if (ex.n, ex.seed) not in self._grads:
-            self._grads[ex.n, ex.seed] = self.suite.exemplar_gradients(ex.n, ex.seed)
-        return self._grads[ex.n, ex.seed]
+        memo = (ex.n, ex.seed, ex.selection)
+        have = self._grads.get(memo)
+        if have is None or (squared and have.sq_mean is None):
+            extra = {"selection": ex.selection} if ex.selection != "random" else {}
+            extra.update({"squared": True} if squared else {})
+            self._check_options(extra)
+            self._grads[memo] = self.suite.exemplar_gradients(ex.n, ex.seed, **extra)
+        return self._grads[memo]
+
+    def _check_options(self, extra: dict[str, Any]) -> None:
+        """One line, before any work, where the suite's `exemplar_gradients` takes no `selection` or `squared`."""
+        taken = inspect.signature(self.suite.exemplar_gradients).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in taken.values()):
+            return
+        for name in extra:
+            if name not in taken:
+                what = "balanced exemplars (exemplars.selection)" if name == "selection" else "mean squared gradients"
+                raise TatrError(
+                    f"suite '{self.suite.name}' cannot compute {what}: its exemplar_gradients takes no `{name}`"
+                )
 
     def statistics(self, kind: str, statistics: StatisticsConfig | None = None) -> list[Path]:
         """The per-task statistics files of `kind` ("fisher", "gram") in task order, computed by the suite
@@ -91,10 +112,15 @@ class PlanBook:
             self._statistics[memo] = [Path(files[t]) for t in self.suite.tasks]
         return self._statistics[memo]
 
-    def _gradient_files(self, exemplars: ExemplarConfig | None, signed: bool = False) -> list[Path]:
-        grads = self.gradients(exemplars)
-        files = grads.signed_mean if signed else grads.abs_mean
+    def _gradient_files(self, exemplars: ExemplarConfig | None, statistic: str | None = "abs_mean") -> list[Path]:
+        """The per-task files of one gradient moment (`tatr.core.gradients.MOMENTS`), in task order."""
+        grads = self.gradients(exemplars, squared=statistic == "sq_mean")
+        files = getattr(grads, str(statistic))
         return [Path(files[t]) for t in self.suite.tasks]
+
+    def _mode_files(self, mode: str, exemplars: ExemplarConfig | None) -> list[Path] | None:
+        """The gradient files `mode`'s Ω reads (`TrustRegionMode.statistic`), None for a mode that reads none."""
+        return self._gradient_files(exemplars, mode_statistic(mode)) if needs_gradients(mode) else None
 
     def folder(self, mode: str, exemplars: ExemplarConfig | None = None) -> Path:
         """The cached arenas of `mode`, built here if no process built them before."""
@@ -102,15 +128,21 @@ class PlanBook:
         from tatr.core.trust_region import check_mode
 
         check_mode(mode)
-        grads = self._gradient_files(exemplars) if needs_gradients(mode) else None
+        grads = self._mode_files(mode, exemplars)
         memo = (mode, None if grads is None else tuple(grads))
         if memo in self._folders:
             return self._folders[memo]
         key = content_hash("sweep-plan", PLAN_FORMAT, self.pretrained, self.finetuned, mode, grads)
+        signed = reads_signed_gradients(mode)
 
         def build(tmp: Path) -> None:
             plan = plan_merge(
-                self.pretrained, self.finetuned, trust_region=mode, gradients=grads, progress=self.progress
+                self.pretrained,
+                self.finetuned,
+                trust_region=mode,
+                gradients=None if signed else grads,
+                signed_gradients=grads if signed else None,
+                progress=self.progress,
             )
             plan.prepare([self.q_min])
             plan.save(tmp)
@@ -144,8 +176,10 @@ class PlanBook:
         if components is not None and merge.trust_region == "off":
             raise TatrError("components need a trust region: choose a trust-region mode other than 'off'")
         folder = self.folder(merge.trust_region, ex)
-        grads = self._gradient_files(ex) if needs_gradients(merge.trust_region) else None
-        signed = self._gradient_files(ex, signed=True) if components is not None else None
+        grads = self._mode_files(merge.trust_region, ex)
+        signed = self._gradient_files(ex, "signed_mean") if components is not None else None
+        if reads_signed_gradients(merge.trust_region):  # the mode's statistic is the signed mean itself
+            grads, signed = None, grads
         files = None if kind is None else self.statistics(kind, stats)
         task_set = open_task_set(self.pretrained, self.finetuned, grads, signed)
         plan = MergePlan.load(

@@ -13,7 +13,7 @@ one of its grid trials, a baseline, a `tatr evaluate --root` run. Every writer b
 * merge columns come from the resolved merge config: q is null without a trust region, λ is the
   method's default when unset, a method's options only for the methods that read them (TIES k
   for TIES, p and seed for DARE, β and density for Breadcrumbs), λ_neg where it was set,
-  exemplars only when the merge uses them;
+  exemplars (and how they were drawn, `exemplar_selection`) only when the merge uses them;
 * `predictions` (optional, per task) become the row's `n_examples`, `correct` and `predicted`
   (`tatr.store.predictions`); a task without them (a plugin suite, a pruned trial) gets nulls;
 * `subject` says what was evaluated: a merge, θ_0 (`pretrained`), each fine-tuned θ_t on its own
@@ -242,6 +242,7 @@ def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
     if rec.subject == "merged" and lam is None and isinstance(method, str) and method in METHODS:
         lam = METHODS.get(method).default_lam  # the method's default, resolved
     exemplars = cfg.get("exemplars", {}).get("n")
+    selection = cfg.get("exemplars", {}).get("selection") or "random"  # a config without it drew at random
     if rec.subject in ("pretrained", "individual"):
         method, exemplars, seed = rec.subject, None, (cfg.get("suite") or {}).get("seed")
     else:
@@ -273,6 +274,7 @@ def store_rows(rec: RunRecord) -> list[dict[str, Any]]:
         "config_hash": rec.config_hash,
         "timestamp": rec.timestamp,
         "fisher_estimator": fisher_estimator(method, cfg),
+        "exemplar_selection": selection if exemplars is not None and rec.subject == "merged" else None,
     }
     predictions = rec.predictions or {}
     return [

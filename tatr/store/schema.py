@@ -63,6 +63,9 @@ COLUMNS = (
     # the estimator of the Fisher files a Fisher merge read (`tatr.core.fisher.FISHER_ESTIMATORS`), null for
     # every other row and in rows written before it; the report labels a non-default one
     "fisher_estimator",
+    # how the exemplars were drawn (`exemplars.selection`: random, balanced) where the merge read exemplars,
+    # null for every other row; null in rows written before it, which drew them at random
+    "exemplar_selection",
 )
 PREDICTION_COLUMNS = ("n_examples", "correct", "predicted")
 
@@ -70,7 +73,7 @@ PREDICTION_COLUMNS = ("n_examples", "correct", "predicted")
 NAMES = ("run_id", "benchmark", "study", "experiment")  # become paths or labels: safe names
 TEXT = (
     *("job_type", "ablation", "model", "method", "trust_region", "split", "task", "git_commit", "config_hash"),
-    *("correct", "predicted", "fisher_estimator"),
+    *("correct", "predicted", "fisher_estimator", "exemplar_selection"),
 )
 INTEGERS = ("trial", "exemplars", "seed", *(o.name for o in all_options() if o.kind is int), "n_examples")
 NUMBERS = (
@@ -102,6 +105,11 @@ class AblationKind(StrEnum):
     PLUGIN = "plugin"
     GRADIENT_CORRELATION = "gradient-correlation"
     BASELINES = "baselines"
+    # the checks the paper leaves open (docs/method.md): how exemplars are drawn, other conflict scores,
+    # refined zero-shot proxies
+    EXEMPLAR_SELECTION = "exemplar-selection"
+    CONFLICT_SCORE = "conflict-score"
+    ZERO_SHOT_PROXY = "zero-shot-proxy"
 
 
 ABLATION_KINDS: tuple[str, ...] = tuple(k.value for k in AblationKind)  # the order the report lists them

@@ -14,7 +14,12 @@ from tatr.core.errors import TatrError
 from tatr.core.registry import unknown_name
 from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, Suite
 
-_MODULES = {"testbed": "tatr.suites.testbed", "clip8": "tatr.suites.clip8", "text": "tatr.suites.text"}
+_MODULES = {
+    "testbed": "tatr.suites.testbed",
+    "clip8": "tatr.suites.clip8",
+    "text": "tatr.suites.text",
+    "lm": "tatr.suites.causal_lm",
+}
 
 
 def get_suite(name: str, options: dict[str, Any] | None = None, cache_dir: Path | None = None) -> Suite:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from tatr.core.errors import TatrError
-from tatr.core.registry import Registry
+from tatr.core.registry import Registry, unknown_name
 
 BUILD_THREADS = 1  # builds run on one torch thread: the bytes of a matrix product depend on the count
 
@@ -54,11 +54,56 @@ class ExemplarGradients:
     """Per-task gradient statistics at θ_0, as safetensors files keyed like the merged parameters.
 
     `abs_mean[t]` holds mean_n |∇ℓ_t(x_n)| (the TATR sensitivity s_t); `signed_mean[t]` holds
-    mean_n ∇ℓ_t(x_n), which only the component ablation needs.
+    mean_n ∇ℓ_t(x_n) (the component ablation, the `gradient-agreement` trust region); `sq_mean[t]`
+    mean_n (∇ℓ_t(x_n))² (the `diag-fisher` trust region), None unless asked for (`squared=True`).
+    The field names are `tatr.core.gradients.MOMENTS`, which the trust-region modes' `statistic` names.
     """
 
     abs_mean: Mapping[str, Path]
     signed_mean: Mapping[str, Path]
+    sq_mean: Mapping[str, Path] | None = None
+
+
+# How a suite draws its exemplars (`exemplars.selection`): "random", a seeded uniform draw without
+# replacement (the first, the default: every cache key and row from before the option means it), or
+# "balanced", the classes in turn (`exemplar_indices`).
+SELECTIONS = ("random", "balanced")
+
+
+def check_selection(selection: object) -> str:
+    """An exemplar selection's name (`SELECTIONS`), or one line with "did you mean"."""
+    if selection not in SELECTIONS:
+        raise TatrError(unknown_name("exemplar selection", selection, SELECTIONS))
+    return str(selection)
+
+
+def exemplar_indices(labels: Tensor, n: int, seed: int, selection: str = "random") -> Tensor:
+    """Which `n` of the training examples (with these `labels`) are the exemplars of `seed`.
+
+    random: the first n of a seeded permutation (`torch.randperm`, the draw every suite always made).
+    balanced: round-robin over the classes, seeded: the classes in a seeded order, each class's examples
+    in a seeded order, then one example per class in turn, skipping classes that ran out, until n are
+    taken; so n < #classes takes n distinct classes, and class counts never differ by more than one
+    unless a class runs out. The caller checks 1 ≤ n ≤ len(labels).
+    """
+    if selection == "random":
+        return torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+    check_selection(selection)
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    classes = classes[torch.randperm(len(classes), generator=generator)]
+    queues = []
+    for c in classes.tolist():
+        members = torch.nonzero(labels == c).flatten()
+        queues.append(members[torch.randperm(len(members), generator=generator)].tolist())
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < n:
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < n:
+                chosen.append(queue[depth])
+        depth += 1
+    return torch.tensor(chosen, dtype=torch.int64)
 
 
 @runtime_checkable
@@ -92,7 +137,10 @@ class Suite(Protocol):
         ...
 
     def exemplar_loader(self, task: str, n: int, seed: int) -> DataLoader:
-        """`n` training exemplars of `task`, drawn with `seed`, for the gradient statistics."""
+        """`n` training exemplars of `task`, drawn with `seed`, for the gradient statistics.
+
+        The built-in suites take a keyword `selection` too (`SELECTIONS`, drawn by `exemplar_indices`);
+        it is passed only when it is not "random", so a plugin suite without it still runs the rest."""
         ...
 
     def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
@@ -106,6 +154,9 @@ class Suite(Protocol):
 
     def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
         """Gradient statistics at θ_0 for every task (cached by content hash).
+
+        The built-in suites take keywords `selection` (as `exemplar_loader`) and `squared` (also the mean
+        squared gradients, `sq_mean`); each is passed only where it is not its default.
 
         Fisher merging and RegMean read other per-task statistics, at each θ_t. A suite may define
         `task_statistics(kind, n, seed, *, estimator, batch_size) -> {task: path}` ("fisher" or "gram",

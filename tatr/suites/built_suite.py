@@ -232,10 +232,12 @@ class BuiltSuite:
         x, _ = self._split(task, split)
         return (self.prepare(x[idx]) for idx in seeded_batches(len(x), batch_size, input_seed(seed, task)))
 
-    def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
+    def exemplar_gradients(
+        self, n: int, seed: int, *, selection: str = "random", squared: bool = False
+    ) -> ExemplarGradients:
         """Gradient statistics at θ_0 for every task, cached by content (`tatr.suites.evaluation`)."""
-        chunk, progress = self.gradient_chunk, self.progress
-        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, chunk=chunk, progress=progress)
+        options = {"chunk": self.gradient_chunk, "progress": self.progress, "selection": selection, "squared": squared}
+        return ev.exemplar_gradients(self, n, seed, cache_root=self.cache_root, **options)
 
     def statistics_loader(self, task: str, n: int, seed: int, batch_size: int = 32) -> list[tuple[Tensor, Tensor]]:
         """`n` training examples of `task` drawn with `seed` (the exemplar draw: the same permutation, so

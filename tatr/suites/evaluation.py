@@ -17,7 +17,12 @@ benchmarks classify with the same rule and cache gradients the same way:
   accuracies would look like numbers and reach the store.
 * `exemplar_gradients`: per-task mean |∇ℓ| and mean ∇ℓ at θ_0 (`tatr.core.gradients`), cached per task
   in a content-addressed folder whose key hashes θ_0's file, the head, the logit scale and the
-  exemplar tensors themselves, so a changed loader or checkpoint can never reuse stale gradients.
+  exemplar tensors themselves, so a changed loader or checkpoint can never reuse stale gradients (nor a
+  changed exemplar selection: its exemplars are other bytes). The mean squared gradient, asked for with
+  `squared=True`, has a folder of its own beside it (the same inputs, its own key), so every folder
+  written before it existed stays valid; a draw missing either computes all three moments in one pass.
+  Under torchrun the exemplars are shared out among the ranks (`tatr.core.gradients`), and rank 0 alone
+  writes the folders; the others wait for it and return the same paths (`tatr.core.distributed`).
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tatr.core.cache import cached_dir, content_hash, default_cache_root, file_digest
+from tatr.core.cache import content_hash, default_cache_root, file_digest
 from tatr.core.checkpoints import header, load_state_dict, save_state_dict
 from tatr.core.classify import cosine_logits, unit_rows
+from tatr.core.distributed import shared_cached_dir, world
 from tatr.core.errors import TatrError
-from tatr.core.gradients import gradient_stats
+from tatr.core.gradients import gradient_moments
 from tatr.store.predictions import TaskPredictions
 from tatr.store.schema import check_split  # the one check of a split name (suites call ev.check_split)
 from tatr.suites.base import ExemplarGradients, Suite
@@ -238,15 +244,19 @@ def exemplar_gradients(
     cache_root: Path | None = None,
     chunk: int | None = None,
     progress: bool = False,
+    selection: str = "random",
+    squared: bool = False,
 ) -> ExemplarGradients:
     """Per-task gradient statistics at θ_0 with each task's frozen head, cached per task.
 
     The cache key covers θ_0's file digest, the parameter names, the head, the logit scale and the
     bytes of the exemplars, so it is a pure function of the inputs. The files are keyed by the
-    encoder's parameter names, which must be keys of θ_0's checkpoint (checked here, once).
+    encoder's parameter names, which must be keys of θ_0's checkpoint (checked here, once). `selection`
+    goes to the suite's `exemplar_loader` (only where it is not "random"); `squared` adds `sq_mean`.
     """
     if n < 1:
         raise TatrError(f"exemplars.n must be at least 1, got {n}")
+    world()  # under torchrun: the process group, and this rank's GPU as "cuda", before the encoder is built
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     pretrained = suite.checkpoints().pretrained
     encoder = suite.encoder(None)
@@ -256,16 +266,14 @@ def exemplar_gradients(
         raise TatrError(f"{pretrained}: encoder parameter '{missing[0]}' is not a key of the checkpoint")
     scale = float(suite.logit_scale())
     pretrained_digest = file_digest(pretrained)  # once per call, not per task (1.2 GB for ViT-L/14)
-    abs_paths: dict[str, Path] = {}
-    signed_paths: dict[str, Path] = {}
+    drawn = {} if selection == "random" else {"selection": selection}
+    paths: dict[str, dict[str, Path]] = {"abs_mean": {}, "signed_mean": {}, "sq_mean": {}}
     for task in suite.tasks:
-        batches = [(x, y) for x, y in suite.exemplar_loader(task, n, seed)]
+        batches = [(x, y) for x, y in suite.exemplar_loader(task, n, seed, **drawn)]
         if not batches:
             raise TatrError(f"{suite.name}: the exemplar loader of task '{task}' is empty")
         head = suite.head(task)
-        key = content_hash(
-            "exemplar-gradients",
-            GRADIENT_FORMAT,
+        inputs = (
             suite.name,
             task,
             pretrained_digest,
@@ -274,17 +282,32 @@ def exemplar_gradients(
             tensor_digest(head),
             tensor_digest(*(t for batch in batches for t in batch)),
         )
+        meta = {"suite": suite.name, "task": task, "n": str(n), "seed": str(seed), **drawn}
+        moments: dict[str, dict[str, Tensor]] = {}
 
-        def build(folder: Path, batches=batches, head=head, task=task) -> None:
-            abs_mean, signed_mean = gradient_stats(encoder, head, scale, batches, names, chunk=chunk, progress=progress)
-            meta = {"suite": suite.name, "task": task, "n": str(n), "seed": str(seed)}
-            save_state_dict(abs_mean, folder / "abs_mean.safetensors", metadata=meta)
-            save_state_dict(signed_mean, folder / "signed_mean.safetensors", metadata=meta)
+        def computed(batches=batches, head=head, moments=moments) -> dict[str, dict[str, Tensor]]:
+            if not moments:  # one pass gives all three, whichever folder asked first
+                moments.update(gradient_moments(encoder, head, scale, batches, names, chunk=chunk, progress=progress))
+            return moments
 
-        folder = cached_dir(root / "gradients", key, build)
-        abs_paths[task] = folder / "abs_mean.safetensors"
-        signed_paths[task] = folder / "signed_mean.safetensors"
-    return ExemplarGradients(abs_mean=abs_paths, signed_mean=signed_paths)
+        def write(folder: Path, moments: dict[str, dict[str, Tensor]], meta=meta) -> None:
+            for name in ("abs_mean", "signed_mean"):
+                save_state_dict(moments[name], folder / f"{name}.safetensors", metadata=meta)
+
+        def write_squared(folder: Path, moments: dict[str, dict[str, Tensor]], meta=meta) -> None:
+            save_state_dict(moments["sq_mean"], folder / "sq_mean.safetensors", metadata=meta)
+
+        # under torchrun every rank computes its share, rank 0 alone writes (`tatr.core.distributed`)
+        key = content_hash("exemplar-gradients", GRADIENT_FORMAT, *inputs)
+        folder = shared_cached_dir(root / "gradients", key, computed, write)
+        for name in ("abs_mean", "signed_mean"):
+            paths[name][task] = folder / f"{name}.safetensors"
+        if squared:
+            key = content_hash("exemplar-gradients-squared", GRADIENT_FORMAT, *inputs)
+            paths["sq_mean"][task] = (
+                shared_cached_dir(root / "gradients", key, computed, write_squared) / "sq_mean.safetensors"
+            )
+    return ExemplarGradients(paths["abs_mean"], paths["signed_mean"], paths["sq_mean"] if squared else None)
 
 
 def load_gradients(grads: ExemplarGradients, tasks: Iterable[str]) -> tuple[list[dict], list[dict]]:

@@ -27,7 +27,8 @@ projection `proj` (a bare [in, out] parameter, not an [out, in] linear weight), 
 layer norms, as FusionBench averages everything RegMean does not merge.
 
 Cache: `<cache_root>/statistics/<key>/{fisher,gram}.safetensors`, one folder per task, written atomically
-and verified on read (`tatr.core.cache.cached_dir`), the file's metadata the `tatr_statistics` kind,
+and verified on read (`tatr.core.cache.cached_dir`; under torchrun each rank computes its share of the
+examples and rank 0 alone writes, `tatr.core.distributed`), the file's metadata the `tatr_statistics` kind,
 estimator and example count the core checks (`save_fisher`, `save_grams`). The key covers the suite's name,
 the task, the kind and estimator, n, the seed and the batch size, θ_t's file digest, the parameter names,
 the logit scale, the head and the bytes of the drawn examples.
@@ -46,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tatr.core.cache import cached_dir, content_hash, default_cache_root, file_digest
+from tatr.core.cache import content_hash, default_cache_root, file_digest
 from tatr.core.checkpoints import header, load_state_dict
 from tatr.core.classify import cosine_logits
+from tatr.core.distributed import is_main, shared_cached_dir, world
 from tatr.core.errors import TatrError
 from tatr.core.fisher import (
     DEFAULT_FISHER_ESTIMATOR,
@@ -106,6 +108,7 @@ def task_statistics(
     estimator = check_fisher_estimator(estimator) if kind == "fisher" else GRAM_ESTIMATOR
     if n < 1 or batch_size < 1:
         raise TatrError(f"statistics.n and statistics.batch must be at least 1, got {n} and {batch_size}")
+    world()  # under torchrun: the process group, and this rank's GPU as "cuda", before an encoder is built
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     checkpoints = suite.checkpoints()
     scale = float(suite.logit_scale())
@@ -136,20 +139,24 @@ def task_statistics(
             tensor_digest(*(t for batch in batches for t in batch)),
         )
 
-        def build(folder: Path, batches=batches, head=head, finetuned=finetuned, task=task) -> None:
-            if progress:
+        def compute(batches=batches, head=head, finetuned=finetuned, task=task) -> dict[str, Tensor]:
+            if progress and is_main():
                 print(f"{suite.name}: {estimator} statistics of task '{task}' (n={n}, seed={seed})", flush=True)
             model = suite.encoder(load_state_dict(finetuned))
             classify = partial(cosine_logits, head=head, scale=scale)
             if kind == "fisher":
-                fisher = estimate_fisher(model, batches, classify, names, estimator, n, chunk)
-                save_fisher(fisher, folder / "fisher.safetensors", estimator, n)
-            else:
-                with regmean_modules(model) as modules:  # every batch: the draw holds exactly n examples
-                    grams = regmean_grams(model, batches, modules=modules)
-                save_grams(grams, folder / "gram.safetensors", n)
+                return estimate_fisher(model, batches, classify, names, estimator, n, chunk)
+            with regmean_modules(model) as modules:  # every batch: the draw holds exactly n examples
+                return regmean_grams(model, batches, modules=modules)
 
-        out[task] = cached_dir(root / "statistics", key, build) / f"{kind}.safetensors"
+        def write(folder: Path, statistics: dict[str, Tensor]) -> None:
+            if kind == "fisher":
+                save_fisher(statistics, folder / "fisher.safetensors", estimator, n)
+            else:
+                save_grams(statistics, folder / "gram.safetensors", n)
+
+        # under torchrun every rank computes its share, rank 0 alone writes (`tatr.core.distributed`)
+        out[task] = shared_cached_dir(root / "statistics", key, compute, write) / f"{kind}.safetensors"
     return out
 
 

@@ -1,8 +1,7 @@
-"""Causal language models: multiple-choice scoring by lm-evaluation-harness's rules (`scoring`).
-
-The causal-LM suite itself (SmolLM2 from PyPI, its tasks and fine-tunes) is not built yet; this package
-holds what it will score with, tested against lm-eval."""
+"""The causal-LM suite (`benchmark: lm`): a causal language model merged across text tasks asked as multiple
+choice, scored by lm-evaluation-harness's rules (`scoring`). Importing it registers the suite."""
 
 from tatr.suites.causal_lm.scoring import Question, Scores, encode_pair, score
+from tatr.suites.causal_lm.suite import CausalLMSpec, CausalLMSuite
 
-__all__ = ["Question", "Scores", "encode_pair", "score"]
+__all__ = ["CausalLMSpec", "CausalLMSuite", "Question", "Scores", "encode_pair", "score"]

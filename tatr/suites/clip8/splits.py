@@ -60,6 +60,17 @@ class ArrayImages(Dataset):
         return (self.transform(image) if self.transform else image), self.labels[index]
 
 
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """The labels of a split, in its order, without reading an image (balanced exemplars need them)."""
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.int64)]
+    if isinstance(dataset, ImageFiles):
+        return torch.tensor([label for _, label in dataset.samples], dtype=torch.int64)
+    if isinstance(dataset, ArrayImages):
+        return torch.tensor(dataset.labels, dtype=torch.int64)
+    raise TatrError(f"cannot read the labels of a {type(dataset).__name__} without loading its images")
+
+
 @dataclass(frozen=True)
 class TaskData:
     """One task's official splits, its class names and a content key of what was read."""

@@ -40,11 +40,12 @@ from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.errors import TatrError
 from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
-from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, input_seed, seeded_batches
+from tatr.suites.base import SUITES, Checkpoints, ExemplarGradients, exemplar_indices, input_seed, seeded_batches
 from tatr.suites.clip8 import heads as ch
 from tatr.suites.clip8.checkpoints import CACHE_FORMAT, expand_path, finetuned_source, normalised_finetuned
 from tatr.suites.clip8.convert import VISUAL
 from tatr.suites.clip8.data import TASKS, TaskData, load_task, unknown_task
+from tatr.suites.clip8.splits import labels_of
 from tatr.suites.clip8.templates import TEMPLATES
 from tatr.suites.clip8.views import GradientView as _GradientView
 from tatr.suites.clip8.views import StatisticsView
@@ -259,12 +260,14 @@ class Clip8:
         ev.check_split(split)
         return self._loader(self.task_data(task).split(split), batch_size or self.options.batch_size)
 
-    def exemplar_loader(self, task: str, n: int, seed: int) -> DataLoader:
-        """`n` images from the train part (never validation), drawn by a seeded permutation."""
+    def exemplar_loader(self, task: str, n: int, seed: int, selection: str = "random") -> DataLoader:
+        """`n` images from the train part (never validation), drawn by `selection` with `seed`
+        (`tatr.suites.base.exemplar_indices`; "random": a seeded permutation)."""
         train = self.task_data(task).split("train")
         if not 1 <= n <= len(train):
             raise TatrError(f"exemplars.n must be between 1 and {len(train)} for clip8 task '{task}', got {n}")
-        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        labels = labels_of(train) if selection != "random" else torch.empty(len(train))  # random reads no label
+        idx = exemplar_indices(labels, n, seed, selection).tolist()
         return self._loader(Subset(train, idx), min(n, self.options.batch_size))
 
     def unlabeled_loader(self, task: str, split: str, batch_size: int = 16, seed: int = 0) -> Iterator[Tensor]:
@@ -362,12 +365,14 @@ class Clip8:
         folder = cached_dir(self.cache_root / "clip8" / "accuracy", key, build)
         return float(json.loads((folder / "accuracy.json").read_text())["accuracy"])
 
-    def exemplar_gradients(self, n: int, seed: int) -> ExemplarGradients:
-        """Per-task mean |∇ℓ| and mean ∇ℓ at θ_0 over `n` train exemplars (cached)."""
-        view = _GradientView(self, self.options.gradient_precision)
-        return ev.exemplar_gradients(
-            view, n, seed, cache_root=self.cache_root, chunk=self.options.gradient_chunk, progress=self.options.progress
-        )
+    def exemplar_gradients(
+        self, n: int, seed: int, *, selection: str = "random", squared: bool = False
+    ) -> ExemplarGradients:
+        """Per-task mean |∇ℓ| and mean ∇ℓ (and mean (∇ℓ)² with `squared`) at θ_0 over `n` train exemplars
+        drawn by `selection` (cached)."""
+        view, o = _GradientView(self, self.options.gradient_precision), self.options
+        options = {"chunk": o.gradient_chunk, "progress": o.progress, "selection": selection, "squared": squared}
+        return ev.exemplar_gradients(view, n, seed, cache_root=self.cache_root, **options)
 
     def task_statistics(
         self, kind: str, n: int, seed: int, *, estimator: str = "fusionbench", batch_size: int = 32

@@ -42,9 +42,11 @@ class GradientView:
     def logit_scale(self) -> float:
         return self.suite.logit_scale()
 
-    def exemplar_loader(self, task: str, n: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def exemplar_loader(
+        self, task: str, n: int, seed: int, selection: str = "random"
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         device = self.suite.device
-        for x, y in self.suite.exemplar_loader(task, n, seed):
+        for x, y in self.suite.exemplar_loader(task, n, seed, selection):
             yield x.to(device), y.to(device)
 
 

@@ -17,7 +17,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
@@ -27,9 +26,10 @@ from tatr.core.errors import TatrError
 from tatr.core.registry import did_you_mean, unknown_name
 from tatr.io.safe_yaml import as_flag
 from tatr.suites import evaluation as ev
-from tatr.suites.base import SUITES
+from tatr.suites.base import SUITES, exemplar_indices
 from tatr.suites.built_suite import BuiltSuite
 from tatr.suites.testbed import build as tb
+from tatr.suites.workers import default_workers
 
 # Bump whenever the build code changes its output, so stale cache folders are not reused.
 # 3: the build always runs on one torch thread; a version-2 folder may hold a multi-thread build.
@@ -110,9 +110,12 @@ class Testbed(BuiltSuite):
     # fixed (not auto) so that regenerated gradients match the committed results bit for bit
     gradient_chunk = 16
 
-    def __init__(self, spec: tb.TestbedSpec, cache_root: Path | None = None, progress: bool = True) -> None:
+    def __init__(
+        self, spec: tb.TestbedSpec, cache_root: Path | None = None, progress: bool = True, workers: int | None = None
+    ) -> None:
         self.spec = spec
         self.tasks: tuple[str, ...] = tuple(spec.tasks)
+        self.workers = workers or default_workers(len(self.tasks))  # the build's fine-tunes; not in the key
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.progress = progress
 
@@ -125,7 +128,9 @@ class Testbed(BuiltSuite):
     @property
     def folder(self) -> Path:
         """The verified build folder, built (minutes at full size) if missing or corrupted."""
-        return self.built_folder(spec_key(self.spec), lambda tmp: tb.build(self.spec, tmp, self.progress))
+        return self.built_folder(
+            spec_key(self.spec), lambda tmp: tb.build(self.spec, tmp, self.progress, workers=self.workers)
+        )
 
     # --- Suite protocol --------------------------------------------------------------------------
     def encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
@@ -143,12 +148,13 @@ class Testbed(BuiltSuite):
         x, y = self._split(task, split)
         return _tensor_loader(tb.preprocess(x), y, batch_size)
 
-    def exemplar_loader(self, task: str, n: int, seed: int) -> DataLoader:
-        """`n` training images of `task` drawn without replacement by a seeded permutation."""
+    def exemplar_loader(self, task: str, n: int, seed: int, selection: str = "random") -> DataLoader:
+        """`n` training images of `task` drawn without replacement by `selection` with `seed`
+        (`exemplar_indices`; "random": a seeded permutation)."""
         x, y = self._split(task, "train")
         if not 1 <= n <= len(y):
             raise TatrError(f"exemplars.n must be between 1 and {len(y)} for testbed task '{task}', got {n}")
-        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = exemplar_indices(y, n, seed, selection)
         return _tensor_loader(tb.preprocess(x[idx]), y[idx], 64)
 
     def prepare(self, x: Tensor) -> Tensor:
@@ -168,4 +174,7 @@ def make_testbed(options: dict[str, Any], cache_dir: Path | None) -> Testbed:
     """Suite factory: `options` are `TestbedSpec` fields (plus `preset`), `cache_dir` the cache root."""
     options = dict(options)
     progress = as_flag(options.pop("progress", True), "suite.progress")
-    return Testbed(spec_from_options(options), cache_dir, progress=progress)
+    workers = options.pop("build_workers", None)  # fine-tunes in parallel (None: one per core): the same bytes
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise TatrError(f"suite.build_workers must be a whole number ≥ 1, got {workers!r}")
+    return Testbed(spec_from_options(options), cache_dir, progress=progress, workers=workers)

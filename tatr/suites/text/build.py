@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from tatr.core.checkpoints import save_state_dict
 from tatr.core.classify import cosine_logits
 from tatr.suites import built_suite
 from tatr.suites.text.model import TextEncoder, load_tokenizer, load_transformer, pack, read_pooling, trim
-from tatr.suites.text.tasks import TextTask, draw_splits
+from tatr.suites.text_tasks import TextTask, draw_splits
+from tatr.suites.workers import cpu_seconds, run_jobs
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -93,6 +93,26 @@ def tokenize_splits(
     return out
 
 
+def _finetune_task(job: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """One task's fine-tune and its build-time accuracies, from the files the build wrote before it (θ_0,
+    the heads, the task's data): the same inputs, seed and thread count in any process, so the same bytes."""
+    folder, name = Path(job["folder"]), job["task"]
+    spec = job["spec"]
+    encoder = make_encoder(Path(job["source"]), spec.trust_pickle)
+    theta0 = load_file(str(folder / "pretrained.safetensors"))
+    head = load_file(str(folder / "heads.safetensors"))[name]
+    split = load_file(str(folder / f"data_{name}.safetensors"))
+    encoder.load_state_dict(theta0)
+    out: dict[str, dict[str, float]] = {"pretrained": {}, "individual": {}}
+    for s in ("validation", "test"):
+        out["pretrained"][s] = accuracy_of(encoder, head, split[f"x_{s}"], split[f"y_{s}"])
+    theta_t = finetune(encoder, theta0, head, split["x_train"], split["y_train"], spec, job["seed"])
+    save_state_dict(theta_t, folder / "finetuned" / f"{name}.safetensors")
+    for s in ("validation", "test"):
+        out["individual"][s] = accuracy_of(encoder, head, split[f"x_{s}"], split[f"y_{s}"])
+    return out
+
+
 @built_suite.pinned_build
 def build(
     spec: Any,
@@ -101,11 +121,13 @@ def build(
     folder: Path,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> None:
     """Write data, θ_0, heads, θ_t and their accuracies into `folder` (a temporary cache dir), on
-    `BUILD_THREADS` torch threads whatever the caller's setting."""
-    timings: dict[str, float] = {"threads": torch.get_num_threads()}
-    start, cpu_start = time.perf_counter(), time.process_time()
+    `BUILD_THREADS` torch threads whatever the caller's setting; the fine-tunes in `workers` processes
+    (`tatr.suites.workers`: the same bytes for any count)."""
+    timings: dict[str, float] = {"threads": torch.get_num_threads(), "workers": workers}
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     tokenizer = load_tokenizer(source)
     sizes = (spec.n_train, spec.n_val, spec.n_test)
     data = {t.name: tokenize_splits(tokenizer, t, spec.seed, sizes, spec.max_length) for t in tasks}
@@ -121,19 +143,15 @@ def build(
     t0 = time.perf_counter()
     accuracy: dict[str, dict[str, dict[str, float]]] = {"pretrained": {}, "individual": {}}
     (folder / "finetuned").mkdir()
-    bar = tqdm(tasks, desc="fine-tune θ_t", disable=not progress, leave=False)
-    for i, task in enumerate(bar):
-        split = data[task.name]
-        encoder.load_state_dict(theta0)
-        for s in ("validation", "test"):
-            acc = accuracy_of(encoder, heads[task.name], split[f"x_{s}"], split[f"y_{s}"])
-            accuracy["pretrained"].setdefault(s, {})[task.name] = acc
-        seed = spec.seed * 100 + i
-        theta_t = finetune(encoder, theta0, heads[task.name], split["x_train"], split["y_train"], spec, seed)
-        save_state_dict(theta_t, folder / "finetuned" / f"{task.name}.safetensors")
-        for s in ("validation", "test"):
-            acc = accuracy_of(encoder, heads[task.name], split[f"x_{s}"], split[f"y_{s}"])
-            accuracy["individual"].setdefault(s, {})[task.name] = acc
+    jobs = [
+        {"spec": spec, "source": str(source), "folder": str(folder), "task": task.name, "seed": spec.seed * 100 + i}
+        for i, task in enumerate(tasks)
+    ]
+    results = run_jobs(_finetune_task, jobs, workers)
+    for task, result in zip(tasks, results, strict=True):
+        for which in ("pretrained", "individual"):
+            for s, acc in result[which].items():
+                accuracy[which].setdefault(s, {})[task.name] = acc
         if log is not None:
             log(
                 f"{task.name}: pretrained {accuracy['pretrained']['test'][task.name]:.1f}, "
@@ -141,9 +159,9 @@ def build(
             )
     timings["finetune_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
-    timings["total_cpu_s"] = time.process_time() - cpu_start
+    timings["total_cpu_s"] = cpu_seconds() - cpu_start  # the workers' included
     meta = {
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec.model_dump(mode="json", exclude={"build_workers"}),
         "tasks": [t.name for t in tasks],
         "classes": {t.name: list(t.classes) for t in tasks},
         "descriptions": {t.name: list(t.descriptions) for t in tasks},

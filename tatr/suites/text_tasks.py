@@ -1,4 +1,5 @@
-"""Text classification tasks from local files, and their fixed splits drawn by seed.
+"""Text classification tasks from local files, and their fixed splits drawn by seed: shared by the suites on
+text (the sentence-encoder suite `text` and the causal-LM suite `lm`), so neither imports the other.
 
 A task is a file of labelled texts: CSV or JSONL with a text and a label column, or a folder with
 one sub-folder per class holding one `.txt` file per text. Tasks are listed in a `tasks.yaml`:
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from tatr.core.cache import default_cache_root
 from tatr.core.errors import TatrError
 from tatr.core.outputs import safe_name
 from tatr.io.safe_yaml import name_text, read_yaml_file
@@ -56,6 +58,29 @@ class TextTask:
         """A content key of everything that shapes the suite's data and heads."""
         blob = json.dumps([self.name, self.texts, self.labels, self.classes, self.descriptions, self.templates])
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepared_tasks_file(cache_root: Path | None = None) -> Path:
+    """Where `tatr prepare-text` writes the fortunes tasks by default."""
+    return (Path(cache_root) if cache_root is not None else default_cache_root()) / "data" / "fortunes" / "tasks.yaml"
+
+
+def load_tasks(tasks: str | list[dict[str, Any]], only: Sequence[str] | None) -> list[TextTask]:
+    """A suite's `tasks` option: a tasks.yaml (or its folder), "fortunes" (what `tatr prepare-text` wrote),
+    or the entries inline; `only` a subset, in that order. The one reading of it, for every suite on text tasks."""
+    if isinstance(tasks, list):
+        entries = [parse_task_entry(e, Path.cwd(), f"suite.tasks[{i}]") for i, e in enumerate(tasks)]
+        return select_tasks(entries, only)
+    if tasks == "fortunes":
+        path = prepared_tasks_file()
+        if not path.is_file():
+            raise TatrError(f"the fortunes tasks are not prepared ({path} is missing): run `tatr prepare-text` first")
+    else:
+        path = Path(tasks).expanduser()
+        path = path / "tasks.yaml" if path.is_dir() else path
+        if not path.is_file():
+            raise TatrError(f"suite.tasks: no such tasks file {path}")
+    return read_tasks_file(path, only)
 
 
 def read_tasks_file(path: Path, only: Sequence[str] | None = None) -> list[TextTask]:
