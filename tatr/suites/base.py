@@ -18,14 +18,15 @@ import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from tatr.core.errors import TatrError
-from tatr.core.registry import Registry, unknown_name
+from tatr.core.registry import Registry, did_you_mean, unknown_name
 
 BUILD_THREADS = 1  # builds run on one torch thread: the bytes of a matrix product depend on the count
 
@@ -221,3 +222,20 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
 
 SuiteFactory = Callable[[dict[str, Any], Path | None], Suite]
 SUITES: Registry[SuiteFactory] = Registry("benchmark")
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def validated_spec(spec_type: type[S], options: Mapping[str, Any], suite: str) -> S:
+    """A suite's pydantic options from the `suite:` mapping: an unknown key gets a did-you-mean line, a bad value
+    one line naming `suite.<key>`; the one reading of the suites whose options are a pydantic model."""
+    for key in options:
+        if key not in spec_type.model_fields:
+            hint = did_you_mean(key, sorted(spec_type.model_fields), prefix="suite.")
+            raise TatrError(f"unknown {suite} suite option 'suite.{key}'{hint}")
+    try:
+        return spec_type.model_validate(dict(options))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise TatrError(f"suite.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None

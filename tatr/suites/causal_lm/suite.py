@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
 
 from tatr.core.cache import content_hash, default_cache_root, file_digest
@@ -34,11 +34,10 @@ from tatr.core.checkpoints import header, load_state_dict, save_state_dict
 from tatr.core.distributed import shared_cached_dir
 from tatr.core.errors import TatrError
 from tatr.core.gradients import MOMENTS
-from tatr.core.registry import did_you_mean
 from tatr.io.safe_yaml import as_flag, name_text
 from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
-from tatr.suites.base import SUITES, ExemplarGradients, exemplar_indices
+from tatr.suites.base import SUITES, ExemplarGradients, exemplar_indices, validated_spec
 from tatr.suites.built_suite import BuiltSuite
 from tatr.suites.causal_lm import lm_eval_tasks, prompts
 from tatr.suites.causal_lm.build import build, chosen, question_splits
@@ -84,15 +83,7 @@ class CausalLMSpec(BaseModel):
 
 
 def spec_from_options(options: Mapping[str, Any]) -> CausalLMSpec:
-    for key in options:
-        if key not in CausalLMSpec.model_fields:
-            hint = did_you_mean(key, sorted(CausalLMSpec.model_fields), prefix="suite.")
-            raise TatrError(f"unknown lm suite option 'suite.{key}'{hint}")
-    try:
-        return CausalLMSpec.model_validate(dict(options))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise TatrError(f"suite.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    return validated_spec(CausalLMSpec, options, "lm")
 
 
 class CausalLMSuite(BuiltSuite):

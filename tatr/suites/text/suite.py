@@ -28,18 +28,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from tatr.core.cache import content_hash, default_cache_root
 from tatr.core.checkpoints import load_state_dict
 from tatr.core.errors import TatrError
-from tatr.core.registry import did_you_mean
 from tatr.io.safe_yaml import as_flag, name_text
 from tatr.store.predictions import TaskPredictions
 from tatr.suites import evaluation as ev
-from tatr.suites.base import SUITES, exemplar_indices
+from tatr.suites.base import SUITES, exemplar_indices, validated_spec
 from tatr.suites.built_suite import BuiltSuite
 from tatr.suites.eval_cache import cached_predictions, model_digest
 from tatr.suites.text.build import build, make_encoder
@@ -75,17 +74,7 @@ class TextSpec(BaseModel):
 
 
 def spec_from_options(options: Mapping[str, Any]) -> TextSpec:
-    options = dict(options)
-    for key in options:
-        if key not in TextSpec.model_fields:
-            hint = did_you_mean(key, sorted(TextSpec.model_fields), prefix="suite.")
-            raise TatrError(f"unknown text suite option 'suite.{key}'{hint}")
-    try:
-        return TextSpec.model_validate(options)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise TatrError(f"suite.{where}: {err['msg']}") from None
+    return validated_spec(TextSpec, options, "text")
 
 
 def model_files(folder: Path) -> list[Path]:
