@@ -61,6 +61,10 @@ def main() -> None:
         "text": {},
         "lm": {"only": args.lm_only} if args.lm_only else {},
     }
+    if "lm" in args.suites:  # the prepared θ_0 folder lives in the default cache, not in each build's fresh one
+        from tatr.suites.causal_lm.model import resolve_lm
+
+        options["lm"]["model"] = str(resolve_lm("smollm2"))
     rows = []
     print(f"{os.cpu_count()} cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print("| suite | workers | wall s | CPU s | × 1 worker | same bytes | load average |")
