@@ -42,6 +42,11 @@ def question_splits(task: TextTask, spec: Any, question: str) -> dict[str, list[
     return {s: prompts.questions(task, idx, question, spec.max_chars) for s, idx in splits.items()}
 
 
+def finetune_seed(build_seed: int, task_index: int) -> int:
+    """The seed of task `task_index`'s fine-tune in the build of `build_seed`: distinct across tasks and builds."""
+    return 100 * build_seed + task_index
+
+
 def chosen(scores: Scores, metric: str) -> tuple[list[int], list[bool]]:
     """(predicted class, correct) by the suite's metric: lm-eval's `acc` or `acc_norm`."""
     if metric == "acc":
@@ -114,7 +119,7 @@ def build(
                 "source": str(source),
                 "pretrained": str(folder / "pretrained.safetensors"),
                 "questions": plain,
-                "seed": spec.seed * 100 + i,
+                "seed": finetune_seed(spec.seed, i),
                 "out": str(folder / "finetuned" / f"{task}.safetensors"),
             }
         )
