@@ -614,6 +614,10 @@ def test_missing_ablation_hints_name_the_benchmarks_own_files() -> None:
         ablation_command("mask-ratio", "clip8") == "tatr ablate experiments/ablations/mask_ratio.yaml benchmark=clip8"
     )
     assert ablation_command("sensitivity", "text") == "tatr ablate experiments/text/sensitivity.yaml"
+    assert ablation_command("sensitivity", "lm") == "tatr ablate experiments/lm/sensitivity.yaml"
+    assert ablation_command("plugin", "lm") == "tatr ablate experiments/ablations/plugin.yaml benchmark=lm"
     for benchmark, folder in ABLATION_FOLDERS.items():
         for kind in ("components", "trust-region", "sensitivity", "mask-ratio", "exemplar-count", "plugin"):
-            assert (repo / ablation_command(kind, benchmark).split()[-1]).is_file(), (benchmark, kind, folder)
+            command = ablation_command(kind, benchmark).split()
+            assert (repo / command[2]).is_file(), (benchmark, kind, folder)
+            assert command[3:] == ([] if command[2].startswith(folder) else [f"benchmark={benchmark}"])

@@ -55,15 +55,18 @@ ABLATION_FILES = {
     AblationKind.CONFLICT_SCORE: "experiments/ablations/conflict_score.yaml",
     AblationKind.ZERO_SHOT_PROXY: "experiments/ablations/zero_shot_proxy.yaml",
 }
-# a benchmark with ablation files of its own, named as the generic ones (others run those with `benchmark=`)
-ABLATION_FOLDERS = {"text": "experiments/text"}
+# a benchmark with ablation files of its own, named as the generic ones (others, and the kinds its folder lacks,
+# run the generic file with `benchmark=`)
+REPO = Path(__file__).resolve().parents[2]
+ABLATION_FOLDERS = {"text": "experiments/text", "lm": "experiments/lm"}
 
 
 def ablation_command(kind: str, benchmark: str) -> str:
     """The `tatr ablate` command that fills `kind` on `benchmark`, for the "no rows yet" hints."""
     path = ABLATION_FILES[kind]
-    if benchmark in ABLATION_FOLDERS:
-        return f"tatr ablate {ABLATION_FOLDERS[benchmark]}/{Path(path).name}"
+    own = Path(ABLATION_FOLDERS[benchmark], Path(path).name) if benchmark in ABLATION_FOLDERS else None
+    if own is not None and (REPO / own).is_file():
+        return f"tatr ablate {own}"
     return f"tatr ablate {path}" + ("" if benchmark == "testbed" else f" benchmark={benchmark}")
 
 
