@@ -71,6 +71,19 @@ def test_the_folder_loads_and_holds_the_merge(folders: dict[str, Path], tmp_path
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
 
 
+def test_digests_in_background_are_the_card_digests(folders: dict[str, Path], tmp_path: Path) -> None:
+    """The inputs hashed on a second thread give `input_digest`'s values, for folders and files; a failure is
+    raised in the waiting thread."""
+    from tatr.cli.model_card import digests_in_background
+
+    single = tmp_path / "one.safetensors"
+    single.write_bytes(b"not a checkpoint, just bytes")
+    paths = [folders["base"], folders["a"], single, folders["a"]]
+    assert digests_in_background(paths)() == {p: input_digest(p) for p in paths}
+    with pytest.raises(FileNotFoundError):
+        digests_in_background([tmp_path / "missing.safetensors"])()
+
+
 def test_folder_outputs_refuse_what_they_cannot_write_safely(
     folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

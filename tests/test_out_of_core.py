@@ -326,6 +326,24 @@ def test_a_small_budget_switches_with_a_warning_and_the_same_bits() -> None:
     assert_same_bits(memory, streamed)
 
 
+def test_a_one_pass_merge_streams_whatever_the_budget() -> None:
+    """TA or averaging without a trust region or components is one pass either way: streamed by default (the
+    same bits, no arenas), in memory only when asked; anything else still follows the budget."""
+    from tatr.core.memory_budget import choose_out_of_core
+    from tatr.core.merging import open_inputs
+    from tatr.core.methods import get_method
+
+    pre, tasks = _models(dtype=torch.float32)
+    ts, _, _ = open_inputs(pre, tasks, "ta", "off", None, None, None, None)
+    for name in ("ta", "average"):
+        assert choose_out_of_core(ts, get_method(name), "off", None, 0.99, None, 10**15) == (True, None)
+        assert choose_out_of_core(ts, get_method(name), "off", None, 0.99, False, 1) == (False, None)
+    assert choose_out_of_core(ts, get_method("ta"), "zero-shot", None, 0.99, None, 10**15) == (False, None)
+    assert choose_out_of_core(ts, get_method("ties-sum"), "off", None, 0.99, None, 10**15) == (False, None)
+    assert choose_out_of_core(ts, get_method("ta"), "off", frozenset({"positive"}), 0.99, None, 10**15)[0] is False
+    assert_same_bits(merge(pre, tasks, trust_region="off", low_memory=False), merge(pre, tasks, trust_region="off"))
+
+
 def test_the_estimate_covers_the_arenas_a_plan_allocates() -> None:
     """`in_memory_bytes` may not fall below what the in-memory path holds: Σ τ and Ω of a TA + TR plan."""
     pre, tasks = _models(dtype=torch.float32)

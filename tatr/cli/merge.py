@@ -21,7 +21,7 @@ import click
 from tatr import __version__
 from tatr.cli.merge_config import merge_from_config
 from tatr.cli.merge_output import FILE_SUFFIXES, check_folder_output, merge_target, numel, output_bytes
-from tatr.cli.model_card import model_card
+from tatr.cli.model_card import digests_in_background, model_card
 from tatr.core.checkpoints import as_source, header, read_tensor
 from tatr.core.components import COMPONENTS, check_components
 from tatr.core.errors import TatrError
@@ -228,6 +228,7 @@ def command(
     settings += "".join(f" {name}={options[name]}" for name in read)
     settings += "" if lam_n is None else f" lam_neg={lam_n}"
     start = time.perf_counter()
+    digests = digests_in_background([pretrained, *finetuned]) if folder_out else None  # for the card
     kind = out_format if folder_out else "file"
     where = (out, kind, base, pretrained, tokenizer_from, shard_bytes if folder_out else 0, {"tatr": settings})
     with merge_target(*where) as target:  # the file, the folder's shards, or a LoRA's scratch file: never a dict
@@ -256,7 +257,8 @@ def command(
             config = {"method": method, "trust_region": trust_region, "q": q, "lam": lam or merge_method.default_lam}
             config.update({name: options[name] for name in merge_method.options})
             config.update({} if lam_n is None else {"lam_neg": lam_n})
-            card = model_card(pretrained, list(finetuned), config, mask, __version__)
+            assert digests is not None
+            card = model_card(pretrained, list(finetuned), config, mask, __version__, digests=digests())
             if isinstance(target, ShardedFolder):
                 target.card = card  # the folder is committed as the block ends
             else:

@@ -29,7 +29,7 @@ from click.core import ParameterSource
 
 from tatr import __version__
 from tatr.cli.merge_output import FILE_SUFFIXES, check_folder_output, merge_target, output_bytes
-from tatr.cli.model_card import model_card
+from tatr.cli.model_card import digests_in_background, model_card
 from tatr.core.checkpoints import as_source, header, save_state_dict
 from tatr.core.errors import TatrError
 from tatr.core.one_shot import merge_once
@@ -69,6 +69,7 @@ def merge_from_config(
     if finer and low_memory is None:
         low_memory = False  # an out_dtype finer than θ_0's is rounded once from float32 in memory only
     start = time.perf_counter()
+    digests = digests_in_background([request.pretrained, *request.finetuned]) if folder_out else None  # for the card
     # streamed (tensor by tensor, never a merged dict) into the file or the folder's shards, unless an output dtype
     # asks for the in-memory rounding
     kind = ("model" if folder_out else "file") if target is None else None
@@ -97,7 +98,10 @@ def merge_from_config(
             mask = None if request.trust_region == "off" else report.mask_stats(request.q)
             yaml_text = config.read_text(encoding="utf-8")
             section = ["## mergekit configuration", "", "```yaml", yaml_text.rstrip("\n"), "```", ""]
-            card = model_card(request.pretrained, list(request.finetuned), settings, mask, __version__, None, section)
+            assert digests is not None
+            card = model_card(
+                request.pretrained, list(request.finetuned), settings, mask, __version__, None, section, digests()
+            )
         if isinstance(sink, ShardedFolder):
             sink.card = card  # the folder is committed as the block ends
     if merged is not None:

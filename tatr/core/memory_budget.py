@@ -62,14 +62,18 @@ def choose_out_of_core(
     """(whether this merge runs out of core, a one-line note saying why, or None).
 
     `low_memory` True forces it (a merge that cannot run out of core is refused in one line), False
-    forbids it, None decides: out of core when `in_memory_bytes` exceeds `budget` (default
-    `memory_budget()`); a merge that cannot run out of core then stays in memory, with a note."""
+    forbids it, None decides: out of core for a linear merge without a trust region or components (the
+    streamed sum is one pass over the inputs, the same bits, and the arenas would buy nothing for one merge),
+    and otherwise when `in_memory_bytes` exceeds `budget` (default `memory_budget()`); a merge that cannot run
+    out of core then stays in memory, with a note."""
     if low_memory:
         if lam_neg is not None:
             raise TatrError("lam_neg (--lam-neg) cannot run out of core (it keeps two arenas): drop --low-memory")
         return True, None
     if low_memory is not None:
         return False, None
+    if method.linear and components is None and mode == "off" and lam_neg is None:
+        return True, None  # one pass either way: arenas over N would only cost their memory and a copy
     need = in_memory_bytes(ts, method, mode, components, q)
     budget = memory_budget() if budget is None else budget
     if budget is None or need <= budget:
