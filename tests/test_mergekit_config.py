@@ -345,3 +345,34 @@ def test_per_task_values_are_checked_at_the_door() -> None:
         get_method("ta").weighted([1.0, float("inf")])
     with pytest.raises(TatrError, match=r"not to tsv-m's combiner"):
         get_method("tsv-m").weighted([1.0, 2.0])
+
+
+def _mergekit_magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit 0.1.5 `sparsify.magnitude`'s mask, transcribed: a full descending argsort of |τ| on CPU."""
+    k = int(density * tensor.numel())
+    mask = torch.zeros_like(tensor)
+    w = tensor.abs().view(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    topk = torch.argsort(w, descending=True)[:k]
+    mask.view(-1)[topk] = 1
+    return mask.bool()
+
+
+@pytest.mark.parametrize("grain", [None, 2.0**-8])
+def test_magnitude_masks_equal_mergekit_whichever_path_each_task_takes(grain: float | None) -> None:
+    """The per-tensor sparsifier selects where no tie straddles the cut and sorts where one does, and once a
+    task of a tensor needed the sort, the next tasks sort at once: every mask is still mergekit's. `grain`
+    rounds τ to a coarse grid (ties at the cut, as bf16 models have); None leaves float32 noise (no ties)."""
+    from tatr.core.sparsify import sparsifier
+
+    g = torch.Generator().manual_seed(5)
+    options = {"mergekit_density": 0.3, "mergekit_rescale": False}
+    for_task = sparsifier("magnitude", options, "model.layers.0.mlp.up_proj.weight")
+    assert for_task is not None
+    for task in range(4):
+        tau = torch.randn(64, 48, generator=g)
+        if grain is not None and task != 1:  # task 1 without ties: the sorted path's followers still agree
+            tau = torch.round(tau / grain / 64) * grain
+        got = for_task(task, tau)(torch.ones_like(tau)) != 0
+        assert torch.equal(got, _mergekit_magnitude_mask(tau, 0.3)), task

@@ -102,18 +102,29 @@ _SEED = next(o for o in DARE_OPTIONS if o.name == "dare_seed")
 
 def magnitude_keep(tau: Tensor, density: float) -> Tensor:
     """Boolean mask of the entries mergekit's `magnitude` keeps (density < 1)."""
+    return _magnitude_keep(tau, density, try_select=True)[0]
+
+
+def _magnitude_keep(tau: Tensor, density: float, try_select: bool) -> tuple[Tensor, bool]:
+    """(`magnitude_keep`'s mask, whether it took mergekit's sort).
+
+    mergekit sorts every |τ| (`argsort`, not stable): where ties straddle the cut only that sort says which
+    tied entries stay, so it is run then; otherwise a selection (`kthvalue`, a third of the sort's time)
+    determines the set. `try_select=False` goes straight to the sort (the same mask): for the other tasks of a
+    tensor that needed it, as bfloat16 models nearly always do."""
     w = tau.abs().reshape(-1).float()
     n = w.numel()
     k = max(1, int(density * n))
     if k >= n:
-        return torch.ones(tau.shape, dtype=torch.bool)
-    value = torch.kthvalue(w, n - k + 1).values  # the k-th largest
-    above, equal = w > value, w == value
-    if int(above.sum()) + int(equal.sum()) == k:  # no tie straddles the cut: the set is determined
-        return (above | equal).view(tau.shape)
+        return torch.ones(tau.shape, dtype=torch.bool), False
+    if try_select:
+        value = torch.kthvalue(w, n - k + 1).values  # the k-th largest
+        above, equal = w > value, w == value
+        if int(above.sum()) + int(equal.sum()) == k:  # no tie straddles the cut: the set is determined
+            return (above | equal).view(tau.shape), False
     keep = torch.zeros(n, dtype=torch.bool)
     keep[torch.argsort(w, descending=True)[:k]] = True  # mergekit's call decides among the ties
-    return keep.view(tau.shape)
+    return keep.view(tau.shape), True
 
 
 def outliers_keep(tau: Tensor, density: float, gamma: float) -> Tensor:
@@ -165,9 +176,15 @@ def _identity(x: Tensor) -> Tensor:
 
 def _magnitude(values: Mapping[str, Any], key: str) -> Sparsifier:
     density, rescale = float(values["mergekit_density"]), bool(values["mergekit_rescale"])
+    sorted_before = False  # a task of this tensor needed mergekit's sort: the next ones most likely will too
 
     def for_task(task: int, tau: Tensor) -> Transform:
-        return _identity if density >= 1 else masking(tau, magnitude_keep(tau, density), rescale)
+        nonlocal sorted_before
+        if density >= 1:
+            return _identity
+        keep, sorted_now = _magnitude_keep(tau, density, try_select=not sorted_before)
+        sorted_before = sorted_before or sorted_now
+        return masking(tau, keep, rescale)
 
     return for_task
 
