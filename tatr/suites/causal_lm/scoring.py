@@ -128,26 +128,35 @@ def score(
 
 
 def _batch_loglikelihoods(model: Any, batch: list[tuple[int, int, list[int], int]], device: Any) -> list[float]:
-    inputs = [tokens[:-1] for _, _, tokens, _ in batch]
+    sequences = [(tokens, n) for _, _, tokens, n in batch]
+    logits, targets = answer_logits(model, sequences, device)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp[torch.arange(len(targets)), targets].double().cpu()
+    out, at = [], 0
+    for _, n in sequences:
+        out.append(float(picked[at : at + n].sum()))
+        at += n
+    return out
+
+
+def answer_logits(model: Any, sequences: Sequence[tuple[list[int], int]], device: Any) -> tuple[Tensor, Tensor]:
+    """(logits, targets) at the last `n` tokens of each (tokens, n): what scoring sums and training's loss
+    averages, so both read the same positions. One right-padded batch of the inputs (tokens[:-1]), without a
+    mask (a causal model's positions before the padding do not see it), the head only at those positions."""
+    inputs = [tokens[:-1] for tokens, _ in sequences]
     width = max(len(x) for x in inputs)
-    ids = torch.zeros((len(batch), width), dtype=torch.long)  # right padding, no mask (see the docstring)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, x in enumerate(inputs):
         ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
     rows, positions, targets = [], [], []
-    for row, (_, _, tokens, n) in enumerate(batch):
+    for row, (tokens, n) in enumerate(sequences):
         end = len(tokens) - 1  # the input's length: the last position predicts the last token
         for k in range(n):
             rows.append(row)
             positions.append(end - n + k)
             targets.append(tokens[len(tokens) - n + k])
     logits = logits_at(model, ids.to(device), torch.tensor(rows), torch.tensor(positions))
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)].double().cpu()
-    out, at = [], 0
-    for _, _, _, n in batch:
-        out.append(float(picked[at : at + n].sum()))
-        at += n
-    return out
+    return logits, torch.tensor(targets, device=logits.device)
 
 
 def _shared_context_loglikelihoods(

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tatr.core.gradients import per_example_moments
 from tatr.suites.base import shuffled_batches
 from tatr.suites.built_suite import warmup_cosine
-from tatr.suites.causal_lm.scoring import DELIMITER, Question, encode_pair, logits_at
+from tatr.suites.causal_lm.scoring import DELIMITER, Question, answer_logits, encode_pair
 
 Example = tuple[list[int], int]  # (context + answer tokens, number of answer tokens)
 
@@ -79,20 +79,8 @@ def _tied_keys(model: nn.Module) -> set[str]:
 
 def answer_loss(model: nn.Module, batch: Sequence[Example]) -> Tensor:
     """Mean negative log-likelihood of the answer tokens of `batch` (over all its answer tokens)."""
-    inputs = [tokens[:-1] for tokens, _ in batch]
-    width = max(len(x) for x in inputs)
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    rows, positions, targets = [], [], []
-    for row, (tokens, n) in enumerate(batch):
-        ids[row, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
-        end = len(tokens) - 1
-        for k in range(n):
-            rows.append(row)
-            positions.append(end - n + k)
-            targets.append(tokens[len(tokens) - n + k])
-    device = next(model.parameters()).device
-    logits = logits_at(model, ids.to(device), torch.tensor(rows), torch.tensor(positions))
-    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device))
+    logits, targets = answer_logits(model, batch, next(model.parameters()).device)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
 def finetune(
