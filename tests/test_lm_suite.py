@@ -197,6 +197,7 @@ def test_a_trust_region_ablation_runs_on_the_suite_and_its_test_rows_are_a_plain
         "exemplars": {"n": 4},
         "ablation": {
             "kind": "trust-region",
+            "baselines": True,  # θ_0's row: the suite's own scoring, since it has no heads
             "seeds": [0],
             "lam": [0.3, 1.0],
             "q": [0.9],
@@ -223,6 +224,11 @@ def test_a_trust_region_ablation_runs_on_the_suite_and_its_test_rows_are_a_plain
     )
     expected = tiny_lm.evaluate(merged, "test")
     assert dict(zip(test["task"], test["accuracy"], strict=True)) == pytest.approx(expected)
+    meta = json.loads((tiny_lm.folder / "meta.json").read_text())
+    pretrained = store[(store["job_type"] == "baseline") & (store["method"] == "pretrained")]
+    assert dict(zip(pretrained["task"], pretrained["accuracy"], strict=True)) == pytest.approx(
+        meta["accuracy"]["pretrained"][spec.eval_split]
+    )
 
 
 def _lm_eval_task(folder: Path, name: str, words: tuple[str, ...], seed: int) -> None:

@@ -207,10 +207,11 @@ def evaluate_merged(
     chosen = check_tasks(suite, tasks)
     if state_dict is not None:
         check_finite(state_dict)
-    if state_dict is None:
+    if state_dict is None and getattr(suite, "evaluate_predictions", None) is None:
+        # a plugin suite written against `Suite.evaluate` alone: θ_0 through its encoder and heads
         preds: dict[str, TaskPredictions] | None = predictions(suite, None, split, chosen, on_task)
         acc = {t: p.accuracy for t, p in preds.items()}  # type: ignore[union-attr]
-    else:
+    else:  # the suite's own evaluation (θ_0 when None), e.g. the causal LM's, which has no heads
         acc, preds = suite_predictions(suite, state_dict, split, chosen, on_task)
     individual = suite.individual_accuracy(split)
     chosen_individual = {t: individual[t] for t in chosen}

@@ -224,13 +224,15 @@ class CausalLMSuite(BuiltSuite):
 
     def evaluate_predictions(
         self,
-        state_dict: Mapping[str, Tensor],
+        state_dict: Mapping[str, Tensor] | None,
         split: str,
         tasks: tuple[str, ...] | None = None,
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, TaskPredictions]:
-        """Per-question predictions per task (by `spec.metric`), read from the evaluation cache where this
-        exact model was seen."""
+        """Per-question predictions per task (by `spec.metric`) of a state dict (θ_0 when None), read from the
+        evaluation cache where this exact model was seen."""
+        if state_dict is None:
+            state_dict = load_state_dict(self.checkpoints().pretrained)
         ev.check_split(split)
         chosen_tasks = ev.check_tasks(self, tasks)
         digest = model_digest(state_dict, (EVAL_FORMAT, self.spec.metric))
