@@ -344,6 +344,18 @@ def test_a_one_pass_merge_streams_whatever_the_budget() -> None:
     assert_same_bits(merge(pre, tasks, trust_region="off", low_memory=False), merge(pre, tasks, trust_region="off"))
 
 
+def test_a_one_pass_merge_with_a_finer_out_dtype_stays_in_memory() -> None:
+    """The default streamed TA cannot round to an out_dtype finer than θ_0's: chosen, it merges in memory
+    (rounded once), as before the one-pass rule; forced out of core, it is refused in one line."""
+    pre, tasks = _models(dtype=torch.bfloat16)
+    got = merge_once(pre, tasks, trust_region="off", out_dtype=torch.float32)[0]
+    expected = merge_once(pre, tasks, trust_region="off", out_dtype=torch.float32, low_memory=False)[0]
+    assert got is not None and expected is not None
+    assert_same_bits(expected, got)
+    with pytest.raises(TatrError, match="cannot be applied out of core"):
+        merge_once(pre, tasks, trust_region="off", out_dtype=torch.float32, low_memory=True)
+
+
 def test_the_estimate_covers_the_arenas_a_plan_allocates() -> None:
     """`in_memory_bytes` may not fall below what the in-memory path holds: Σ τ and Ω of a TA + TR plan."""
     pre, tasks = _models(dtype=torch.float32)

@@ -111,6 +111,8 @@ def merge_once(
     inputs = (pretrained, finetuned, method, trust_region, components, gradients, signed_gradients, statistics)
     task_set, merge_method, chosen = open_inputs(*inputs)
     merge_method.check_tasks(values, task_set.num_tasks)
+    if low_memory is None and out_dtype is not None and _streamed_dtype_problem(task_set, out_dtype, out):
+        low_memory = False  # only the in-memory merge rounds to this out_dtype once: not chosen away from it
     decide = (task_set, merge_method, trust_region, chosen, q, low_memory, memory_budget, lam_neg)
     streamed, why = choose_out_of_core(*decide)
     if why is not None and note is not None:
@@ -138,14 +140,22 @@ def merge_once(
     return None, plan
 
 
-def _check_streamed_dtype(task_set: TaskSet, out_dtype: torch.dtype, out: object) -> None:
-    """Out of core, θ_0 + λ·M is rounded to θ_0's dtypes as it streams: an `out_dtype` more precise than one of
-    them would round twice, and a file is written as it streams, so both are refused in one line."""
+def _streamed_dtype_problem(task_set: TaskSet, out_dtype: torch.dtype, out: object) -> str | None:
+    """Why `out_dtype` cannot be applied out of core, or None: θ_0 + λ·M is rounded to θ_0's dtypes as it
+    streams, so an `out_dtype` more precise than one of them would round twice, and a file is written as it
+    streams."""
     finer = [
         d
         for d in set(task_set.dtypes.values())
         if d.is_floating_point and torch.finfo(d).eps > torch.finfo(out_dtype).eps
     ]
-    if out is not None or finer:
-        why = f"it is more precise than θ_0's {finer[0]}" if finer else "a file is written as it streams"
+    if finer:
+        return f"it is more precise than θ_0's {finer[0]}"
+    return "a file is written as it streams" if out is not None else None
+
+
+def _check_streamed_dtype(task_set: TaskSet, out_dtype: torch.dtype, out: object) -> None:
+    """The one-line refusal of `_streamed_dtype_problem`, for a merge forced out of core."""
+    why = _streamed_dtype_problem(task_set, out_dtype, out)
+    if why is not None:
         raise TatrError(f"out_dtype {out_dtype} cannot be applied out of core ({why}); merge in memory or change it")
