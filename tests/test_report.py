@@ -85,7 +85,13 @@ def test_every_table_and_figure_is_written(full: Path) -> None:
         assert f"figures/{name}.png" in page
     assert page.count("<table") == len(TABLES)
     # no temporaries left
-    assert sorted(p.name for p in folder.iterdir()) == ["baselines.csv", "figures", "index.html", "tables"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "baselines.csv",
+        "figures",
+        "index.html",
+        "rows.jsonl.gz",
+        "tables",
+    ]
 
 
 def test_main_table_equals_pandas(full: Path) -> None:
@@ -615,7 +621,8 @@ def test_missing_ablation_hints_name_the_benchmarks_own_files() -> None:
     )
     assert ablation_command("sensitivity", "text") == "tatr ablate experiments/text/sensitivity.yaml"
     assert ablation_command("sensitivity", "lm") == "tatr ablate experiments/lm/sensitivity.yaml"
-    assert ablation_command("plugin", "lm") == "tatr ablate experiments/ablations/plugin.yaml benchmark=lm"
+    assert ablation_command("plugin", "lm") == "tatr ablate experiments/lm/plugin.yaml"
+    assert ablation_command("mask-ratio", "lm") == "tatr ablate experiments/ablations/mask_ratio.yaml benchmark=lm"
     for benchmark, folder in ABLATION_FOLDERS.items():
         for kind in ("components", "trust-region", "sensitivity", "mask-ratio", "exemplar-count", "plugin"):
             command = ablation_command(kind, benchmark).split()

@@ -16,7 +16,12 @@ import click
     show_default=True,
     help="Results folder: rows go to <root>/store/.",
 )
-@click.option("--resume", is_flag=True, help="Skip points whose test rows are already in the store.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip points whose test rows are already in the store, or in the committed report's rows "
+    "(<root>/<benchmark>/rows.jsonl.gz, copied into the store first).",
+)
 @click.option("--no-wandb", is_flag=True, help="Do not mirror the points to W&B (the results store is always written).")
 @click.option("--report", "then_report", is_flag=True, help="Run `tatr report` for the benchmark(s) afterwards.")
 def command(items: tuple[str, ...], root: Path, resume: bool, no_wandb: bool, then_report: bool) -> None:
@@ -38,6 +43,12 @@ def command(items: tuple[str, ...], root: Path, resume: bool, no_wandb: bool, th
         raise click.UsageError("name at least one ablation file or folder")
     files = list(ablation_files(paths))
     loaded = [(f, *load_ablation(f, overrides)) for f in files]  # all files are checked first
+    if resume:
+        from tatr.store.rows import SNAPSHOT, import_snapshot
+
+        for benchmark in dict.fromkeys(config.benchmark for _, config, _ in loaded):
+            if n := import_snapshot(root, benchmark):
+                click.echo(f"--resume: the {n:,} rows of {root / benchmark / SNAPSHOT} are in the store")
     benchmarks = []
     for path, config, spec in loaded:
         start = time.perf_counter()

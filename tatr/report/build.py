@@ -34,7 +34,7 @@ from tatr.report.reference import reference_table
 from tatr.report.render import Table
 from tatr.report.selection import prepare
 from tatr.report.wandb_rows import rows_from_wandb, wandb_run_rows
-from tatr.store.rows import read_store, store_dir
+from tatr.store.rows import SNAPSHOT, read_store, snapshot_bytes, store_dir
 from tatr.store.schema import ABLATION_KINDS, AblationKind
 
 __all__ = ["generate", "rows_from_wandb", "wandb_run_rows", "write_report"]
@@ -252,9 +252,12 @@ def write_report(
     published: pd.DataFrame | None,
     figures: bool = True,
     inputs: Iterable[Path] = (),
+    snapshot: bytes | None = None,
 ) -> Written:
     """Render one benchmark's report into `out/<benchmark>/`, replacing the previous report whole:
-    `tables/`, `figures/`, `index.html` and `baselines.csv` (the baselines' test numbers in long form).
+    `tables/`, `figures/`, `index.html`, `baselines.csv` (the baselines' test numbers in long form)
+    and `rows.jsonl.gz` (`snapshot`: every store row of the benchmark, so each committed number can be
+    recomputed from the rows, and `tatr ablate --resume` continues from them on another machine).
 
     `benchmark` comes from the store's rows, so it must be a safe name and `out/<benchmark>` must
     stay inside `out` (a symlink leading out is refused). `tables/`, `figures/` and `index.html`
@@ -263,7 +266,7 @@ def write_report(
     (the store, the published CSV) must not lie among the outputs.
     """
     final = report_folder(out, benchmark)
-    outputs = [final / "tables", final / "figures", final / "index.html", final / "baselines.csv"]
+    outputs = [final / "tables", final / "figures", final / "index.html", final / "baselines.csv", final / SNAPSHOT]
     _refuse_overwriting(outputs, inputs)
     prepared = prepare(rows)
     sections = build_sections(prepared, benchmark, published)
@@ -274,7 +277,9 @@ def write_report(
         atomic_dir(outputs[1]) as figures_dir,
         atomic_write(outputs[2], suffix=".html") as page,
         atomic_write(outputs[3], suffix=".csv") as baselines_csv,
+        atomic_write(outputs[4], suffix=".gz") as rows_file,
     ):
+        rows_file.write_bytes(snapshot if snapshot is not None else snapshot_bytes(rows))
         baselines_csv.write_text(long.to_csv(index=False), encoding="utf-8")  # the header alone without baselines
         with writing(outputs[0] / "findings.md"):
             (tables_dir / "findings.md").write_text(findings_markdown(sections), encoding="utf-8")
@@ -341,5 +346,15 @@ def generate(
     target = Path(out) if out is not None else Path(root)
     inputs = [store_dir(root)] + ([Path(published)] if published is not None else [])
     for b in chosen:  # every folder is checked before any is written
-        _refuse_overwriting([report_folder(target, b) / n for n in ("tables", "figures", "index.html")], inputs)
-    return [write_report(select_benchmark(rows, b), b, target, reference, figures, inputs) for b in chosen]
+        _refuse_overwriting(
+            [report_folder(target, b) / n for n in ("tables", "figures", "index.html", SNAPSHOT)], inputs
+        )
+    return [
+        write_report(select_benchmark(rows, b), b, target, reference, figures, inputs, snapshot_of(rows, b))
+        for b in chosen
+    ]
+
+
+def snapshot_of(rows: pd.DataFrame, benchmark: str) -> bytes:
+    """Every row of `benchmark` as `rows.jsonl.gz` holds it, the rows the report leaves out included."""
+    return snapshot_bytes(rows[rows["benchmark"].astype(str) == benchmark])

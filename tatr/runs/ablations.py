@@ -68,15 +68,18 @@ def run(
 
             gradient_correlation(suite, cfg, part, root, log)
             continue
-        if part.baselines:
+        if part.baselines and _baselines_done(done, cfg, part):
+            log(f"baselines of {cfg.benchmark} (suite {cfg.suite}): in the store already (--resume), skipped")
+        elif part.baselines:
             baseline_rows(suite, cfg, part, root, log)
-        book = PlanBook(suite, cfg, cache_root=cache_dir)
+        book: PlanBook | None = None  # made at the first point to run: a build is not needed to skip the rest
         todo = points(cfg, part)
         for i, point in enumerate(todo, 1):
             key = point_hash(cfg, part, point)
             if key in done:
                 log(f"[{i}/{len(todo)}] {point.describe()}: in the store already (--resume), skipped")
                 continue
+            book = book or PlanBook(suite, cfg, cache_root=cache_dir)
             exemplars = drawn_exemplars(cfg, point)
             splits = (part.tune_split, part.eval_split, part.allow_test_tuning)
             if is_adamerging(point.merge.method):  # λ learned on unlabeled inputs: no λ grid
@@ -147,7 +150,23 @@ def _finished(root: str | Path) -> set[str]:
     if rows.empty:
         return set()
     done = rows[(rows["job_type"] == "ablation") & rows["trial"].isna()]
-    return set(done["config_hash"].dropna().astype(str))
+    references = rows[rows["job_type"] == "baseline"].dropna(subset=["config_hash", "split"])
+    return set(done["config_hash"].dropna().astype(str)) | {
+        _baseline_key(h, s) for h, s in zip(references["config_hash"], references["split"], strict=True)
+    }
+
+
+def _baseline_key(config_hash: str, split: str) -> str:
+    return f"baseline {config_hash} {split}"
+
+
+def _baseline_hash(subject: str, config: ExperimentConfig) -> str:
+    """A reference row's identity: θ_0 or the θ_t of one build (the suite's options hold its seed)."""
+    return content_hash("baseline", subject, config.benchmark, config.suite)[:12]
+
+
+def _baselines_done(done: set[str], config: ExperimentConfig, spec: AblationSpec) -> bool:
+    return all(_baseline_key(_baseline_hash(s, config), spec.eval_split) in done for s in ("pretrained", "individual"))
 
 
 def point_records(
@@ -236,7 +255,7 @@ def baseline_rows(suite: Any, config: ExperimentConfig, spec: AblationSpec, root
             job_type="baseline",
             model=suite_model(suite),
             config=config_dict(config),
-            config_hash=content_hash("baseline", subject, config.benchmark, config.suite)[:12],
+            config_hash=_baseline_hash(subject, config),
             split=spec.eval_split,
             accuracy=accuracy,
             normalized=normalized_accuracy(accuracy, individual),

@@ -26,8 +26,11 @@ so. Fix or remove that file.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
+import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
@@ -39,10 +42,12 @@ import pandas as pd
 
 from tatr.core.errors import TatrError
 from tatr.core.outputs import atomic_write, inside, safe_name
-from tatr.io.text_files import MIB, numbered_lines, parse_json, read_text
+from tatr.io.text_files import MIB, numbered_lines, parse_json, read_gzip_text, read_text
 from tatr.store.predictions import check_prediction_columns
 from tatr.store.run_ids import new_run_id
 from tatr.store.schema import COLUMNS, INTEGERS, NAMES, NUMBERS, PAIR_SEPARATOR, TEXT
+
+SNAPSHOT = "rows.jsonl.gz"  # a report's rows, committed beside it: results/<benchmark>/rows.jsonl.gz
 
 
 def check_row(row: object) -> dict[str, Any]:
@@ -118,18 +123,84 @@ def append_rows(root: str | Path, rows: Iterable[Mapping[str, Any]], run_id: str
 
 
 def read_store(root: str | Path) -> pd.DataFrame:
-    """All rows under `root` as one DataFrame with the store's columns (empty if none)."""
+    """All rows under `root` as one DataFrame with the store's columns (empty if none).
+
+    A store holds run files (`*.jsonl`) and copies of committed report rows (`*.jsonl.gz`,
+    `import_snapshot`), so the same run's rows can be there twice: identical copies count once,
+    and two different rows for one (run, task, split) are refused, since a report cannot know
+    which one is right."""
     folder = store_dir(root)
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-    records = []
+    files = sorted([*folder.glob("*.jsonl"), *folder.glob("*.jsonl.gz")]) if folder.is_dir() else []
+    records: dict[tuple[Any, ...], dict[str, Any]] = {}
+    where: dict[tuple[Any, ...], str] = {}
     for f in files:
-        for n, line in numbered_lines(read_text(f, "store file", MAX_STORE_FILE_BYTES)):
+        for n, line in numbered_lines(_store_text(f)):
             row = parse_json(line, f, n, what="a JSON row", parse_constant=_no_constant)
             try:
-                records.append(check_row(row))
+                row = check_row(row)
             except (ValueError, TatrError) as exc:
                 raise TatrError(f"{f}:{n}: bad store row: {exc}") from None
-    return pd.DataFrame.from_records(records, columns=list(COLUMNS))
+            key = (row["run_id"], row.get("task"), row.get("split"))
+            if key in records and records[key] != {c: row.get(c) for c in COLUMNS}:
+                raise TatrError(f"{f}:{n}: run {key[0]}, task {key[1]!r}, {key[2]}: differs from {where[key]}")
+            records.setdefault(key, {c: row.get(c) for c in COLUMNS})
+            where.setdefault(key, f"{f}:{n}")
+    in_file_order = sorted(records.values(), key=_file_name)  # stable: a run's rows keep their order
+    return pd.DataFrame.from_records(in_file_order, columns=list(COLUMNS))
+
+
+def _file_name(row: dict[str, Any]) -> str:
+    """The order of a store of run files (sorted by name), whatever else the store holds: the report's tables
+    list tasks and rows in the order first seen, so a copy of the rows must read in the same order."""
+    return f"{row['run_id']}.jsonl"
+
+
+def _store_text(path: Path) -> str:
+    if path.name.endswith(".gz"):
+        return read_gzip_text(path, "store file", MAX_STORE_FILE_BYTES)
+    return read_text(path, "store file", MAX_STORE_FILE_BYTES)
+
+
+def snapshot_bytes(rows: pd.DataFrame) -> bytes:
+    """A report's rows as gzip'd JSON Lines, in the order given (`read_store`'s), with no gzip timestamp:
+    an unchanged store leaves the committed file unchanged. Each row is checked as the store checks
+    it; pandas' floats for missing integers become integers again."""
+    lines = []
+    for record in rows.reindex(columns=list(COLUMNS)).to_dict("records"):
+        row = {c: _plain(c, record[c]) for c in COLUMNS}
+        check_row(row)
+        lines.append(json.dumps(row, allow_nan=False))
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as stream:
+        stream.write(("\n".join(lines) + "\n").encode("utf-8"))
+    return buffer.getvalue()
+
+
+def _plain(column: str, value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if column in INTEGERS:
+        return int(value)
+    if column in NUMBERS:
+        return float(value)
+    if hasattr(value, "tolist"):  # a numpy array (a list column after a round trip through pandas)
+        return value.tolist()
+    return value
+
+
+def import_snapshot(root: str | Path, benchmark: str) -> int:
+    """Copy `<root>/<benchmark>/rows.jsonl.gz` (a committed report's rows) into the store, so that
+    `tatr ablate --resume` continues the committed results instead of starting over; the number
+    of rows it holds (0 when there is none). The copy is checked row by row on every read."""
+    source = inside(Path(root), safe_name(benchmark, "benchmark")) / SNAPSHOT
+    if not source.is_file():
+        return 0
+    rows = list(numbered_lines(read_gzip_text(source, "store file", MAX_STORE_FILE_BYTES)))
+    target = inside(store_dir(root), f"{benchmark}-committed.jsonl.gz")
+    if not (target.is_file() and target.read_bytes() == source.read_bytes()):
+        with atomic_write(target, suffix=".jsonl.gz") as tmp:
+            shutil.copyfile(source, tmp)
+    return len(rows)
 
 
 def _no_constant(name: str) -> float:
