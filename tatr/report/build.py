@@ -43,6 +43,9 @@ DEFAULT_PUBLISHED = Path("results/reference/published.csv")
 
 # which experiment file fills each ablation, for the "missing" hints; a kind without one (the
 # testbed's baselines file) gets a section only when the store has its rows
+# what a report writes into results/<benchmark>/, in write_report's order; nothing else there is touched
+REPORT_OUTPUTS = ("tables", "figures", "index.html", "baselines.csv", SNAPSHOT)
+
 ABLATION_FILES = {
     AblationKind.COMPONENTS: "experiments/ablations/components.yaml",
     AblationKind.TRUST_REGION: "experiments/ablations/trust_region.yaml",
@@ -266,7 +269,7 @@ def write_report(
     (the store, the published CSV) must not lie among the outputs.
     """
     final = report_folder(out, benchmark)
-    outputs = [final / "tables", final / "figures", final / "index.html", final / "baselines.csv", final / SNAPSHOT]
+    outputs = [final / name for name in REPORT_OUTPUTS]
     _refuse_overwriting(outputs, inputs)
     prepared = prepare(rows)
     sections = build_sections(prepared, benchmark, published)
@@ -346,9 +349,7 @@ def generate(
     target = Path(out) if out is not None else Path(root)
     inputs = [store_dir(root)] + ([Path(published)] if published is not None else [])
     for b in chosen:  # every folder is checked before any is written
-        _refuse_overwriting(
-            [report_folder(target, b) / n for n in ("tables", "figures", "index.html", SNAPSHOT)], inputs
-        )
+        _refuse_overwriting([report_folder(target, b) / n for n in REPORT_OUTPUTS], inputs)
     return [
         write_report(select_benchmark(rows, b), b, target, reference, figures, inputs, snapshot_of(rows, b))
         for b in chosen
