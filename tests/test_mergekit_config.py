@@ -130,10 +130,12 @@ def test_each_method_equals_mergekit_bit_for_bit(
     _assert_equal(reference, ours)
 
 
-def test_dtype_float32_alone_writes_float32_as_mergekit(folders: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "task_arithmetic"])
+def test_dtype_float32_alone_writes_float32_as_mergekit(folders: Path, tmp_path: Path, method: str) -> None:
     """`dtype: float32` without `out_dtype`: mergekit writes its float32 sums; so does tatr (rounded once from its
-    float32 arithmetic, not through θ_0's bf16)."""
-    config = _config("breadcrumbs_ties", normalize=True)
+    float32 arithmetic, not through θ_0's bf16). Task arithmetic would stream by default, rounding to θ_0's bf16
+    as it goes: the finer output dtype keeps it in memory."""
+    config = _config(method, **({"normalize": True} if method == "breadcrumbs_ties" else {}))
     config.pop("out_dtype")
     reference, ours, _ = _both(folders, tmp_path, config, "f32")
     assert {v.dtype for v in ours.values()} == {torch.float32}

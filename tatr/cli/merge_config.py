@@ -65,9 +65,6 @@ def merge_from_config(
         check_output(out, inputs, suffix=".safetensors", need_bytes=need)
     settings = request.settings()
     metadata = {"tatr": " ".join(f"{k}={v}" for k, v in settings.items())}
-    finer = target is not None and any(torch.finfo(d).eps > torch.finfo(target).eps for _, d in _floats(base))
-    if finer and low_memory is None:
-        low_memory = False  # an out_dtype finer than θ_0's is rounded once from float32 in memory only
     start = time.perf_counter()
     digests = digests_in_background([request.pretrained, *request.finetuned]) if folder_out else None  # for the card
     # streamed (tensor by tensor, never a merged dict) into the file or the folder's shards, unless an output dtype
