@@ -23,11 +23,12 @@ from tatr.core.adamerging import adamerging  # also registers AdaMerging's metho
 from tatr.core.checkpoints import load_state_dict, save_state_dict
 from tatr.core.components import COMPONENTS, select_components
 from tatr.core.errors import TatrError
+from tatr.core.exact_selection import drop_order, kth_largest
 from tatr.core.merging import MergePlan, plan_merge
 from tatr.core.methods import METHODS, MergeMethod, get_method
 from tatr.core.one_shot import merge
 from tatr.core.sparsify import Sparsity, breadcrumbs, dare, task_seed
-from tatr.core.trust_region import MODES, drop_count, drop_order, kth_largest, pairwise_conflict
+from tatr.core.trust_region import MODES, drop_count, pairwise_conflict
 from tatr.core.vectors import ParamSpace, TaskSet, open_task_set
 
 __all__ = [

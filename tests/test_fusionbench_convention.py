@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from tatr.core.trust_region import drop_count, drop_order
+from tatr.core.exact_selection import drop_order
+from tatr.core.trust_region import drop_count
 
 
 def fusionbench_dropped(omega: torch.Tensor, q: float) -> int:

@@ -15,18 +15,16 @@ from hypothesis import strategies as st
 
 from tatr import pairwise_conflict, plan_merge
 from tatr.core.errors import TatrError
+from tatr.core.exact_selection import arena_chunks, drop_order, kth_largest
 from tatr.core.methods import METHODS, merge_label
 from tatr.core.trust_region import (
     MODES,
     NEEDS_GRADIENTS,
     TR_MODES,
     ConflictAccumulator,
-    arena_chunks,
     check_mode,
     conflict_terms,
     drop_count,
-    drop_order,
-    kth_largest,
     needs_gradients,
 )
 

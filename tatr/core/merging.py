@@ -31,6 +31,7 @@ from torch import Tensor
 
 from tatr.core.components import check_components
 from tatr.core.errors import TatrError
+from tatr.core.exact_selection import drop_order
 from tatr.core.merge_inputs import check_lam_neg_method, check_numbers
 from tatr.core.methods import MergeMethod, fixed_method
 from tatr.core.options import COMBINERS, OptionValues, check_options
@@ -48,7 +49,7 @@ from tatr.core.passes import (
 )
 from tatr.core.sparsify import Sparsifier, Sparsity, sparsifier
 from tatr.core.statistics import TaskStatistics, open_statistics
-from tatr.core.trust_region import check_mode, drop_count, drop_order, missing_statistic
+from tatr.core.trust_region import check_mode, drop_count, missing_statistic
 from tatr.core.vectors import ParamSpace, TaskSet, open_task_set, pretrained_tensor
 
 StateInput = str | Path | Mapping[str, Tensor]

@@ -8,7 +8,7 @@ the in-memory path's own per-tensor steps (`tatr.core.passes.key_sums`, `key_red
 so the result is the same bits:
 
 1. **Scan**: Σ τ and Ω per tensor, validated as in memory; Ω's high 15 bits go into the radix select's
-   first histogram (`tatr.core.trust_region.RadixSelect`), and each tensor's Ω range (min, max) is kept.
+   first histogram (`tatr.core.exact_selection.RadixSelect`), and each tensor's Ω range (min, max) is kept.
    N, hence k = ⌈(1−q)N⌉, is known at its end.
 2. **Boundary**: Ω is recomputed for the tensors whose range meets the one bin holding the k-th largest,
    for the low 16 bits' histogram. Now the cut is known: every Ω above the k-th largest value v is
@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tatr.core.exact_selection import RadixSelect, cut_drops
 from tatr.core.methods import MergeMethod
 from tatr.core.passes import (
     Filter,
@@ -65,7 +66,7 @@ from tatr.core.passes import (
 from tatr.core.sparsify import sparsifier
 from tatr.core.statistics import TaskStatistics
 from tatr.core.streamed_safetensors import streamed_safetensors
-from tatr.core.trust_region import RadixSelect, cut_drops, drop_count
+from tatr.core.trust_region import drop_count
 from tatr.core.vectors import ParamSpace, TaskSet, pretrained_tensor
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from tatr.core.components import select_components, split_negative
 from tatr.core.errors import TatrError
+from tatr.core.exact_selection import RadixSelect
 from tatr.core.methods import MergeMethod, SignedSums
 from tatr.core.options import COMBINERS
 from tatr.core.sparsify import Sparsifier
@@ -37,7 +38,6 @@ from tatr.core.trust_region import (
     NEEDS_GRADIENTS,
     PRETRAINED,
     ConflictAccumulator,
-    RadixSelect,
     conflict_terms,
     mode_statistic,
     reads_signed_gradients,
