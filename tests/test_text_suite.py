@@ -116,6 +116,17 @@ def test_tatr_merge_reads_the_checkpoints_and_the_merge_evaluates(tiny_text, tmp
     assert set(acc) == set(tiny_text.tasks) and all(0.0 <= a <= 100.0 for a in acc.values())
 
 
+def test_theta0_is_evaluated_when_no_state_dict_is_given(tiny_text) -> None:
+    """The baselines' Pretrained row: `evaluate_merged(suite, None)` is θ_0's evaluation (the text suite's
+    evaluation cache hashes a state dict, so None must become θ_0's before it)."""
+    from tatr.suites.evaluation import accuracy, evaluate_merged
+
+    theta_0 = load_file(str(tiny_text.checkpoints().pretrained))
+    measured = accuracy(tiny_text, theta_0, "test")  # uncached: the shared scoring rule
+    assert evaluate_merged(tiny_text, None, "test").accuracy == measured
+    assert evaluate_merged(tiny_text, theta_0, "test").accuracy == measured
+
+
 def test_the_evaluation_cache_returns_the_measured_accuracy_without_running_the_model(tiny_text, monkeypatch) -> None:
     from tatr.suites.evaluation import accuracy
 

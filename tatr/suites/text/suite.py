@@ -165,13 +165,16 @@ class TextSuite(BuiltSuite):
 
     def evaluate_predictions(
         self,
-        state_dict: Mapping[str, Tensor],
+        state_dict: Mapping[str, Tensor] | None,
         split: str,
         tasks: tuple[str, ...] | None = None,
         on_task: Callable[[str, float], None] | None = None,
     ) -> dict[str, TaskPredictions]:
-        """Per-example predictions per task, in the loader's fixed order (sorted by length, stable), read
-        from the evaluation cache where this exact model was seen."""
+        """Per-example predictions per task of a state dict (θ_0 when None, as every suite takes it), in the
+        loader's fixed order (sorted by length, stable), read from the evaluation cache where this exact
+        model was seen."""
+        if state_dict is None:
+            state_dict = load_state_dict(self.checkpoints().pretrained)
         ev.check_split(split)
         chosen = ev.check_tasks(self, tasks)
         digest = model_digest(state_dict, EVAL_FORMAT)
