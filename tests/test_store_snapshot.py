@@ -1,4 +1,4 @@
-"""A report's rows committed beside it (`results/<benchmark>/rows.jsonl.gz`): written by every report, read back as
+"""A report's rows committed beside it (`results/<benchmark>/rows.jsonl.xz`): written by every report, read back as
 store rows, and the start of `tatr ablate --resume` on a machine whose store is empty (a fresh clone).
 
 Runs use the `sweep-toy` suite of `tests/sweep_fixtures.py` (a real suite whose trials cost milliseconds).
@@ -6,8 +6,8 @@ Runs use the `sweep-toy` suite of `tests/sweep_fixtures.py` (a real suite whose 
 
 from __future__ import annotations
 
-import gzip
 import json
+import lzma
 import shutil
 from pathlib import Path
 
@@ -40,8 +40,8 @@ def test_the_snapshot_holds_every_row_of_the_store_and_reads_back_the_same(tmp_p
     root = tmp_path / "results"
     make_store(root)
     report.generate(root, published=None, figures=False)
-    snapshot = root / BENCHMARK / "rows.jsonl.gz"
-    lines = gzip.decompress(snapshot.read_bytes()).decode().splitlines()
+    snapshot = root / BENCHMARK / "rows.jsonl.xz"
+    lines = lzma.decompress(snapshot.read_bytes()).decode().splitlines()
     files = sorted((root / "store").glob("*.jsonl"))
     on_disk = [json.loads(line) for f in files for line in f.read_text().splitlines()]
     assert sorted(json.loads(line)["run_id"] + line for line in lines) == sorted(
@@ -49,11 +49,11 @@ def test_the_snapshot_holds_every_row_of_the_store_and_reads_back_the_same(tmp_p
     )  # the same rows, field for field, as the run files hold them
     fresh = tmp_path / "fresh"
     (fresh / "store").mkdir(parents=True)
-    shutil.copy(snapshot, fresh / "store" / "copy.jsonl.gz")
+    shutil.copy(snapshot, fresh / "store" / "copy.jsonl.xz")
     pd.testing.assert_frame_equal(sorted_rows(read_store(fresh)), sorted_rows(read_store(root)))
     first = snapshot.read_bytes()
     report.generate(root, published=None, figures=False)
-    assert snapshot.read_bytes() == first  # the same store gives the same bytes (no gzip timestamp)
+    assert snapshot.read_bytes() == first  # the same store gives the same bytes (deterministic compression)
 
 
 def test_a_report_from_the_snapshot_alone_equals_the_original(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_a_report_from_the_snapshot_alone_equals_the_original(tmp_path: Path) ->
     make_store(root)
     report.generate(root, published=None, figures=False)
     (fresh / "store").mkdir(parents=True)
-    shutil.copy(root / BENCHMARK / "rows.jsonl.gz", fresh / "store" / "copy.jsonl.gz")
+    shutil.copy(root / BENCHMARK / "rows.jsonl.xz", fresh / "store" / "copy.jsonl.xz")
     report.generate(fresh, published=None, figures=False)
     for table in sorted((root / BENCHMARK / "tables").iterdir()):
         assert (fresh / BENCHMARK / "tables" / table.name).read_bytes() == table.read_bytes(), table.name
@@ -80,23 +80,23 @@ def test_identical_copies_count_once_and_different_ones_are_refused(tmp_path: Pa
     assert "\n" not in str(err.value)
 
 
-def test_a_gzip_bomb_and_a_damaged_gzip_are_refused_in_one_line(
+def test_a_decompression_bomb_and_a_damaged_xz_file_are_refused_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = tmp_path / "results" / "store"
     store.mkdir(parents=True)
     monkeypatch.setattr(store_rows, "MAX_STORE_FILE_BYTES", 1 << 20)
-    bomb = store / "bomb.jsonl.gz"
-    bomb.write_bytes(gzip.compress(b"\n" * (8 << 20)))  # 8 KiB on disk, 8 MiB inflated
+    bomb = store / "bomb.jsonl.xz"
+    bomb.write_bytes(lzma.compress(b"\n" * (8 << 20)))  # about 1 KiB on disk, 8 MiB inflated
     assert bomb.stat().st_size < 64 << 10
-    with pytest.raises(TatrError, match=r"bomb\.jsonl\.gz: inflates past the 1 MiB limit"):
+    with pytest.raises(TatrError, match=r"bomb\.jsonl\.xz: inflates past the 1 MiB limit"):
         read_store(tmp_path / "results")
-    bomb.write_bytes(gzip.compress(b'{"run_id": "a"}\n')[:-12])  # cut short
-    with pytest.raises(TatrError, match=r"bomb\.jsonl\.gz: a damaged gzip store file") as err:
+    bomb.write_bytes(lzma.compress(b'{"run_id": "a"}\n')[:-12])  # cut short
+    with pytest.raises(TatrError, match=r"bomb\.jsonl\.xz: not a whole xz store file") as err:
         read_store(tmp_path / "results")
     assert "\n" not in str(err.value)
-    bomb.write_bytes(b"not gzip at all")
-    with pytest.raises(TatrError, match=r"bomb\.jsonl\.gz: cannot read this store file as gzip"):
+    bomb.write_bytes(b"not xz at all")
+    with pytest.raises(TatrError, match=r"bomb\.jsonl\.xz: not a whole xz store file"):
         read_store(tmp_path / "results")
 
 
@@ -131,8 +131,8 @@ def test_resume_on_a_fresh_clone_continues_from_the_committed_rows(tmp_path: Pat
     # the three points (off once, exemplar per seed) and the baselines
     assert again.output.count("in the store already (--resume), skipped") == 4
     assert "baselines of sweep-toy" in again.output
-    assert sorted(p.name for p in (clone / "store").iterdir()) == ["sweep-toy-committed.jsonl.gz"]
-    for name in ("baselines.csv", "rows.jsonl.gz", *(f"tables/{t.name}" for t in (committed / "tables").iterdir())):
+    assert sorted(p.name for p in (clone / "store").iterdir()) == ["sweep-toy-committed.jsonl.xz"]
+    for name in ("baselines.csv", "rows.jsonl.xz", *(f"tables/{t.name}" for t in (committed / "tables").iterdir())):
         assert (clone / "sweep-toy" / name).read_bytes() == (committed / name).read_bytes(), name
     # without --resume nothing is copied: a regeneration from scratch is not mixed with the committed rows
     scratch = CliRunner().invoke(ablate.command, [str(path), "--root", str(tmp_path / "scratch"), "--no-wandb"])

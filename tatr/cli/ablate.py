@@ -20,7 +20,7 @@ import click
     "--resume",
     is_flag=True,
     help="Skip points whose test rows are already in the store, or in the committed report's rows "
-    "(<root>/<benchmark>/rows.jsonl.gz, copied into the store first).",
+    "(<root>/<benchmark>/rows.jsonl.xz, copied into the store first).",
 )
 @click.option("--no-wandb", is_flag=True, help="Do not mirror the points to W&B (the results store is always written).")
 @click.option("--report", "then_report", is_flag=True, help="Run `tatr report` for the benchmark(s) afterwards.")

@@ -14,10 +14,9 @@ which uses `read_text` and `at` from here.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
+import lzma
 import re
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,22 +53,22 @@ def read_text(path: str | Path, what: str, max_bytes: int) -> str:
     return _decoded(path, data, what)
 
 
-def read_gzip_text(path: str | Path, what: str, max_bytes: int) -> str:
-    """`read_text` for a gzip file: `max_bytes` bounds the decompressed text, read in pieces, so a
-    small file that inflates to gigabytes (a gzip bomb) is refused before it is held in memory."""
+def read_xz_text(path: str | Path, what: str, max_bytes: int) -> str:
+    """`read_text` for an xz file: `max_bytes` bounds the decompressed text, read in pieces, so a
+    small file that inflates to gigabytes (a decompression bomb) is refused before it is held in memory."""
     path = Path(path)
     pieces, total = [], 0
     try:
-        with gzip.open(path, "rb") as stream:
+        with lzma.open(path, "rb") as stream:
             while piece := stream.read(MIB):
                 total += len(piece)
                 if total > max_bytes:
                     raise TatrError(f"{path}: inflates past the {max_bytes / MIB:,g} MiB limit of this {what}")
                 pieces.append(piece)
-    except OSError as exc:  # gzip.BadGzipFile is an OSError
-        raise TatrError(f"{path}: cannot read this {what} as gzip ({exc.strerror or exc})") from None
-    except (EOFError, zlib.error) as exc:
-        raise TatrError(f"{path}: a damaged gzip {what} ({exc or type(exc).__name__})") from None
+    except OSError as exc:
+        raise TatrError(f"{path}: cannot read this {what} ({exc.strerror or exc})") from None
+    except (EOFError, lzma.LZMAError) as exc:
+        raise TatrError(f"{path}: not a whole xz {what} ({exc or type(exc).__name__})") from None
     return _decoded(path, b"".join(pieces), what)
 
 

@@ -259,7 +259,7 @@ def write_report(
 ) -> Written:
     """Render one benchmark's report into `out/<benchmark>/`, replacing the previous report whole:
     `tables/`, `figures/`, `index.html`, `baselines.csv` (the baselines' test numbers in long form)
-    and `rows.jsonl.gz` (`snapshot`: every store row of the benchmark, so each committed number can be
+    and `rows.jsonl.xz` (`snapshot`: every store row of the benchmark, so each committed number can be
     recomputed from the rows, and `tatr ablate --resume` continues from them on another machine).
 
     `benchmark` comes from the store's rows, so it must be a safe name and `out/<benchmark>` must
@@ -280,7 +280,7 @@ def write_report(
         atomic_dir(outputs[1]) as figures_dir,
         atomic_write(outputs[2], suffix=".html") as page,
         atomic_write(outputs[3], suffix=".csv") as baselines_csv,
-        atomic_write(outputs[4], suffix=".gz") as rows_file,
+        atomic_write(outputs[4], suffix=".xz") as rows_file,
     ):
         rows_file.write_bytes(snapshot if snapshot is not None else snapshot_bytes(rows))
         baselines_csv.write_text(long.to_csv(index=False), encoding="utf-8")  # the header alone without baselines
@@ -357,5 +357,5 @@ def generate(
 
 
 def snapshot_of(rows: pd.DataFrame, benchmark: str) -> bytes:
-    """Every row of `benchmark` as `rows.jsonl.gz` holds it, the rows the report leaves out included."""
+    """Every row of `benchmark` as `rows.jsonl.xz` holds it, the rows the report leaves out included."""
     return snapshot_bytes(rows[rows["benchmark"].astype(str) == benchmark])
